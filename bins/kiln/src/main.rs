@@ -1,0 +1,44 @@
+//! `kiln`: the command-line front end. Thin by design: argument parsing and
+//! wiring of the library crates; every command lives in its own module.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod derivation_cmd;
+mod hash_cmd;
+mod nar_cmd;
+
+/// Kiln: a Nix-compatible, sandboxed, reproducible build engine.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write, read and list NAR archives.
+    Nar(nar_cmd::NarArgs),
+    /// Compute and convert hashes as Nix prints them.
+    Hash(hash_cmd::HashArgs),
+    /// Inspect and check derivations (`.drv` files).
+    Derivation(derivation_cmd::DerivationArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Nar(args) => nar_cmd::run(args),
+        Command::Hash(args) => hash_cmd::run(args),
+        Command::Derivation(args) => derivation_cmd::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("kiln: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

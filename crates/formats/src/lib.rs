@@ -21,6 +21,7 @@
 //! Invariant: this crate does no I/O except on the readers, writers and paths
 //! it is given.
 
+pub mod content_address;
 pub mod hash;
 pub mod nar;
 pub mod narinfo;

@@ -1,0 +1,419 @@
+//! Build directories: created, handed over and removed without trusting their
+//! contents.
+//!
+//! Layout: `<top>/<prefix>-<pid>-<n>/build`, where `<top>` is owned by the caller
+//! with mode 0700 (other users cannot reach anything below it, whatever modes the
+//! builder gives its files: CVE-2024-38531), must not be a symlink and is never a
+//! world-writable directory itself (CVE-2025-52991); the `<prefix>-…` directory is
+//! 0700 and owned by the caller; `build` is the directory bound at `/build` and
+//! owned by the build user.
+//!
+//! Everything below `<top>` is handled through directory file descriptors opened
+//! with `O_NOFOLLOW`: a builder that replaces part of its directory with a symlink
+//! to elsewhere (CVE-2025-46415, CVE-2025-52993) only ever gets the symlink itself
+//! removed or re-owned. Permissions are reset before deletion and when a failed
+//! build's directory is kept (CVE-2025-52992).
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What went wrong with a build directory, and where.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildDirError {
+    #[error("cannot create or open the build-directory parent {path}: {source}")]
+    Top { path: PathBuf, source: io::Error },
+    #[error(
+        "the build-directory parent {path} is owned by uid {owner}, expected uid {expected}; remove it or pick another location"
+    )]
+    TopOwner {
+        path: PathBuf,
+        owner: u32,
+        expected: u32,
+    },
+    #[error("cannot create build directory {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("cannot remove build directory {path}: {source}")]
+    Remove { path: PathBuf, source: io::Error },
+    #[error("cannot reset permissions in build directory {path}: {source}")]
+    Reset { path: PathBuf, source: io::Error },
+}
+
+/// The root-owned (caller-owned) 0700 directory that holds all build directories.
+#[derive(Debug, Clone)]
+pub struct BuildDirs {
+    inner: Arc<Top>,
+}
+
+#[derive(Debug)]
+struct Top {
+    path: PathBuf,
+    fd: OwnedFd,
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl BuildDirs {
+    /// Opens `top`, creating it (and missing parents) if needed. It must be owned by
+    /// the calling user; its mode is forced to 0700.
+    pub fn open(top: &Path) -> Result<BuildDirs, BuildDirError> {
+        let err = |source| BuildDirError::Top {
+            path: top.to_owned(),
+            source,
+        };
+        if let Some(parent) = top.parent() {
+            std::fs::create_dir_all(parent).map_err(err)?;
+        }
+        let c = cstring(top.as_os_str());
+        // SAFETY: valid C string.
+        if unsafe { libc::mkdir(c.as_ptr(), 0o700) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(err(e));
+            }
+        }
+        let fd = open_fd(
+            libc::AT_FDCWD,
+            &c,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        )
+        .map_err(err)?;
+        let st = fstat(fd.as_raw_fd()).map_err(err)?;
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if st.st_uid != me {
+            return Err(BuildDirError::TopOwner {
+                path: top.to_owned(),
+                owner: st.st_uid,
+                expected: me,
+            });
+        }
+        if st.st_mode & 0o7777 != 0o700 {
+            // SAFETY: fd is open.
+            if unsafe { libc::fchmod(fd.as_raw_fd(), 0o700) } != 0 {
+                return Err(err(io::Error::last_os_error()));
+            }
+        }
+        Ok(BuildDirs {
+            inner: Arc::new(Top {
+                path: top.to_owned(),
+                fd,
+            }),
+        })
+    }
+
+    /// The parent directory's path.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Creates a fresh build directory whose `build` subdirectory belongs to
+    /// `owner` (host uid, gid), typically the build user's mapped ids.
+    pub fn create(
+        &self,
+        prefix: &str,
+        owner: Option<(u32, u32)>,
+    ) -> Result<BuildDir, BuildDirError> {
+        let top = &self.inner;
+        loop {
+            let name = format!(
+                "{prefix}-{}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            );
+            let path = top.path.join(&name);
+            let err = |source| BuildDirError::Create {
+                path: path.clone(),
+                source,
+            };
+            let cname = cstring(OsStr::new(&name));
+            // SAFETY: valid fd and C string.
+            if unsafe { libc::mkdirat(top.fd.as_raw_fd(), cname.as_ptr(), 0o700) } != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EEXIST) {
+                    continue; // a leftover of an earlier process with the same pid
+                }
+                return Err(err(e));
+            }
+            let outer = open_fd(
+                top.fd.as_raw_fd(),
+                &cname,
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            )
+            .map_err(err)?;
+            // SAFETY: valid fd; mkdir's mode was filtered by the umask.
+            unsafe { libc::fchmod(outer.as_raw_fd(), 0o700) };
+            let build = c"build";
+            // SAFETY: valid fd and C string.
+            if unsafe { libc::mkdirat(outer.as_raw_fd(), build.as_ptr(), 0o700) } != 0 {
+                return Err(err(io::Error::last_os_error()));
+            }
+            let inner = open_fd(
+                outer.as_raw_fd(),
+                build,
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            )
+            .map_err(err)?;
+            // SAFETY: valid fd.
+            unsafe { libc::fchmod(inner.as_raw_fd(), 0o700) };
+            if let Some((uid, gid)) = owner {
+                // SAFETY: valid fd.
+                if unsafe { libc::fchown(inner.as_raw_fd(), uid, gid) } != 0 {
+                    return Err(err(io::Error::last_os_error()));
+                }
+            }
+            return Ok(BuildDir {
+                top: self.inner.clone(),
+                name: cname,
+                outer: Some(outer),
+                path: path.join("build"),
+            });
+        }
+    }
+}
+
+/// One build's directory. Dropping it removes it (errors ignored); call
+/// [`BuildDir::remove`] to see them, or [`BuildDir::keep`] to keep a failed build's
+/// tree for inspection.
+#[derive(Debug)]
+pub struct BuildDir {
+    top: Arc<Top>,
+    name: CString,
+    outer: Option<OwnedFd>,
+    path: PathBuf,
+}
+
+impl BuildDir {
+    /// The host path to bind at `/build`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Resets every entry below the directory: owner set to `owner` (without
+    /// following symlinks), setuid/setgid/sticky bits and group/other write removed,
+    /// directories 0700. The directory stays inside the 0700 parent.
+    pub fn reset_permissions(&self, owner: Option<(u32, u32)>) -> Result<(), BuildDirError> {
+        let outer = self.outer.as_ref().expect("present until removed");
+        walk_reset(outer.as_raw_fd(), owner).map_err(|source| BuildDirError::Reset {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Keeps the tree (for `--keep-failed`) with permissions reset and owned by
+    /// `owner`; returns its path.
+    pub fn keep(mut self, owner: Option<(u32, u32)>) -> Result<PathBuf, BuildDirError> {
+        self.reset_permissions(owner)?;
+        self.outer = None;
+        Ok(self.path.clone())
+    }
+
+    /// Removes the tree, never following a symlink the builder planted.
+    pub fn remove(mut self) -> Result<(), BuildDirError> {
+        self.remove_inner()
+    }
+
+    fn remove_inner(&mut self) -> Result<(), BuildDirError> {
+        let Some(outer) = self.outer.take() else {
+            return Ok(());
+        };
+        let err = |source| BuildDirError::Remove {
+            path: self.path.clone(),
+            source,
+        };
+        remove_contents(outer.as_raw_fd()).map_err(err)?;
+        drop(outer);
+        // SAFETY: valid fd and C string.
+        if unsafe { libc::unlinkat(self.top.fd.as_raw_fd(), self.name.as_ptr(), libc::AT_REMOVEDIR) }
+            != 0
+        {
+            return Err(err(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BuildDir {
+    fn drop(&mut self) {
+        let _ = self.remove_inner();
+    }
+}
+
+fn cstring(s: &OsStr) -> CString {
+    CString::new(s.as_bytes()).unwrap_or_else(|_| CString::new("\u{1}invalid").unwrap())
+}
+
+fn open_fd(dirfd: RawFd, name: &CStr, flags: i32) -> io::Result<OwnedFd> {
+    // SAFETY: valid C string; the returned fd is owned by the OwnedFd.
+    let fd = unsafe { libc::openat(dirfd, name.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    // SAFETY: st is written by the kernel.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st)
+    }
+}
+
+fn lstat_at(dirfd: RawFd, name: &CStr) -> io::Result<libc::stat> {
+    // SAFETY: st is written by the kernel.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstatat(dirfd, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st)
+    }
+}
+
+/// The names in a directory, read through a duplicate of `fd`.
+fn entries(fd: RawFd) -> io::Result<Vec<CString>> {
+    let dup = open_fd(fd, c".", libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let mut dir = nix::dir::Dir::from_fd(std::os::fd::IntoRawFd::into_raw_fd(dup))
+        .map_err(io::Error::from)?;
+    let mut names = Vec::new();
+    for entry in dir.iter() {
+        let entry = entry.map_err(io::Error::from)?;
+        let name = entry.file_name();
+        if name != c"." && name != c".." {
+            names.push(name.to_owned());
+        }
+    }
+    Ok(names)
+}
+
+/// Opens a subdirectory without following symlinks and makes it usable by us
+/// (0700) first; `None` when the entry is not (or no longer) a directory.
+fn open_subdir(dirfd: RawFd, name: &CStr) -> io::Result<Option<OwnedFd>> {
+    let path_fd = match open_fd(
+        dirfd,
+        name,
+        libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY,
+    ) {
+        Ok(fd) => fd,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP | libc::ENOENT)) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    // chmod through the O_PATH descriptor's /proc link reaches exactly the directory
+    // we opened, never a symlink's target.
+    let proc = CString::new(format!("/proc/self/fd/{}", path_fd.as_raw_fd())).unwrap();
+    // SAFETY: valid C string.
+    if unsafe { libc::chmod(proc.as_ptr(), 0o700) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    open_fd(
+        path_fd.as_raw_fd(),
+        c".",
+        libc::O_RDONLY | libc::O_DIRECTORY,
+    )
+    .map(Some)
+}
+
+fn remove_contents(fd: RawFd) -> io::Result<()> {
+    for name in entries(fd)? {
+        let st = match lstat_at(fd, &name) {
+            Ok(st) => st,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            if let Some(sub) = open_subdir(fd, &name)? {
+                remove_contents(sub.as_raw_fd())?;
+                drop(sub);
+                // SAFETY: valid fd and C string.
+                if unsafe { libc::unlinkat(fd, name.as_ptr(), libc::AT_REMOVEDIR) } == 0 {
+                    continue;
+                }
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ENOTDIR) {
+                    return Err(e);
+                }
+            }
+        }
+        // SAFETY: valid fd and C string; unlinking a symlink removes only the link.
+        if unsafe { libc::unlinkat(fd, name.as_ptr(), 0) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn walk_reset(fd: RawFd, owner: Option<(u32, u32)>) -> io::Result<()> {
+    if let Some((uid, gid)) = owner {
+        // SAFETY: valid fd.
+        if unsafe { libc::fchown(fd, uid, gid) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: valid fd.
+    if unsafe { libc::fchmod(fd, 0o700) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    for name in entries(fd)? {
+        let st = match lstat_at(fd, &name) {
+            Ok(st) => st,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => {
+                if let Some(sub) = open_subdir(fd, &name)? {
+                    walk_reset(sub.as_raw_fd(), owner)?;
+                }
+            }
+            libc::S_IFLNK => {
+                if let Some((uid, gid)) = owner {
+                    // SAFETY: valid fd and C string; lchown semantics.
+                    if unsafe {
+                        libc::fchownat(fd, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW)
+                    } != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+            }
+            _ => {
+                // Open without following so a swapped-in symlink is never chmod-ed
+                // through; O_PATH also works on fifos and sockets without blocking.
+                let Ok(f) = open_fd(fd, &name, libc::O_PATH | libc::O_NOFOLLOW) else {
+                    continue;
+                };
+                let st = fstat(f.as_raw_fd())?;
+                if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+                    continue;
+                }
+                let proc = CString::new(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap();
+                if let Some((uid, gid)) = owner {
+                    // SAFETY: valid C string.
+                    if unsafe { libc::chown(proc.as_ptr(), uid, gid) } != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                let mode = st.st_mode & 0o755;
+                // SAFETY: valid C string.
+                if unsafe { libc::chmod(proc.as_ptr(), mode) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,474 @@
+//! The code that runs after `fork`: it only makes system calls on data the parent
+//! prepared ([`crate::plan::Plan`]), reports failures as fixed-size messages on a
+//! pipe and never returns.
+//!
+//! Three processes take part:
+//! 1. the *unsharer*, forked from the caller: makes the namespaces, opens the bind
+//!    sources, waits while the caller writes its uid/gid maps, then clones the
+//!    sandbox's init with `CLONE_PARENT` (so init is the caller's own child) and
+//!    exits;
+//! 2. *init* (pid 1 of the new PID namespace): builds the root, `pivot_root`s into
+//!    it, forks the builder and reaps everything until the builder exits; then it
+//!    passes the builder's wait status up and exits, which makes the kernel kill
+//!    every other process of the namespace before the caller's `waitpid` returns;
+//! 3. the *builder*: drops to the build user, loses every capability, installs the
+//!    seccomp filter and `execve`s the program.
+
+use std::ffi::{CStr, c_char};
+use std::ptr;
+
+use seccompiler::BpfProgram;
+
+use crate::plan::{Plan, Source, Step};
+
+/// Message kinds on the report pipe.
+pub(crate) const MSG_UNSHARED: u32 = 1;
+pub(crate) const MSG_INIT_PID: u32 = 2;
+pub(crate) const MSG_FAILED: u32 = 3;
+
+/// The stages that can fail, reported as `Failed { stage, index, errno }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub(crate) enum Stage {
+    Unshare = 1,
+    RaiseNofile,
+    OpenSource,
+    WaitForMaps,
+    BecomeRoot,
+    CloneInit,
+    Step,
+    PivotRoot,
+    Hostname,
+    Loopback,
+    ForkBuilder,
+    Stdio,
+    Chdir,
+    Rlimit,
+    DropCapabilities,
+    SetUser,
+    Seccomp,
+    Exec,
+}
+
+impl Stage {
+    pub(crate) fn from_u32(v: u32) -> Option<Stage> {
+        use Stage::*;
+        [
+            Unshare,
+            RaiseNofile,
+            OpenSource,
+            WaitForMaps,
+            BecomeRoot,
+            CloneInit,
+            Step,
+            PivotRoot,
+            Hostname,
+            Loopback,
+            ForkBuilder,
+            Stdio,
+            Chdir,
+            Rlimit,
+            DropCapabilities,
+            SetUser,
+            Seccomp,
+            Exec,
+        ]
+        .into_iter()
+        .find(|s| *s as u32 == v)
+    }
+}
+
+/// Everything the forked processes need, all prepared before `fork`.
+#[derive(Debug)]
+pub(crate) struct ChildArgs<'a> {
+    pub plan: &'a Plan,
+    pub namespaces: i32,
+    pub become_root: bool,
+    pub set_groups: bool,
+    pub report_w: i32,
+    pub go_r: i32,
+    pub status_w: i32,
+    /// Standard output/error of the builder, or -1 for `/dev/null`.
+    pub out_fd: i32,
+    pub pty: bool,
+    pub keep_fds: &'a [i32],
+    pub source_fds: &'a mut [i32],
+    pub nofile_needed: Option<libc::rlimit>,
+    pub nofile_orig: libc::rlimit,
+    pub rlimits: &'a [(i32, libc::rlimit)],
+    pub cap_last: u32,
+    pub filters: &'static [BpfProgram],
+    pub argv: &'a [*const c_char],
+    pub envp: &'a [*const c_char],
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn send(fd: i32, kind: u32, stage: u32, index: u32, value: i32) {
+    let mut buf = [0u8; 16];
+    buf[0..4].copy_from_slice(&kind.to_ne_bytes());
+    buf[4..8].copy_from_slice(&stage.to_ne_bytes());
+    buf[8..12].copy_from_slice(&index.to_ne_bytes());
+    buf[12..16].copy_from_slice(&value.to_ne_bytes());
+    // SAFETY: writing a stack buffer; 16 bytes are written atomically to a pipe.
+    unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+}
+
+fn fail(a: &ChildArgs, stage: Stage, index: usize, err: i32) -> ! {
+    send(a.report_w, MSG_FAILED, stage as u32, index as u32, err);
+    // SAFETY: leaving the forked process without running the caller's destructors.
+    unsafe { libc::_exit(127) }
+}
+
+macro_rules! check {
+    ($a:expr, $stage:expr, $idx:expr, $e:expr) => {
+        if $e < 0 {
+            fail($a, $stage, $idx, errno());
+        }
+    };
+}
+
+/// Closes every descriptor that is not in `keep` (sorted ascending), so a
+/// concurrent spawn's pipes never leak into this sandbox.
+fn close_all_but(keep: &[i32]) {
+    let mut next: u32 = 0;
+    for &fd in keep {
+        let fd = fd as u32;
+        if fd > next {
+            // SAFETY: closing descriptors of this forked process.
+            unsafe { libc::close_range(next, fd - 1, 0) };
+        }
+        next = next.max(fd + 1);
+    }
+    // SAFETY: as above.
+    unsafe { libc::close_range(next, u32::MAX, 0) };
+}
+
+/// Entry of the unsharer (the caller's forked child).
+pub(crate) fn unsharer(a: &mut ChildArgs) -> ! {
+    close_all_but(a.keep_fds);
+    // SAFETY: plain system calls on prepared data throughout.
+    unsafe {
+        check!(a, Stage::Unshare, 0, libc::unshare(a.namespaces));
+        if let Some(lim) = a.nofile_needed {
+            check!(a, Stage::RaiseNofile, 0, libc::setrlimit(libc::RLIMIT_NOFILE, &lim));
+        }
+        for (i, src) in a.plan.sources.iter().enumerate() {
+            let fd = libc::open(src.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+            check!(a, Stage::OpenSource, i, fd);
+            a.source_fds[i] = fd;
+        }
+        send(a.report_w, MSG_UNSHARED, 0, 0, 0);
+        let mut go = 0u8;
+        if libc::read(a.go_r, (&mut go as *mut u8).cast(), 1) != 1 {
+            fail(a, Stage::WaitForMaps, 0, libc::ECANCELED);
+        }
+        if a.become_root {
+            // Host root is not mapped inside; become the namespace's root (the
+            // first uid of our range) so files we create have a mapped owner.
+            check!(a, Stage::BecomeRoot, 0, libc::setresgid(0, 0, 0));
+            check!(a, Stage::BecomeRoot, 0, libc::setgroups(0, ptr::null()));
+            check!(a, Stage::BecomeRoot, 0, libc::setresuid(0, 0, 0));
+        }
+        let pid = libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        );
+        check!(a, Stage::CloneInit, 0, pid);
+        if pid == 0 {
+            init(a);
+        }
+        send(a.report_w, MSG_INIT_PID, 0, 0, pid as i32);
+        libc::_exit(0)
+    }
+}
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+fn set_attrs(path: &CStr, attrs: u64, recursive: bool) -> i32 {
+    let attr = MountAttr {
+        attr_set: attrs,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let flags = if recursive { libc::AT_RECURSIVE } else { 0 };
+    // SAFETY: valid C string and struct for the duration of the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        ) as i32
+    }
+}
+
+/// Formats `/proc/self/fd/<fd>` into `buf` without allocating.
+fn proc_fd_path(fd: i32, buf: &mut [u8; 32]) -> &CStr {
+    let prefix = b"/proc/self/fd/";
+    buf[..prefix.len()].copy_from_slice(prefix);
+    let mut digits = [0u8; 12];
+    let mut n = fd as u32;
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[prefix.len() + i] = digits[len - 1 - i];
+    }
+    buf[prefix.len() + len] = 0;
+    CStr::from_bytes_with_nul(&buf[..prefix.len() + len + 1]).expect("one NUL at the end")
+}
+
+fn run_step(a: &ChildArgs, step: &Step) -> i32 {
+    // SAFETY: system calls on C strings prepared by the parent.
+    unsafe {
+        match step {
+            Step::MakePrivate => libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                ptr::null(),
+            ),
+            Step::Mkdir { path, mode } => {
+                if libc::mkdir(path.as_ptr(), *mode) < 0 {
+                    return -1;
+                }
+                libc::chmod(path.as_ptr(), *mode)
+            }
+            Step::Touch { path } => {
+                let fd = libc::open(
+                    path.as_ptr(),
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                    0o644,
+                );
+                if fd < 0 {
+                    return -1;
+                }
+                libc::close(fd)
+            }
+            Step::Mount {
+                fstype,
+                path,
+                flags,
+                data,
+            } => libc::mount(
+                fstype.as_ptr(),
+                path.as_ptr(),
+                fstype.as_ptr(),
+                *flags,
+                data.as_ptr().cast(),
+            ),
+            Step::Bind {
+                source,
+                path,
+                attrs,
+            } => {
+                let mut buf = [0u8; 32];
+                let src: &CStr = match source {
+                    Source::Opened(i) => proc_fd_path(a.source_fds[*i], &mut buf),
+                    Source::Path(p) => p,
+                };
+                if libc::mount(
+                    src.as_ptr(),
+                    path.as_ptr(),
+                    ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    ptr::null(),
+                ) < 0
+                {
+                    return -1;
+                }
+                if let Source::Opened(i) = source {
+                    libc::close(a.source_fds[*i]);
+                }
+                set_attrs(path, *attrs, true)
+            }
+            Step::SetAttrs { path, attrs } => set_attrs(path, *attrs, false),
+            Step::Symlink { target, link } => libc::symlink(target.as_ptr(), link.as_ptr()),
+            Step::WriteFile { path, contents } => {
+                let fd = libc::open(
+                    path.as_ptr(),
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                    0o644,
+                );
+                if fd < 0 {
+                    return -1;
+                }
+                let mut done = 0;
+                while done < contents.len() {
+                    let n = libc::write(
+                        fd,
+                        contents[done..].as_ptr().cast(),
+                        contents.len() - done,
+                    );
+                    if n < 0 {
+                        libc::close(fd);
+                        return -1;
+                    }
+                    done += n as usize;
+                }
+                libc::close(fd)
+            }
+        }
+    }
+}
+
+#[repr(C)]
+struct Ifreq {
+    name: [u8; 16],
+    flags: i16,
+    _pad: [u8; 22],
+}
+
+fn loopback_up() -> i32 {
+    // SAFETY: socket/ioctl on a stack struct laid out like `struct ifreq`.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return -1;
+        }
+        let mut ifr = Ifreq {
+            name: [0; 16],
+            flags: (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as i16,
+            _pad: [0; 22],
+        };
+        ifr.name[..2].copy_from_slice(b"lo");
+        let rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr as *const Ifreq);
+        libc::close(fd);
+        rc
+    }
+}
+
+fn init(a: &ChildArgs) -> ! {
+    let plan = a.plan;
+    for (i, step) in plan.steps.iter().enumerate() {
+        if run_step(a, step) < 0 {
+            fail(a, Stage::Step, i, errno());
+        }
+    }
+    // SAFETY: plain system calls on prepared data.
+    unsafe {
+        check!(a, Stage::PivotRoot, 0, libc::chdir(plan.staging.as_ptr()));
+        check!(
+            a,
+            Stage::PivotRoot,
+            0,
+            libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as i32
+        );
+        // The old root is stacked under the new one at "."; detach it entirely.
+        check!(a, Stage::PivotRoot, 0, libc::umount2(c".".as_ptr(), libc::MNT_DETACH));
+        check!(a, Stage::PivotRoot, 0, libc::chdir(c"/".as_ptr()));
+        let host = plan.hostname.as_bytes();
+        check!(a, Stage::Hostname, 0, libc::sethostname(host.as_ptr().cast(), host.len()));
+        check!(a, Stage::Hostname, 0, libc::setdomainname(c"(none)".as_ptr(), 6));
+        if plan.loopback {
+            check!(a, Stage::Loopback, 0, loopback_up());
+        }
+        let builder_pid = libc::fork();
+        check!(a, Stage::ForkBuilder, 0, builder_pid);
+        if builder_pid == 0 {
+            builder(a);
+        }
+        close_all_but(&[a.status_w]);
+        loop {
+            let mut status = 0;
+            let pid = libc::waitpid(-1, &mut status, 0);
+            if pid == builder_pid {
+                libc::write(a.status_w, (&status as *const i32).cast(), 4);
+                // Exiting makes the kernel kill and reap every other process in
+                // the namespace before our parent sees us exit.
+                libc::_exit(0);
+            }
+            if pid < 0 && errno() != libc::EINTR {
+                libc::_exit(126);
+            }
+        }
+    }
+}
+
+fn builder(a: &ChildArgs) -> ! {
+    let plan = a.plan;
+    // SAFETY: plain system calls on prepared data.
+    unsafe {
+        libc::setsid();
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        check!(a, Stage::Stdio, 0, null);
+        let out = if a.out_fd >= 0 { a.out_fd } else { null };
+        check!(a, Stage::Stdio, 0, libc::dup2(null, 0));
+        check!(a, Stage::Stdio, 1, libc::dup2(out, 1));
+        check!(a, Stage::Stdio, 2, libc::dup2(out, 2));
+        if a.pty {
+            check!(a, Stage::Stdio, 3, libc::ioctl(1, libc::TIOCSCTTY, 0));
+        }
+        // Everything else is closed by execve, including the report pipe, whose
+        // end-of-file tells the caller that execve succeeded.
+        check!(a, Stage::Stdio, 4, libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32));
+        check!(a, Stage::Chdir, 0, libc::chdir(plan.cwd.as_ptr()));
+
+        let core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        check!(a, Stage::Rlimit, 0, libc::setrlimit(libc::RLIMIT_CORE, &core));
+        check!(a, Stage::Rlimit, 0, libc::setrlimit(libc::RLIMIT_NOFILE, &a.nofile_orig));
+        for (i, (res, lim)) in a.rlimits.iter().enumerate() {
+            if *res as u32 == libc::RLIMIT_CORE {
+                continue;
+            }
+            check!(a, Stage::Rlimit, i + 1, libc::setrlimit(*res as u32, lim));
+        }
+
+        // The bounding set needs CAP_SETPCAP, so it goes before the uid change.
+        for cap in 0..=a.cap_last {
+            check!(a, Stage::DropCapabilities, cap as usize, libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0));
+        }
+        check!(
+            a,
+            Stage::DropCapabilities,
+            64,
+            libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+        );
+        if a.set_groups {
+            let gid = plan.gid;
+            check!(a, Stage::SetUser, 0, libc::setgroups(1, &gid));
+        }
+        check!(a, Stage::SetUser, 1, libc::setresgid(plan.gid, plan.gid, plan.gid));
+        check!(a, Stage::SetUser, 2, libc::setresuid(plan.uid, plan.uid, plan.uid));
+        for set in [
+            caps::CapSet::Effective,
+            caps::CapSet::Permitted,
+            caps::CapSet::Inheritable,
+        ] {
+            if caps::clear(None, set).is_err() {
+                fail(a, Stage::DropCapabilities, 65, errno());
+            }
+        }
+        if let Err(e) = crate::seccomp::install(a.filters) {
+            fail(a, Stage::Seccomp, 0, e);
+        }
+        libc::execve(plan.program.as_ptr(), a.argv.as_ptr(), a.envp.as_ptr());
+        fail(a, Stage::Exec, 0, errno())
+    }
+}

@@ -1,0 +1,387 @@
+//! Turning a [`SandboxSpec`] into a flat list of steps the child executes.
+//!
+//! Everything that allocates, formats or looks at the host happens here, in the
+//! parent, before `fork`: the child side ([`crate::child`]) only walks this list
+//! and makes system calls, so it stays correct even when the caller is
+//! multi-threaded.
+
+use std::collections::HashSet;
+use std::ffi::{CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::spec::{Network, SandboxMode, SandboxSpec};
+
+pub(crate) const ATTR_RDONLY: u64 = 0x1;
+pub(crate) const ATTR_NOSUID: u64 = 0x2;
+pub(crate) const ATTR_NODEV: u64 = 0x4;
+pub(crate) const ATTR_NOEXEC: u64 = 0x8;
+
+/// Where a bind mount's source comes from.
+#[derive(Debug)]
+pub(crate) enum Source {
+    /// Index into [`Plan::sources`]: opened `O_PATH` right after the namespaces are
+    /// made (while still holding the caller's host credentials) and bound through
+    /// `/proc/self/fd/N`, so the sandbox's mapped uid needs no access to the path.
+    Opened(usize),
+    /// A host device node under `/dev`, bound by path.
+    Path(CString),
+}
+
+#[derive(Debug)]
+pub(crate) enum Step {
+    MakePrivate,
+    Mkdir {
+        path: CString,
+        mode: u32,
+    },
+    Touch {
+        path: CString,
+    },
+    Mount {
+        fstype: &'static std::ffi::CStr,
+        path: CString,
+        flags: u64,
+        data: CString,
+    },
+    Bind {
+        source: Source,
+        path: CString,
+        attrs: u64,
+    },
+    SetAttrs {
+        path: CString,
+        attrs: u64,
+    },
+    Symlink {
+        target: CString,
+        link: CString,
+    },
+    WriteFile {
+        path: CString,
+        contents: Vec<u8>,
+    },
+}
+
+/// Why a spec cannot be turned into a plan.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{what} {value:?} contains a NUL byte")]
+    Nul { what: &'static str, value: String },
+    #[error("{what} {path} must be an absolute, normalised path (no `..`)")]
+    NotAbsolute { what: &'static str, path: PathBuf },
+    #[error("sandbox path {path} does not exist on the host ({source}); add `?` to make it optional")]
+    MissingSource {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub staging: CString,
+    pub steps: Vec<Step>,
+    pub sources: Vec<CString>,
+    pub hostname: CString,
+    pub loopback: bool,
+    pub program: CString,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    pub cwd: CString,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+fn cstr(what: &'static str, s: &OsStr) -> Result<CString, PlanError> {
+    CString::new(s.as_bytes()).map_err(|_| PlanError::Nul {
+        what,
+        value: s.to_string_lossy().into_owned(),
+    })
+}
+
+/// `inside` must be absolute and free of `..`; returns it relative to `/`.
+fn relative(what: &'static str, inside: &Path) -> Result<PathBuf, PlanError> {
+    let bad = || PlanError::NotAbsolute {
+        what,
+        path: inside.to_owned(),
+    };
+    let mut comps = inside.components();
+    if comps.next() != Some(Component::RootDir) {
+        return Err(bad());
+    }
+    let mut out = PathBuf::new();
+    for c in comps {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            _ => return Err(bad()),
+        }
+    }
+    Ok(out)
+}
+
+struct Builder<'a> {
+    staging: &'a Path,
+    steps: Vec<Step>,
+    made: HashSet<PathBuf>,
+}
+
+impl Builder<'_> {
+    fn host(&self, rel: &Path) -> Result<CString, PlanError> {
+        cstr("path", self.staging.join(rel).as_os_str())
+    }
+
+    /// `mkdir -p` inside the new root, each directory once.
+    fn mkdirs(&mut self, rel: &Path, mode: u32) -> Result<(), PlanError> {
+        if rel.as_os_str().is_empty() || self.made.contains(rel) {
+            return Ok(());
+        }
+        if let Some(parent) = rel.parent() {
+            self.mkdirs(parent, 0o755)?;
+        }
+        let path = self.host(rel)?;
+        self.steps.push(Step::Mkdir { path, mode });
+        self.made.insert(rel.to_owned());
+        Ok(())
+    }
+
+    fn mount(
+        &mut self,
+        rel: &str,
+        fstype: &'static std::ffi::CStr,
+        flags: u64,
+        data: &str,
+        mode: u32,
+    ) -> Result<(), PlanError> {
+        self.mkdirs(Path::new(rel), mode)?;
+        let path = self.host(Path::new(rel))?;
+        self.steps.push(Step::Mount {
+            fstype,
+            path,
+            flags,
+            data: CString::new(data).expect("static mount options"),
+        });
+        Ok(())
+    }
+
+    fn write(&mut self, rel: &str, contents: Vec<u8>) -> Result<(), PlanError> {
+        let path = self.host(Path::new(rel))?;
+        self.steps.push(Step::WriteFile { path, contents });
+        Ok(())
+    }
+
+    fn symlink(&mut self, target: &str, rel: &str) -> Result<(), PlanError> {
+        let link = self.host(Path::new(rel))?;
+        self.steps.push(Step::Symlink {
+            target: CString::new(target).expect("static target"),
+            link,
+        });
+        Ok(())
+    }
+}
+
+const MS_NOSUID: u64 = libc::MS_NOSUID;
+const MS_NODEV: u64 = libc::MS_NODEV;
+const MS_NOEXEC: u64 = libc::MS_NOEXEC;
+
+pub(crate) fn make_plan(spec: &SandboxSpec, staging: &Path) -> Result<Plan, PlanError> {
+    let mut b = Builder {
+        staging,
+        steps: vec![Step::MakePrivate],
+        made: HashSet::new(),
+    };
+    let root = cstr("staging directory", staging.as_os_str())?;
+    b.steps.push(Step::Mount {
+        fstype: c"tmpfs",
+        path: root.clone(),
+        flags: MS_NOSUID | MS_NODEV,
+        data: CString::new("mode=0755").unwrap(),
+    });
+
+    b.mount("proc", c"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "", 0o555)?;
+
+    b.mount("dev", c"tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755", 0o755)?;
+    for node in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let path = b.host(&Path::new("dev").join(node))?;
+        b.steps.push(Step::Touch { path: path.clone() });
+        b.steps.push(Step::Bind {
+            source: Source::Path(CString::new(format!("/dev/{node}")).unwrap()),
+            path,
+            attrs: ATTR_NOSUID | ATTR_NOEXEC,
+        });
+    }
+    b.mount("dev/shm", c"tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", 0o755)?;
+    b.mount(
+        "dev/pts",
+        c"devpts",
+        MS_NOSUID | MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+        0o755,
+    )?;
+    b.symlink("pts/ptmx", "dev/ptmx")?;
+    b.symlink("/proc/self/fd", "dev/fd")?;
+    b.symlink("/proc/self/fd/0", "dev/stdin")?;
+    b.symlink("/proc/self/fd/1", "dev/stdout")?;
+    b.symlink("/proc/self/fd/2", "dev/stderr")?;
+
+    b.mount("tmp", c"tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", 0o755)?;
+
+    b.mkdirs(Path::new("etc"), 0o755)?;
+    let home = spec.home.to_string_lossy();
+    b.write(
+        "etc/passwd",
+        format!(
+            "root:x:0:0:Nix build user:{home}:/noshell\n\
+             {user}:x:{uid}:{gid}:Nix build user:{home}:/noshell\n\
+             nobody:x:65534:65534:Nobody:/:/noshell\n",
+            user = spec.user_name,
+            uid = spec.uid,
+            gid = spec.gid,
+        )
+        .into_bytes(),
+    )?;
+    b.write(
+        "etc/group",
+        format!(
+            "root:x:0:\n{group}:!:{gid}:\nnogroup:x:65534:\n",
+            group = spec.group_name,
+            gid = spec.gid
+        )
+        .into_bytes(),
+    )?;
+    b.write(
+        "etc/hosts",
+        b"127.0.0.1 localhost\n::1 localhost\n".to_vec(),
+    )?;
+    if spec.network == Network::Host {
+        for file in ["resolv.conf", "services"] {
+            // Copied rather than bound: the host's may be a symlink into /run.
+            if let Ok(contents) = std::fs::read(Path::new("/etc").join(file)) {
+                b.write(&format!("etc/{file}"), contents)?;
+            }
+        }
+        b.write(
+            "etc/nsswitch.conf",
+            b"hosts: files dns\nservices: files\n".to_vec(),
+        )?;
+    }
+
+    // Parents before children, so that a bind below another bind lands inside it.
+    let mut binds: Vec<_> = spec.binds.iter().collect();
+    binds.sort_by(|x, y| x.target.components().cmp(y.target.components()));
+    let mut sources = Vec::new();
+    for bind in binds {
+        let rel = relative("bind target", &bind.target)?;
+        let meta = match std::fs::metadata(&bind.source) {
+            Ok(m) => m,
+            Err(e) if bind.optional || spec.mode == SandboxMode::Relaxed => {
+                let _ = e;
+                continue;
+            }
+            Err(source) => {
+                return Err(PlanError::MissingSource {
+                    path: bind.source.clone(),
+                    source,
+                });
+            }
+        };
+        if meta.is_dir() {
+            b.mkdirs(&rel, 0o755)?;
+        } else {
+            if let Some(parent) = rel.parent() {
+                b.mkdirs(parent, 0o755)?;
+            }
+            let path = b.host(&rel)?;
+            b.steps.push(Step::Touch { path });
+        }
+        sources.push(cstr("bind source", bind.source.as_os_str())?);
+        let path = b.host(&rel)?;
+        let mut attrs = ATTR_NOSUID | ATTR_NODEV;
+        if !bind.writable {
+            attrs |= ATTR_RDONLY;
+        }
+        b.steps.push(Step::Bind {
+            source: Source::Opened(sources.len() - 1),
+            path,
+            attrs,
+        });
+    }
+
+    for (link, target) in &spec.symlinks {
+        let rel = relative("symlink", link)?;
+        if let Some(parent) = rel.parent() {
+            b.mkdirs(parent, 0o755)?;
+        }
+        let link = b.host(&rel)?;
+        b.steps.push(Step::Symlink {
+            target: cstr("symlink target", target.as_os_str())?,
+            link,
+        });
+    }
+
+    // Nothing may be created in / or /dev by the builder.
+    let dev = b.host(Path::new("dev"))?;
+    b.steps.push(Step::SetAttrs {
+        path: dev,
+        attrs: ATTR_RDONLY,
+    });
+    b.steps.push(Step::SetAttrs {
+        path: root.clone(),
+        attrs: ATTR_RDONLY,
+    });
+
+    let program = cstr("program", spec.program.as_os_str())?;
+    let mut argv = vec![program.clone()];
+    for a in &spec.args {
+        argv.push(cstr("argument", a)?);
+    }
+    let mut envp = Vec::new();
+    for (k, v) in &spec.env {
+        let mut kv = k.as_bytes().to_vec();
+        kv.push(b'=');
+        kv.extend_from_slice(v.as_bytes());
+        envp.push(CString::new(kv).map_err(|_| PlanError::Nul {
+            what: "environment variable",
+            value: k.to_string_lossy().into_owned(),
+        })?);
+    }
+    relative("working directory", &spec.cwd)?;
+    Ok(Plan {
+        staging: root,
+        steps: b.steps,
+        sources,
+        hostname: cstr("hostname", OsStr::new(&spec.hostname))?,
+        loopback: spec.network == Network::None,
+        program,
+        argv,
+        envp,
+        cwd: cstr("working directory", spec.cwd.as_os_str())?,
+        uid: spec.uid,
+        gid: spec.gid,
+    })
+}
+
+impl Step {
+    /// What this step does, for error messages.
+    pub(crate) fn describe(&self, plan: &Plan) -> String {
+        let s = |c: &CString| c.to_string_lossy().into_owned();
+        match self {
+            Step::MakePrivate => "making the mount tree private".into(),
+            Step::Mkdir { path, .. } => format!("creating directory {}", s(path)),
+            Step::Touch { path } => format!("creating mount point {}", s(path)),
+            Step::Mount { fstype, path, .. } => {
+                format!("mounting {} on {}", fstype.to_string_lossy(), s(path))
+            }
+            Step::Bind { source, path, .. } => {
+                let src = match source {
+                    Source::Opened(i) => s(&plan.sources[*i]),
+                    Source::Path(p) => s(p),
+                };
+                format!("bind-mounting {src} on {}", s(path))
+            }
+            Step::SetAttrs { path, .. } => format!("setting mount attributes of {}", s(path)),
+            Step::Symlink { link, .. } => format!("creating symlink {}", s(link)),
+            Step::WriteFile { path, .. } => format!("writing {}", s(path)),
+        }
+    }
+}

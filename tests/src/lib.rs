@@ -1,1 +1,25 @@
-//! Shared helpers for Kiln's end-to-end tests: real peers (Nix 2.8, sshd, qemu), throwaway stores.
+//! Shared helpers for Kiln's end-to-end tests against real peers.
+//!
+//! - [`nix()`] finds Nix 2.8 and panics with instructions when it is missing: a test
+//!   that needs a peer fails, it never skips.
+//! - [`NixStore`] is a throwaway Nix store in a temporary directory (Nix's
+//!   `local?root=DIR`: logical paths stay `/nix/store/…`), with a clean environment
+//!   and configuration, on which tests run `nix-instantiate`, `nix-store`,
+//!   `nix-build` and `nix`.
+//! - [`corpus`] is the collection of Nix expressions in `tests/corpus/` and the
+//!   `.drv` files they instantiate to.
+//!
+//! ```no_run
+//! use kiln_e2e::{NixStore, corpus};
+//!
+//! let store = NixStore::new();
+//! for (file, drv_path) in corpus::instantiate_corpus(&store) {
+//!     let bytes = std::fs::read(store.physical(&drv_path)).unwrap();
+//!     assert!(bytes.starts_with(b"Derive("), "{file}: {drv_path}");
+//! }
+//! ```
+
+pub mod corpus;
+mod nix;
+
+pub use nix::{Nix, NixError, NixStore, nix};

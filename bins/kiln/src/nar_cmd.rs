@@ -81,14 +81,15 @@ pub fn run(args: NarArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("path '{path}' does not exist in '{}'", nar.display()))?;
             let mut out = io::stdout().lock();
             if json {
-                let mut text = String::new();
+                // Like Nix 2.8: no newline after the JSON, names as raw bytes.
+                let mut text = Vec::new();
                 write_json(&mut text, node, recursive);
-                writeln!(out, "{text}")?;
+                out.write_all(&text)?;
             } else {
                 let options = TextOptions { recursive, long };
                 let (rel, show_directory) = match node {
-                    ListNode::Directory { .. } => (".".to_owned(), directory),
-                    _ => (base_name(&path).to_owned(), false),
+                    ListNode::Directory { .. } => (b".".to_vec(), directory),
+                    _ => (base_name(path.as_bytes()).to_vec(), false),
                 };
                 list_text(&mut out, node, &rel, show_directory, options)?;
             }
@@ -98,8 +99,9 @@ pub fn run(args: NarArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn base_name(path: &str) -> &str {
-    path.trim_end_matches('/').rsplit('/').next().unwrap_or("")
+fn base_name(path: &[u8]) -> &[u8] {
+    let trimmed = path.strip_suffix(b"/").unwrap_or(path);
+    trimmed.rsplit(|&b| b == b'/').next().unwrap_or(b"")
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -113,14 +115,14 @@ struct TextOptions {
 fn list_text(
     out: &mut impl Write,
     node: &ListNode,
-    rel: &str,
+    rel: &[u8],
     show_directory: bool,
     options: TextOptions,
 ) -> io::Result<()> {
     match node {
         ListNode::Directory { entries } if !show_directory => {
             for (name, child) in entries {
-                let child_rel = format!("{rel}/{}", String::from_utf8_lossy(name));
+                let child_rel = [rel, b"/", name].concat();
                 show_line(out, child, &child_rel, options)?;
                 if options.recursive && matches!(child, ListNode::Directory { .. }) {
                     list_text(out, child, &child_rel, false, options)?;
@@ -135,73 +137,84 @@ fn list_text(
 fn show_line(
     out: &mut impl Write,
     node: &ListNode,
-    rel: &str,
+    rel: &[u8],
     options: TextOptions,
 ) -> io::Result<()> {
-    if !options.long {
-        return writeln!(out, "{rel}");
+    if options.long {
+        // A NAR keeps no owners or timestamps: modes are those of a store path.
+        let (mode, size) = match node {
+            ListNode::Regular {
+                size,
+                executable: true,
+                ..
+            } => ("-r-xr-xr-x", *size),
+            ListNode::Regular { size, .. } => ("-r--r--r--", *size),
+            ListNode::Symlink { .. } => ("lrwxrwxrwx", 0),
+            ListNode::Directory { .. } => ("dr-xr-xr-x", 0),
+        };
+        write!(out, "{mode} {size:>20} ")?;
     }
-    // A NAR keeps no owners or timestamps: modes are those of a store path.
-    let (mode, size) = match node {
-        ListNode::Regular {
-            size,
-            executable: true,
-            ..
-        } => ("-r-xr-xr-x", *size),
-        ListNode::Regular {
-            size,
-            executable: false,
-            ..
-        } => ("-r--r--r--", *size),
-        ListNode::Symlink { .. } => ("lrwxrwxrwx", 0),
-        ListNode::Directory { .. } => ("dr-xr-xr-x", 0),
-    };
-    write!(out, "{mode} {size:>20} {rel}")?;
-    if let ListNode::Symlink { target } = node {
-        write!(out, " -> {}", String::from_utf8_lossy(target))?;
+    out.write_all(rel)?;
+    if let (true, ListNode::Symlink { target }) = (options.long, node) {
+        out.write_all(b" -> ")?;
+        out.write_all(target)?;
     }
     writeln!(out)
 }
 
 /// Appends the JSON that `nix nar ls --json` prints, with its key order.
 /// Without `recursive`, a directory's entries are named but not described.
-fn write_json(out: &mut String, node: &ListNode, recursive: bool) {
+fn write_json(out: &mut Vec<u8>, node: &ListNode, recursive: bool) {
     match node {
         ListNode::Regular {
             size,
             executable,
             nar_offset,
         } => {
-            out.push_str(&format!(r#"{{"type":"regular","size":{size}"#));
+            write!(out, r#"{{"type":"regular","size":{size}"#).unwrap();
             if *executable {
-                out.push_str(r#","executable":true"#);
+                out.extend_from_slice(br#","executable":true"#);
             }
-            out.push_str(&format!(r#","narOffset":{nar_offset}}}"#));
+            write!(out, r#","narOffset":{nar_offset}}}"#).unwrap();
         }
         ListNode::Symlink { target } => {
-            out.push_str(r#"{"type":"symlink","target":"#);
-            out.push_str(&json_string(target));
-            out.push('}');
+            out.extend_from_slice(br#"{"type":"symlink","target":"#);
+            json_string(out, target);
+            out.push(b'}');
         }
         ListNode::Directory { entries } => {
-            out.push_str(r#"{"type":"directory","entries":{"#);
+            out.extend_from_slice(br#"{"type":"directory","entries":{"#);
             for (i, (name, child)) in entries.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                out.push_str(&json_string(name));
-                out.push(':');
+                json_string(out, name);
+                out.push(b':');
                 if recursive {
                     write_json(out, child, true);
                 } else {
-                    out.push_str("{}");
+                    out.extend_from_slice(b"{}");
                 }
             }
-            out.push_str("}}");
+            out.extend_from_slice(b"}}");
         }
     }
 }
 
-fn json_string(bytes: &[u8]) -> String {
-    serde_json::to_string(&String::from_utf8_lossy(bytes)).expect("strings serialise")
+/// A JSON string as Nix 2.8 writes it: bytes other than quotes, backslashes
+/// and control characters pass through unchanged, even if not UTF-8.
+fn json_string(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.push(b'"');
+    for &b in bytes {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0..0x20 => write!(out, "\\u{b:04x}").unwrap(),
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
 }

@@ -99,3 +99,32 @@ fn corpus_covers_the_features_the_issue_names() {
         "a .drv with very long strings"
     );
 }
+
+/// The corpus is meant to be built too (by Nix and by Kiln, and compared): every
+/// file not named `fail-*` must build with Nix 2.8.
+#[test]
+fn corpus_files_not_marked_fail_build_with_nix() {
+    let store = NixStore::new();
+    let files: Vec<_> = corpus::corpus_files()
+        .into_iter()
+        .filter(|file| !corpus::is_expected_failure(&corpus::corpus_name(file)))
+        .collect();
+    let mut args = vec!["--no-out-link".into(), "--max-jobs".into(), "2".into()];
+    args.extend(files.iter().map(|file| file.clone().into_os_string()));
+    let stdout = store
+        .nix_build(&args)
+        .unwrap_or_else(|error| panic!("building the corpus with Nix failed: {error}"));
+    let outputs: Vec<&str> = stdout.lines().collect();
+    assert!(
+        outputs.len() >= files.len(),
+        "{} outputs for {} files",
+        outputs.len(),
+        files.len()
+    );
+    for output in outputs {
+        assert!(
+            store.physical(output).exists(),
+            "{output} was reported built but is not in the store"
+        );
+    }
+}

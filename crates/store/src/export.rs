@@ -1,0 +1,1 @@
+//! The `nix-store --export` / `--import` stream format.

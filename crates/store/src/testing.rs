@@ -1,0 +1,1 @@
+//! Behaviour tests shared by every [`Store`](crate::Store) implementation.

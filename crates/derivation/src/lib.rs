@@ -26,5 +26,8 @@
 pub mod aterm;
 pub mod derivation;
 pub mod hash_modulo;
+pub mod json;
+pub mod options;
 
 pub use derivation::{Derivation, DerivationOutput, HashMethod, OutputHash, drv_name};
+pub use options::BuildOptions;

@@ -228,8 +228,13 @@ impl BuildDir {
         remove_contents(outer.as_raw_fd()).map_err(err)?;
         drop(outer);
         // SAFETY: valid fd and C string.
-        if unsafe { libc::unlinkat(self.top.fd.as_raw_fd(), self.name.as_ptr(), libc::AT_REMOVEDIR) }
-            != 0
+        if unsafe {
+            libc::unlinkat(
+                self.top.fd.as_raw_fd(),
+                self.name.as_ptr(),
+                libc::AT_REMOVEDIR,
+            )
+        } != 0
         {
             return Err(err(io::Error::last_os_error()));
         }
@@ -304,7 +309,12 @@ fn open_subdir(dirfd: RawFd, name: &CStr) -> io::Result<Option<OwnedFd>> {
         libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY,
     ) {
         Ok(fd) => fd,
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP | libc::ENOENT)) => {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOTDIR | libc::ELOOP | libc::ENOENT)
+            ) =>
+        {
             return Ok(None);
         }
         Err(e) => return Err(e),

@@ -69,7 +69,8 @@ impl Cgroup {
         let path = parent.join(name);
         std::fs::create_dir(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
         let mut missing = Vec::new();
-        let available = std::fs::read_to_string(path.join("cgroup.controllers")).unwrap_or_default();
+        let available =
+            std::fs::read_to_string(path.join("cgroup.controllers")).unwrap_or_default();
         for (controller, file, value) in [
             ("memory", "memory.max", limits.memory_max),
             ("pids", "pids.max", limits.pids_max),
@@ -78,10 +79,16 @@ impl Cgroup {
             if !available.split_whitespace().any(|c| c == controller) {
                 // Enabling it in our own cgroup is refused when we hold processes
                 // there (the no-internal-process rule); try, then report.
-                let _ = std::fs::write(parent.join("cgroup.subtree_control"), format!("+{controller}"));
+                let _ = std::fs::write(
+                    parent.join("cgroup.subtree_control"),
+                    format!("+{controller}"),
+                );
             }
             if let Err(e) = std::fs::write(path.join(file), value.to_string()) {
-                missing.push(format!("{file}: {e} (the {controller} controller is not enabled for {})", parent.display()));
+                missing.push(format!(
+                    "{file}: {e} (the {controller} controller is not enabled for {})",
+                    parent.display()
+                ));
             }
         }
         Ok(Cgroup {

@@ -153,12 +153,22 @@ pub(crate) fn unsharer(a: &mut ChildArgs) -> ! {
     unsafe {
         check!(a, Stage::Unshare, 0, libc::unshare(a.namespaces));
         if let Some(lim) = a.nofile_needed {
-            check!(a, Stage::RaiseNofile, 0, libc::setrlimit(libc::RLIMIT_NOFILE, &lim));
+            check!(
+                a,
+                Stage::RaiseNofile,
+                0,
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim)
+            );
         }
         for (i, src) in a.plan.sources.iter().enumerate() {
             let fd = libc::open(src.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
             check!(a, Stage::OpenSource, i, fd);
             a.source_fds[i] = fd;
+        }
+        if !a.become_root {
+            // A caller that changed its uid is not dumpable, which makes its
+            // children's /proc files root's; the caller could not write our maps.
+            libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
         }
         send(a.report_w, MSG_UNSHARED, 0, 0, 0);
         let mut go = 0u8;
@@ -318,11 +328,8 @@ fn run_step(a: &ChildArgs, step: &Step) -> i32 {
                 }
                 let mut done = 0;
                 while done < contents.len() {
-                    let n = libc::write(
-                        fd,
-                        contents[done..].as_ptr().cast(),
-                        contents.len() - done,
-                    );
+                    let n =
+                        libc::write(fd, contents[done..].as_ptr().cast(), contents.len() - done);
                     if n < 0 {
                         libc::close(fd);
                         return -1;
@@ -378,11 +385,26 @@ fn init(a: &ChildArgs) -> ! {
             libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as i32
         );
         // The old root is stacked under the new one at "."; detach it entirely.
-        check!(a, Stage::PivotRoot, 0, libc::umount2(c".".as_ptr(), libc::MNT_DETACH));
+        check!(
+            a,
+            Stage::PivotRoot,
+            0,
+            libc::umount2(c".".as_ptr(), libc::MNT_DETACH)
+        );
         check!(a, Stage::PivotRoot, 0, libc::chdir(c"/".as_ptr()));
         let host = plan.hostname.as_bytes();
-        check!(a, Stage::Hostname, 0, libc::sethostname(host.as_ptr().cast(), host.len()));
-        check!(a, Stage::Hostname, 0, libc::setdomainname(c"(none)".as_ptr(), 6));
+        check!(
+            a,
+            Stage::Hostname,
+            0,
+            libc::sethostname(host.as_ptr().cast(), host.len())
+        );
+        check!(
+            a,
+            Stage::Hostname,
+            0,
+            libc::setdomainname(c"(none)".as_ptr(), 6)
+        );
         if plan.loopback {
             check!(a, Stage::Loopback, 0, loopback_up());
         }
@@ -424,15 +446,30 @@ fn builder(a: &ChildArgs) -> ! {
         }
         // Everything else is closed by execve, including the report pipe, whose
         // end-of-file tells the caller that execve succeeded.
-        check!(a, Stage::Stdio, 4, libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32));
+        check!(
+            a,
+            Stage::Stdio,
+            4,
+            libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32)
+        );
         check!(a, Stage::Chdir, 0, libc::chdir(plan.cwd.as_ptr()));
 
         let core = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
-        check!(a, Stage::Rlimit, 0, libc::setrlimit(libc::RLIMIT_CORE, &core));
-        check!(a, Stage::Rlimit, 0, libc::setrlimit(libc::RLIMIT_NOFILE, &a.nofile_orig));
+        check!(
+            a,
+            Stage::Rlimit,
+            0,
+            libc::setrlimit(libc::RLIMIT_CORE, &core)
+        );
+        check!(
+            a,
+            Stage::Rlimit,
+            0,
+            libc::setrlimit(libc::RLIMIT_NOFILE, &a.nofile_orig)
+        );
         for (i, (res, lim)) in a.rlimits.iter().enumerate() {
             if *res as u32 == libc::RLIMIT_CORE {
                 continue;
@@ -442,20 +479,41 @@ fn builder(a: &ChildArgs) -> ! {
 
         // The bounding set needs CAP_SETPCAP, so it goes before the uid change.
         for cap in 0..=a.cap_last {
-            check!(a, Stage::DropCapabilities, cap as usize, libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0));
+            check!(
+                a,
+                Stage::DropCapabilities,
+                cap as usize,
+                libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0)
+            );
         }
         check!(
             a,
             Stage::DropCapabilities,
             64,
-            libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0
+            )
         );
         if a.set_groups {
             let gid = plan.gid;
             check!(a, Stage::SetUser, 0, libc::setgroups(1, &gid));
         }
-        check!(a, Stage::SetUser, 1, libc::setresgid(plan.gid, plan.gid, plan.gid));
-        check!(a, Stage::SetUser, 2, libc::setresuid(plan.uid, plan.uid, plan.uid));
+        check!(
+            a,
+            Stage::SetUser,
+            1,
+            libc::setresgid(plan.gid, plan.gid, plan.gid)
+        );
+        check!(
+            a,
+            Stage::SetUser,
+            2,
+            libc::setresuid(plan.uid, plan.uid, plan.uid)
+        );
         for set in [
             caps::CapSet::Effective,
             caps::CapSet::Permitted,

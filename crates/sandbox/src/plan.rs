@@ -70,7 +70,9 @@ pub enum PlanError {
     Nul { what: &'static str, value: String },
     #[error("{what} {path} must be an absolute, normalised path (no `..`)")]
     NotAbsolute { what: &'static str, path: PathBuf },
-    #[error("sandbox path {path} does not exist on the host ({source}); add `?` to make it optional")]
+    #[error(
+        "sandbox path {path} does not exist on the host ({source}); add `?` to make it optional"
+    )]
     MissingSource {
         path: PathBuf,
         source: std::io::Error,
@@ -210,7 +212,13 @@ pub(crate) fn make_plan(spec: &SandboxSpec, staging: &Path) -> Result<Plan, Plan
             attrs: ATTR_NOSUID | ATTR_NOEXEC,
         });
     }
-    b.mount("dev/shm", c"tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", 0o755)?;
+    b.mount(
+        "dev/shm",
+        c"tmpfs",
+        MS_NOSUID | MS_NODEV,
+        "mode=1777",
+        0o755,
+    )?;
     b.mount(
         "dev/pts",
         c"devpts",

@@ -226,8 +226,13 @@ fn default_staging() -> PathBuf {
     if uid == 0 {
         return PathBuf::from("/run/kiln-sandbox-root");
     }
+    use std::os::unix::fs::MetadataExt;
+    // Only a runtime directory of our own: a process that changed uid may still
+    // carry its former user's XDG_RUNTIME_DIR.
     match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("kiln-sandbox-root"),
+        Some(d) if std::fs::metadata(&d).is_ok_and(|m| m.uid() == uid) => {
+            PathBuf::from(d).join("kiln-sandbox-root")
+        }
         _ => std::env::temp_dir().join(format!("kiln-sandbox-root-{uid}")),
     }
 }
@@ -496,8 +501,14 @@ fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
             }
             None => {
                 write_file(&format!("{proc}/setgroups"), "deny")?;
-                write_file(&format!("{proc}/uid_map"), &format!("{} {euid} 1\n", spec.uid))?;
-                write_file(&format!("{proc}/gid_map"), &format!("{} {egid} 1\n", spec.gid))?;
+                write_file(
+                    &format!("{proc}/uid_map"),
+                    &format!("{} {euid} 1\n", spec.uid),
+                )?;
+                write_file(
+                    &format!("{proc}/gid_map"),
+                    &format!("{} {egid} 1\n", spec.gid),
+                )?;
             }
         }
         if let Some(cg) = &cgroup {
@@ -515,7 +526,8 @@ fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
             hint: "",
         });
     }
-    go.write_all(&[1]).map_err(io_err("signalling the sandbox"))?;
+    go.write_all(&[1])
+        .map_err(io_err("signalling the sandbox"))?;
     drop(go);
 
     // 2. Init exists (it is our child too); the unsharer is done.
@@ -565,7 +577,9 @@ fn spawn_unsandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
     let output = match std::mem::take(&mut spec.output) {
         Output::Pipe => {
             let (r, w) = pipe().map_err(io_err("creating the output pipe"))?;
-            let w2 = w.try_clone().map_err(io_err("duplicating the output pipe"))?;
+            let w2 = w
+                .try_clone()
+                .map_err(io_err("duplicating the output pipe"))?;
             cmd.stdout(Stdio::from(w)).stderr(Stdio::from(w2));
             Some(File::from(r))
         }
@@ -580,7 +594,9 @@ fn spawn_unsandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
             None
         }
         Output::Fd(fd) => {
-            let fd2 = fd.try_clone().map_err(io_err("duplicating the output fd"))?;
+            let fd2 = fd
+                .try_clone()
+                .map_err(io_err("duplicating the output fd"))?;
             cmd.stdout(Stdio::from(fd)).stderr(Stdio::from(fd2));
             None
         }

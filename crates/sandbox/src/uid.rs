@@ -25,7 +25,9 @@ pub enum UidError {
     LockDir { path: PathBuf, source: io::Error },
     #[error("cannot open or lock uid lock file {path}: {source}")]
     Lock { path: PathBuf, source: io::Error },
-    #[error("all {slots} uid slots under {dir} are in use; allow more slots or wait for builds to finish")]
+    #[error(
+        "all {slots} uid slots under {dir} are in use; allow more slots or wait for builds to finish"
+    )]
     Exhausted { dir: PathBuf, slots: u32 },
 }
 

@@ -125,17 +125,26 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                 2
             }
             "fchmodat" => {
-                report(cmd, i64::from(libc::fchmodat(libc::AT_FDCWD, c(a1).as_ptr(), mode(a2), 0)));
+                report(
+                    cmd,
+                    i64::from(libc::fchmodat(libc::AT_FDCWD, c(a1).as_ptr(), mode(a2), 0)),
+                );
                 println!("mode {:o}", stat_mode(a1));
                 2
             }
             "fchmodat2" => {
-                report(cmd, libc::syscall(452, libc::AT_FDCWD, c(a1).as_ptr(), mode(a2), 0));
+                report(
+                    cmd,
+                    libc::syscall(452, libc::AT_FDCWD, c(a1).as_ptr(), mode(a2), 0),
+                );
                 println!("mode {:o}", stat_mode(a1));
                 2
             }
             "chmod-x32" => {
-                report(cmd, libc::syscall(0x4000_0000 + 90, c(a1).as_ptr(), mode(a2)));
+                report(
+                    cmd,
+                    libc::syscall(0x4000_0000 + 90, c(a1).as_ptr(), mode(a2)),
+                );
                 println!("mode {:o}", stat_mode(a1));
                 2
             }
@@ -188,7 +197,13 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                     let v = low_string("x") as u32;
                     syscall_i386_5(226, p, n, v, 1, 0)
                 } else {
-                    libc::setxattr(c(a1).as_ptr(), c(name).as_ptr(), value.as_ptr().cast(), value.len(), 0) as i64
+                    libc::setxattr(
+                        c(a1).as_ptr(),
+                        c(name).as_ptr(),
+                        value.as_ptr().cast(),
+                        value.len(),
+                        0,
+                    ) as i64
                 };
                 report(cmd, rc);
                 1
@@ -197,12 +212,21 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                 let mut buf = [0u8; 64];
                 report(
                     cmd,
-                    libc::getxattr(c(a1).as_ptr(), c("user.kiln").as_ptr(), buf.as_mut_ptr().cast(), 64) as i64,
+                    libc::getxattr(
+                        c(a1).as_ptr(),
+                        c("user.kiln").as_ptr(),
+                        buf.as_mut_ptr().cast(),
+                        64,
+                    ) as i64,
                 );
                 1
             }
             "write" => {
-                let fd = libc::open(c(a1).as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND, 0o644);
+                let fd = libc::open(
+                    c(a1).as_ptr(),
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+                    0o644,
+                );
                 if fd < 0 {
                     report(cmd, -1);
                 } else {
@@ -227,8 +251,10 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
             "ls" => {
                 match std::fs::read_dir(a1) {
                     Ok(d) => {
-                        let mut names: Vec<String> =
-                            d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+                        let mut names: Vec<String> = d
+                            .filter_map(|e| e.ok())
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .collect();
                         names.sort();
                         println!("ls ok {}", names.join(" "));
                     }
@@ -237,7 +263,10 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                 1
             }
             "exists" => {
-                println!("exists {}", std::path::Path::new(a1).symlink_metadata().is_ok());
+                println!(
+                    "exists {}",
+                    std::path::Path::new(a1).symlink_metadata().is_ok()
+                );
                 1
             }
             "tcp" => {
@@ -267,17 +296,33 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                 1
             }
             "mknod" => {
-                report(cmd, i64::from(libc::mknod(c(a1).as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3))));
+                report(
+                    cmd,
+                    i64::from(libc::mknod(
+                        c(a1).as_ptr(),
+                        libc::S_IFCHR | 0o666,
+                        libc::makedev(1, 3),
+                    )),
+                );
                 1
             }
             "mknod-fifo" => {
-                report(cmd, i64::from(libc::mknod(c(a1).as_ptr(), libc::S_IFIFO | 0o666, 0)));
+                report(
+                    cmd,
+                    i64::from(libc::mknod(c(a1).as_ptr(), libc::S_IFIFO | 0o666, 0)),
+                );
                 1
             }
             "mount" => {
                 report(
                     cmd,
-                    i64::from(libc::mount(c("none").as_ptr(), c(a1).as_ptr(), c("tmpfs").as_ptr(), 0, std::ptr::null())),
+                    i64::from(libc::mount(
+                        c("none").as_ptr(),
+                        c(a1).as_ptr(),
+                        c("tmpfs").as_ptr(),
+                        0,
+                        std::ptr::null(),
+                    )),
                 );
                 1
             }
@@ -313,12 +358,26 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                 0
             }
             "init_module" => {
-                report(cmd, libc::syscall(libc::SYS_init_module, [0u8; 16].as_ptr(), 16usize, c("").as_ptr()));
-                report("finit_module", libc::syscall(libc::SYS_finit_module, 0, c("").as_ptr(), 0));
+                report(
+                    cmd,
+                    libc::syscall(
+                        libc::SYS_init_module,
+                        [0u8; 16].as_ptr(),
+                        16usize,
+                        c("").as_ptr(),
+                    ),
+                );
+                report(
+                    "finit_module",
+                    libc::syscall(libc::SYS_finit_module, 0, c("").as_ptr(), 0),
+                );
                 0
             }
             "sethostname" => {
-                report(cmd, i64::from(libc::sethostname(a1.as_ptr().cast(), a1.len())));
+                report(
+                    cmd,
+                    i64::from(libc::sethostname(a1.as_ptr().cast(), a1.len())),
+                );
                 1
             }
             "hostname" => {
@@ -330,7 +389,10 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
             }
             "pids" => {
                 let mut pids: Vec<u32> = std::fs::read_dir("/proc")
-                    .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+                    .map(|d| {
+                        d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                            .collect()
+                    })
                     .unwrap_or_default();
                 pids.sort();
                 println!("pids {pids:?}");
@@ -342,7 +404,13 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                 1
             }
             "id" => {
-                println!("id {} {} {} {}", libc::getuid(), libc::getgid(), libc::geteuid(), libc::getegid());
+                println!(
+                    "id {} {} {} {}",
+                    libc::getuid(),
+                    libc::getgid(),
+                    libc::geteuid(),
+                    libc::getegid()
+                );
                 let mut groups = [0u32; 64];
                 let n = libc::getgroups(64, groups.as_mut_ptr());
                 println!("groups {:?}", &groups[..n.max(0) as usize]);
@@ -351,7 +419,10 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
             "status" => {
                 let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
                 for l in s.lines() {
-                    if l.starts_with("Cap") || l.starts_with("NoNewPrivs") || l.starts_with("Seccomp") {
+                    if l.starts_with("Cap")
+                        || l.starts_with("NoNewPrivs")
+                        || l.starts_with("Seccomp")
+                    {
                         println!("{l}");
                     }
                 }
@@ -381,10 +452,20 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
             "fd-send" => {
                 // Open our output for writing and hand the descriptor to whoever
                 // connects to the abstract socket `a1` (CVE-2024-27297).
-                let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(a2).unwrap();
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(a2)
+                    .unwrap();
                 (&file).write_all(b"good\n").unwrap();
                 let listener = listen_abstract(a1);
-                let conn = libc::accept(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut());
+                let conn = libc::accept(
+                    listener.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                );
                 report("accept", i64::from(conn));
                 report("sendfd", send_fd(conn, file.as_raw_fd()));
                 2
@@ -409,7 +490,10 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                 2
             }
             "symlink" => {
-                report(cmd, i64::from(libc::symlink(c(a1).as_ptr(), c(a2).as_ptr())));
+                report(
+                    cmd,
+                    i64::from(libc::symlink(c(a1).as_ptr(), c(a2).as_ptr())),
+                );
                 2
             }
             "mkdir" => {
@@ -433,7 +517,12 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                 for (k, v) in std::env::vars() {
                     println!("env {k}={v}");
                 }
-                println!("cwd {}", std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_default());
+                println!(
+                    "cwd {}",
+                    std::env::current_dir()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                );
                 0
             }
             "tty" => {
@@ -491,7 +580,11 @@ fn listen_abstract(name: &str) -> OwnedFd {
     // SAFETY: socket + bind + listen with a valid address.
     unsafe {
         let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
-        assert_eq!(libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len), 0, "bind");
+        assert_eq!(
+            libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len),
+            0,
+            "bind"
+        );
         assert_eq!(libc::listen(fd, 1), 0);
         OwnedFd::from_raw_fd(fd)
     }
@@ -501,7 +594,10 @@ fn send_fd(sock: i32, fd: i32) -> i64 {
     // SAFETY: a one-byte message with one SCM_RIGHTS descriptor.
     unsafe {
         let mut byte = [0u8; 1];
-        let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
         let mut cbuf = [0u8; 64];
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;
@@ -521,7 +617,10 @@ fn recv_fd(sock: i32) -> i32 {
     // SAFETY: receives a one-byte message with one SCM_RIGHTS descriptor.
     unsafe {
         let mut byte = [0u8; 1];
-        let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
         let mut cbuf = [0u8; 64];
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;

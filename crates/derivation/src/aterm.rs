@@ -27,7 +27,7 @@ use crate::derivation::{Derivation, DerivationOutput, HashMethod, OutputHash};
 pub struct AtermError {
     /// Byte offset into the input where the problem was found.
     pub offset: usize,
-    pub kind: AtermErrorKind,
+    pub kind: Box<AtermErrorKind>,
 }
 
 /// The kinds of [`AtermError`].
@@ -275,12 +275,15 @@ impl<'a> Parser<'a> {
     fn error(&self, kind: AtermErrorKind) -> AtermError {
         AtermError {
             offset: self.pos,
-            kind,
+            kind: Box::new(kind),
         }
     }
 
     fn error_at(&self, offset: usize, kind: AtermErrorKind) -> AtermError {
-        AtermError { offset, kind }
+        AtermError {
+            offset,
+            kind: Box::new(kind),
+        }
     }
 
     fn found(&self) -> Found {
@@ -541,13 +544,11 @@ impl<'a> Parser<'a> {
                     },
                 )
             })?;
-            if hash.is_empty() || hash == "impure" {
-                if !path.is_empty() {
-                    return Err(inconsistent(
-                        path_start,
-                        "has a path but its content hash is not known in advance",
-                    ));
-                }
+            if (hash.is_empty() || hash == "impure") && !path.is_empty() {
+                return Err(inconsistent(
+                    path_start,
+                    "has a path but its content hash is not known in advance",
+                ));
             }
             if hash == "impure" {
                 DerivationOutput::Impure {
@@ -625,13 +626,13 @@ mod tests {
         let text = r#"Derive([("a","","r:sha256",""),("b","",""," "),("c","","",""),("d","","sha256","impure"),("out","/nix/store/j6pcdwmw2hmiy97jvz23dzwnapj7aj4g-fo","r:sha256","0000000000000000000000000000000000000000000000000000000000000000")],[],[],"s","b",[],[])"#;
         let err = parse(&store(), text.as_bytes()).unwrap_err();
         assert!(
-            matches!(err.kind, AtermErrorKind::InconsistentOutput { .. }),
+            matches!(*err.kind, AtermErrorKind::InconsistentOutput { .. }),
             "{err}"
         );
         let bad_algo = text.replace(r#"("b","",""," ")"#, r#"("b","","md4","")"#);
         let err = parse(&store(), bad_algo.as_bytes()).unwrap_err();
         assert!(
-            matches!(err.kind, AtermErrorKind::BadHashAlgo { .. }),
+            matches!(*err.kind, AtermErrorKind::BadHashAlgo { .. }),
             "{err}"
         );
         let text = text.replace(r#"("b","",""," "),"#, "");

@@ -274,7 +274,7 @@ pub enum DrvFileError {
     #[error("cannot hash derivation '{drv_path}': {source}")]
     Hash {
         drv_path: String,
-        source: HashModuloError<Infallible>,
+        source: Box<HashModuloError<Infallible>>,
     },
 }
 
@@ -363,7 +363,7 @@ impl DrvFileHashes {
             })
             .map_err(|source| DrvFileError::Hash {
                 drv_path: self.store.print_path(path),
-                source,
+                source: Box::new(source),
             })?;
             let (path, _) = stack.pop().expect("stack is not empty");
             on_stack.remove(&path);

@@ -15,3 +15,162 @@ fn runs_program_and_reports_exit_status_and_output() {
     );
     assert_eq!(line(&out, "id "), "id 1000 100 1000 100");
 }
+
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+
+use kiln_sandbox::{
+    CgroupLimits, CgroupStatus, Output, Sandbox, SandboxMode, SandboxSpec, SpawnError,
+};
+
+#[test]
+fn environment_cwd_and_arguments_are_exactly_those_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut build = Build::new(&tmp.path().join("b"));
+    let spec = build
+        .spec(&["env", "echo", "two words"])
+        .env("PATH", "/path-not-set")
+        .env("NIX_BUILD_TOP", "/build");
+    let (status, out) = run(spec);
+    assert!(status.success(), "{out}");
+    let env: Vec<&str> = out.lines().filter(|l| l.starts_with("env ")).collect();
+    assert_eq!(env, ["env PATH=/path-not-set", "env NIX_BUILD_TOP=/build"]);
+    assert_eq!(line(&out, "cwd "), "cwd /build");
+    assert!(out.contains("\ntwo words\n"), "{out}");
+}
+
+#[test]
+fn files_the_builder_creates_belong_to_the_mapped_build_user() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut build = Build::new(&tmp.path().join("b"));
+    let owner = build.owner.expect("runs as root");
+    let (status, out) = run(build.spec(&["write", "/build/f"]));
+    assert!(status.success(), "{out}");
+    let m = std::fs::metadata(build.path().join("f")).unwrap();
+    assert_eq!((m.uid(), m.gid()), owner);
+    assert!(owner.0 >= kiln_sandbox::uid::FIRST_UID);
+}
+
+#[test]
+fn concurrent_sandboxes_get_distinct_uid_ranges() {
+    let a = Sandbox::spawn(probe(&["sleep", "300"])).unwrap();
+    let b = Sandbox::spawn(probe(&["sleep", "300"])).unwrap();
+    let (ra, rb) = (a.uid_range().unwrap(), b.uid_range().unwrap());
+    assert_ne!(ra.slot(), rb.slot());
+    assert_ne!(a.host_ids(), b.host_ids());
+}
+
+#[test]
+fn a_pty_is_the_controlling_terminal_when_asked_for() {
+    let mut child = Sandbox::spawn(probe(&["tty"]).output(Output::Pty)).unwrap();
+    let mut master = child.take_output().unwrap();
+    let mut out = Vec::new();
+    // Reading the master ends with EIO once the last slave holder is gone.
+    let _ = master.read_to_end(&mut out);
+    assert!(child.wait().unwrap().success());
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "tty 1");
+    let (_, out) = run(probe(&["tty"]));
+    assert_eq!(out.trim(), "tty 0", "a pipe is not a terminal");
+}
+
+#[test]
+fn spawn_errors_name_what_failed() {
+    match Sandbox::spawn(probe(&[]).cwd("/build")) {
+        Err(SpawnError::Setup { what, .. }) => assert!(what.contains("Chdir"), "{what}"),
+        other => panic!("expected a setup error, got {other:?}"),
+    }
+    match Sandbox::spawn(SandboxSpec::new("/no/such/program")) {
+        Err(SpawnError::Exec { program, source }) => {
+            assert_eq!(program, std::path::Path::new("/no/such/program"));
+            assert_eq!(source.raw_os_error(), Some(libc::ENOENT));
+        }
+        other => panic!("expected an exec error, got {other:?}"),
+    }
+    let missing = "/no/such/host/path";
+    let e = Sandbox::spawn(probe(&["true"]).sandbox_path(missing)).unwrap_err();
+    assert!(e.to_string().contains(missing), "{e}");
+    // Optional paths (`?`) and relaxed mode leave missing paths out.
+    let (status, _) = run(probe(&["true"]).sandbox_path(&format!("{missing}?")));
+    assert!(status.success());
+    let (status, _) = run(probe(&["true"])
+        .sandbox_path(missing)
+        .mode(SandboxMode::Relaxed));
+    assert!(status.success());
+    let (status, out) = run(probe(&["exists", "/etc/sh", "exists", "/inside/usr-bin"])
+        .sandbox_path("/etc/sh=/bin/sh")
+        .sandbox_path("/inside/usr-bin=/usr/bin"));
+    assert!(status.success());
+    assert_eq!(out, "exists true\nexists true\n");
+    assert!(matches!(
+        Sandbox::spawn(probe(&[]).bind_ro("/usr", "relative")),
+        Err(SpawnError::Plan(_))
+    ));
+}
+
+#[test]
+fn sandbox_off_runs_on_the_host_only_when_asked() {
+    let (status, out) = run(SandboxSpec::new(PROBE)
+        .args(["id", "exists", "/work"])
+        .cwd("/")
+        .mode(SandboxMode::Off));
+    assert!(status.success(), "{out}");
+    assert!(line(&out, "id ").starts_with("id 0 0"), "{out}");
+    assert_eq!(line(&out, "exists"), "exists true");
+}
+
+#[test]
+fn spawning_fails_closed_when_user_namespaces_are_unavailable() {
+    // Simulate a machine without user namespaces: a forked child whose seccomp
+    // filter makes unshare fail with EPERM, as a disabled sysctl does.
+    let verdict = as_caller(Caller::Nobody, || {
+        let mut rules = std::collections::BTreeMap::new();
+        rules.insert(libc::SYS_unshare, vec![]);
+        let filter = seccompiler::SeccompFilter::new(
+            rules,
+            seccompiler::SeccompAction::Allow,
+            seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+            seccompiler::TargetArch::x86_64,
+        )
+        .unwrap();
+        let prog: seccompiler::BpfProgram = filter.try_into().unwrap();
+        seccompiler::apply_filter(&prog).unwrap();
+        match Sandbox::spawn(probe(&["true"])) {
+            Err(e @ SpawnError::Setup { .. }) => {
+                let msg = e.to_string();
+                ensure!(
+                    msg.contains("Unshare") && msg.contains("user namespaces"),
+                    "{msg}"
+                );
+                Ok(())
+            }
+            Err(e) => Err(format!("wrong error: {e}")),
+            Ok(_) => Err("the sandbox started without namespaces".into()),
+        }
+    });
+    verdict.unwrap();
+}
+
+#[test]
+fn cgroup_is_best_effort_and_says_what_is_missing() {
+    let limits = CgroupLimits {
+        memory_max: Some(256 << 20),
+        pids_max: Some(64),
+    };
+    let mut child = Sandbox::spawn(probe(&["sleep", "50"]).cgroup(limits)).unwrap();
+    let status = child.cgroup_status().clone();
+    child.wait().unwrap();
+    match status {
+        CgroupStatus::Active => assert!(child.cpu_usage_usec().is_some()),
+        CgroupStatus::Partial(why) => {
+            assert!(why.contains("controller"), "{why}");
+            assert!(
+                child.cpu_usage_usec().is_some(),
+                "accounting works without controllers"
+            );
+        }
+        CgroupStatus::Unavailable(why) => assert!(!why.is_empty()),
+        CgroupStatus::NotRequested => panic!("a cgroup was requested"),
+    }
+    let child = Sandbox::spawn(probe(&["true"])).unwrap();
+    assert_eq!(child.cgroup_status(), &CgroupStatus::NotRequested);
+}

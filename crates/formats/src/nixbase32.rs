@@ -75,7 +75,12 @@ pub fn decode(text: &str) -> Result<Vec<u8>, DecodeError> {
     for (n, &c) in input.iter().rev().enumerate() {
         let digit = DECODE_TABLE[c as usize];
         if digit == INVALID {
-            let bad = text[input.len() - 1 - n..]
+            // Scanning bytes backwards can land inside a multi-byte character.
+            let mut at = input.len() - 1 - n;
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            let bad = text[at..]
                 .chars()
                 .next()
                 .unwrap_or('\u{fffd}');

@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
         let printed = info.to_text(&store);
         let again = NarInfo::parse(&store, &printed)
             .unwrap_or_else(|e| panic!("printed narinfo does not parse: {e}\n{printed}"));
-        assert_eq!(again, info, "print then parse changed the narinfo\n{printed}");
+        assert_eq!(
+            again, info,
+            "print then parse changed the narinfo\n{printed}"
+        );
         assert_eq!(again.to_text(&store), printed, "printing is not stable");
         // Fingerprinting refuses what it cannot sign; it must not panic either.
         let _ = info.fingerprint(&store);
@@ -30,6 +33,9 @@ fuzz_target!(|data: &[u8]| {
         let printed = cache.to_text();
         let again = CacheInfo::parse(&printed)
             .unwrap_or_else(|e| panic!("printed nix-cache-info does not parse: {e}\n{printed}"));
-        assert_eq!(again, cache, "print then parse changed the nix-cache-info\n{printed}");
+        assert_eq!(
+            again, cache,
+            "print then parse changed the nix-cache-info\n{printed}"
+        );
     }
 });

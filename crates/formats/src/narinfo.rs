@@ -527,7 +527,11 @@ Deriver: aafi5rhafw1dhwvn5n148gizcc4lpy4c-uses.drv
         // Found by fuzzing: a multi-byte character inside a nixbase32 digest.
         assert!(matches!(
             err(&WITH_REFS.replace("sha256:0fv17rh3n01", "sha256:0fv17rh3nɊ")),
-            NarInfoError::BadValue { line: 4, field: "FileHash", .. }
+            NarInfoError::BadValue {
+                line: 4,
+                field: "FileHash",
+                ..
+            }
         ));
         assert!(matches!(
             err(&with("Sig: k:AAAA")),

@@ -80,10 +80,7 @@ pub fn decode(text: &str) -> Result<Vec<u8>, DecodeError> {
             while !text.is_char_boundary(at) {
                 at -= 1;
             }
-            let bad = text[at..]
-                .chars()
-                .next()
-                .unwrap_or('\u{fffd}');
+            let bad = text[at..].chars().next().unwrap_or('\u{fffd}');
             return Err(DecodeError::InvalidCharacter(bad));
         }
         let bit = n * 5;

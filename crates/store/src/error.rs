@@ -117,19 +117,4 @@ impl StoreError {
             source,
         }
     }
-
-    /// Maps a failure while reading a NAR: archive faults become
-    /// [`StoreError::BadNar`], others stay I/O errors of the stream.
-    pub(crate) fn from_nar_io(path: &str, e: io::Error) -> Self {
-        match nar::ReadError::from_io(e) {
-            Ok(source) => StoreError::BadNar {
-                path: path.to_owned(),
-                source,
-            },
-            Err(source) => StoreError::Stream {
-                action: "read the NAR",
-                source,
-            },
-        }
-    }
 }

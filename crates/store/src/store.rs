@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::{self, Read, Seek, Write};
+use std::io::{self, BufRead, Seek, Write};
 use std::path::Path;
 
 use kiln_formats::content_address::ContentAddress;
@@ -92,11 +92,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     }
 
     /// Adds the path described by `info` from its NAR on `nar`. The NAR's
-    /// hash and size must match `info`, or nothing becomes valid.
+    /// hash and size must match `info`, or nothing becomes valid. Exactly
+    /// the NAR is consumed from `nar` (it may be embedded in a longer
+    /// stream), also when the path is valid already.
     fn add_nar(
         &self,
         info: &PathInfo,
-        nar: &mut dyn Read,
+        nar: &mut dyn BufRead,
         options: AddOptions,
     ) -> Result<(), StoreError>;
 

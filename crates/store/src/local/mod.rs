@@ -1,11 +1,36 @@
-//! The local store: store paths as files under a store directory, validity
-//! in Nix's SQLite database. (Being written.)
+//! The local store: store paths as files under a store directory, their
+//! validity in Nix's SQLite database, so that Nix 2.8 and Kiln can share a
+//! store.
+//!
+//! Layout under the physical root (`/`, or `DIR` for `local?root=DIR`):
+//! the store directory (logically `/nix/store`), and the state directory
+//! `nix/var/nix` with `db/` (database, `schema`, `big-lock`), `gcroots/`,
+//! `temproots/`, `profiles/` and `gc.lock`.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use kiln_formats::store_path::StoreDir;
+use kiln_formats::hash::HashAlgo;
+use kiln_formats::nar;
+use kiln_formats::store_path::{FileIngestionMethod, StoreDir, StorePath, StorePathSet};
 
-use crate::StoreError;
+use crate::{AddOptions, PathInfo, Store, StoreError};
+
+mod add;
+pub mod db;
+mod drv;
+pub mod fsutil;
+pub mod gc;
+pub mod lock;
+pub mod optimise;
+pub mod verify;
+
+pub use add::{BatchItem, Durability};
+use db::Db;
+use lock::{FileLock, LockKind, TempRoots};
 
 /// Where a local store lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,54 +43,208 @@ pub struct LocalStoreConfig {
     pub url: String,
 }
 
-/// The local store.
+impl LocalStoreConfig {
+    /// A store under `root` with the default logical store directory.
+    pub fn with_root(root: impl Into<PathBuf>) -> LocalStoreConfig {
+        let root = root.into();
+        LocalStoreConfig {
+            url: format!("local?root={}", root.display()),
+            root: Some(root),
+            store_dir: StoreDir::default(),
+        }
+    }
+}
+
+/// The local store. Cheap to share between threads: the database
+/// connection sits behind a mutex, everything else is per call.
 #[derive(Debug)]
 pub struct LocalStore {
     config: LocalStoreConfig,
+    real_store: PathBuf,
+    state_dir: PathBuf,
+    db: Mutex<Db>,
+    temp_roots: OnceLock<Arc<TempRoots>>,
+    tmp_counter: AtomicU64,
+    _big_lock: FileLock,
 }
 
 impl LocalStore {
     /// Opens (creating on first use) the store `config` describes.
     pub fn open(config: LocalStoreConfig) -> Result<LocalStore, StoreError> {
-        Err(StoreError::Unsupported {
-            store: config.url,
-            operation: "opening (not written yet)",
+        let root = config.root.clone().unwrap_or_else(|| PathBuf::from("/"));
+        let real_store = root.join(config.store_dir.as_str().trim_start_matches('/'));
+        let state_dir = root.join("nix/var/nix");
+        for dir in [
+            real_store.clone(),
+            state_dir.join("db"),
+            state_dir.join("gcroots"),
+            state_dir.join("temproots"),
+            state_dir.join("profiles"),
+        ] {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| StoreError::io("create directory", &dir, e))?;
+        }
+        let profiles_root = state_dir.join("gcroots/profiles");
+        if std::fs::symlink_metadata(&profiles_root).is_err() {
+            // As Nix does: profiles are roots through this link.
+            let _ = std::os::unix::fs::symlink(state_dir.join("profiles"), &profiles_root);
+        }
+        let db_dir = state_dir.join("db");
+        // Shared while in use; Nix takes it exclusively only to migrate the schema.
+        let big_lock = FileLock::acquire(&db_dir.join("big-lock"), LockKind::Shared, true)?
+            .expect("waiting lock acquisition always succeeds");
+        let db = Db::open(&db_dir, &config.store_dir)?;
+        Ok(LocalStore {
+            config,
+            real_store,
+            state_dir,
+            db: Mutex::new(db),
+            temp_roots: OnceLock::new(),
+            tmp_counter: AtomicU64::new(0),
+            _big_lock: big_lock,
         })
+    }
+
+    /// Opens the store under `root` (`local?root=ROOT`).
+    pub fn open_root(root: impl Into<PathBuf>) -> Result<LocalStore, StoreError> {
+        LocalStore::open(LocalStoreConfig::with_root(root))
+    }
+
+    /// The physical directory holding the store paths.
+    pub fn real_store_dir(&self) -> &Path {
+        &self.real_store
+    }
+
+    /// The state directory (`…/nix/var/nix`).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Where `path` lives on disk.
+    pub fn real_path(&self, path: &StorePath) -> PathBuf {
+        self.real_store.join(path.base_name())
+    }
+
+    pub(crate) fn db(&self) -> MutexGuard<'_, Db> {
+        self.db
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn temp_roots(&self) -> Result<&Arc<TempRoots>, StoreError> {
+        if let Some(t) = self.temp_roots.get() {
+            return Ok(t);
+        }
+        let t = lock::temp_roots_for(&self.state_dir)?;
+        Ok(self.temp_roots.get_or_init(|| t))
+    }
+
+    /// Records several temporary roots at once.
+    pub fn add_temp_roots(&self, paths: &[&StorePath]) -> Result<(), StoreError> {
+        self.temp_roots()?.add(&self.config.store_dir, paths)
+    }
+
+    /// The derivations in the store that list `path` as an output.
+    pub fn query_valid_derivers(&self, path: &StorePath) -> Result<StorePathSet, StoreError> {
+        self.db().query_valid_derivers(path)
     }
 }
 
-impl crate::Store for LocalStore {
+impl Store for LocalStore {
     fn store_dir(&self) -> &StoreDir {
         &self.config.store_dir
     }
+
     fn url(&self) -> String {
         self.config.url.clone()
     }
-    fn query_path_info(
-        &self,
-        _path: &kiln_formats::store_path::StorePath,
-    ) -> Result<Option<crate::PathInfo>, StoreError> {
-        Err(crate::Store::unsupported(self, "queries (not written yet)"))
+
+    fn query_path_info(&self, path: &StorePath) -> Result<Option<PathInfo>, StoreError> {
+        self.db().query_path_info(path)
     }
-    fn query_path_from_hash_part(
-        &self,
-        _hash_part: &str,
-    ) -> Result<Option<kiln_formats::store_path::StorePath>, StoreError> {
-        Err(crate::Store::unsupported(self, "queries (not written yet)"))
+
+    fn is_valid_path(&self, path: &StorePath) -> Result<bool, StoreError> {
+        self.db().is_valid(path)
     }
+
+    fn query_valid_paths(&self, paths: &StorePathSet) -> Result<StorePathSet, StoreError> {
+        let db = self.db();
+        let mut valid = StorePathSet::new();
+        for p in paths {
+            if db.is_valid(p)? {
+                valid.insert(p.clone());
+            }
+        }
+        Ok(valid)
+    }
+
+    fn query_all_valid_paths(&self) -> Result<StorePathSet, StoreError> {
+        self.db().query_all_valid_paths()
+    }
+
+    fn query_referrers(&self, path: &StorePath) -> Result<StorePathSet, StoreError> {
+        self.db().query_referrers(path)
+    }
+
+    fn query_path_from_hash_part(&self, hash_part: &str) -> Result<Option<StorePath>, StoreError> {
+        self.db().query_path_from_hash_part(hash_part)
+    }
+
+    fn query_derivation_outputs(
+        &self,
+        drv: &StorePath,
+    ) -> Result<BTreeMap<String, StorePath>, StoreError> {
+        self.db().query_derivation_outputs(drv)
+    }
+
     fn add_nar(
         &self,
-        _info: &crate::PathInfo,
-        _nar: &mut dyn std::io::Read,
-        _options: crate::AddOptions,
+        info: &PathInfo,
+        nar: &mut dyn BufRead,
+        options: AddOptions,
     ) -> Result<(), StoreError> {
-        Err(crate::Store::unsupported(self, "adding (not written yet)"))
+        self.add_nar_impl(info, nar, options)
     }
-    fn nar_from_path(
+
+    fn add_to_store(
         &self,
-        _path: &kiln_formats::store_path::StorePath,
-        _out: &mut dyn std::io::Write,
-    ) -> Result<(), StoreError> {
-        Err(crate::Store::unsupported(self, "NARs (not written yet)"))
+        name: &str,
+        source: &Path,
+        method: FileIngestionMethod,
+        algo: HashAlgo,
+        options: AddOptions,
+    ) -> Result<PathInfo, StoreError> {
+        let mut infos = self.add_paths(
+            &[BatchItem {
+                name: name.to_owned(),
+                source: source.to_path_buf(),
+                method,
+                algo,
+            }],
+            options,
+            Durability::FsyncEach,
+        )?;
+        Ok(infos.pop().expect("one item in, one info out"))
+    }
+
+    fn add_text(
+        &self,
+        name: &str,
+        contents: &[u8],
+        references: &StorePathSet,
+    ) -> Result<PathInfo, StoreError> {
+        self.add_text_impl(name, contents, references)
+    }
+
+    fn nar_from_path(&self, path: &StorePath, out: &mut dyn Write) -> Result<(), StoreError> {
+        if !self.is_valid_path(path)? {
+            return Err(self.path_info_or_error(path).unwrap_err());
+        }
+        nar::dump_path(&self.real_path(path), out)?;
+        Ok(())
+    }
+
+    fn add_temp_root(&self, path: &StorePath) -> Result<(), StoreError> {
+        self.add_temp_roots(&[path])
     }
 }

@@ -1,0 +1,708 @@
+//! Adding paths: a NAR (or a tree, serialised on the fly) is restored under
+//! a temporary name in the store directory with canonical metadata
+//! (0444/0555, mtime 1) while its hashes are computed in the same pass, then
+//! checked, made durable, renamed into place and registered in one
+//! transaction per batch.
+//!
+//! Durability costs fsyncs; [`Durability::Batch`] restores many paths, then
+//! flushes the file system once (`syncfs`) and commits once, which is what
+//! makes bulk adds (imports, `kiln store add` of many paths) cheap without
+//! giving up "a registered path survives a power cut".
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+
+use kiln_formats::content_address::ContentAddress;
+use kiln_formats::hash::{Hash, HashAlgo, Hasher};
+use kiln_formats::nar::{self, Event, NarReader, Node};
+use kiln_formats::store_path::{FileIngestionMethod, StorePath, StorePathSet};
+
+use super::fsutil::{self, set_canonical_times, set_canonical_times_fd};
+use super::lock::PathLock;
+use super::{LocalStore, drv};
+use crate::store::text_path_info;
+use crate::{AddOptions, PathInfo, Store, StoreError};
+
+/// How new paths are made durable before they are registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync every file and directory as it is written (one path at a time).
+    FsyncEach,
+    /// One `syncfs` of the store's file system per batch (many paths).
+    Batch,
+}
+
+/// A file or tree to add with [`LocalStore::add_paths`].
+#[derive(Debug, Clone)]
+pub struct BatchItem {
+    pub name: String,
+    pub source: PathBuf,
+    pub method: FileIngestionMethod,
+    pub algo: HashAlgo,
+}
+
+/// Paths registered per transaction (bounded so the lock files held at
+/// once stay well under the file-descriptor limit).
+const BATCH: usize = 256;
+/// Regular files up to this size are serialised in memory; larger sources
+/// stream through a second thread.
+const IN_MEMORY: u64 = 4 << 20;
+
+/// Which content-address hash to compute besides the NAR's sha256.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum CaHashing {
+    /// None needed (recursive sha256 is the NAR hash).
+    None,
+    /// The contents of the root regular file (flat and text paths).
+    FlatFile(HashAlgo),
+    /// The NAR, with another algorithm than sha256.
+    Nar(HashAlgo),
+}
+
+impl CaHashing {
+    fn for_ca(ca: &ContentAddress) -> CaHashing {
+        match ca {
+            ContentAddress::Text(h) => CaHashing::FlatFile(h.algo()),
+            ContentAddress::Fixed {
+                method: FileIngestionMethod::Flat,
+                hash,
+            } => CaHashing::FlatFile(hash.algo()),
+            ContentAddress::Fixed { hash, .. } if hash.algo() == HashAlgo::Sha256 => {
+                CaHashing::None
+            }
+            ContentAddress::Fixed { hash, .. } => CaHashing::Nar(hash.algo()),
+        }
+    }
+}
+
+/// A NAR restored under a temporary name, with what was computed on the way.
+#[derive(Debug)]
+pub(crate) struct Staged {
+    pub temp: PathBuf,
+    pub nar_hash: Hash,
+    pub nar_size: u64,
+    /// The extra hash asked for by [`CaHashing`].
+    pub ca_hash: Option<Hash>,
+}
+
+/// A staged path, checked and locked, ready to be renamed and registered.
+#[derive(Debug)]
+pub(crate) struct Ready {
+    pub info: PathInfo,
+    pub temp: PathBuf,
+    /// Held until the path is registered.
+    pub _lock: PathLock,
+}
+
+/// Everything consumed from the NAR stream is hashed and counted here, so
+/// the hash covers exactly the archive even when it is embedded in a
+/// longer stream.
+struct Meter<'a> {
+    inner: &'a mut dyn BufRead,
+    sha256: Hasher,
+    extra: Option<Hasher>,
+    len: u64,
+}
+
+impl Read for Meter<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = available.len().min(buf.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for Meter<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+    fn consume(&mut self, n: usize) {
+        if n > 0 {
+            // The bytes are buffered already; this does not read.
+            if let Ok(buf) = self.inner.fill_buf() {
+                let data = &buf[..n.min(buf.len())];
+                self.sha256.update(data);
+                if let Some(h) = &mut self.extra {
+                    h.update(data);
+                }
+            }
+            self.len += n as u64;
+        }
+        self.inner.consume(n);
+    }
+}
+
+/// A file being restored, optionally hashed for flat ingestion.
+struct FileSink<'a> {
+    file: &'a mut File,
+    hasher: Option<&'a mut Hasher>,
+}
+
+impl Write for FileSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        if let Some(h) = self.hasher.as_deref_mut() {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The receiving end of a NAR produced by another thread, as a `BufRead`.
+struct ChannelReader {
+    rx: mpsc::Receiver<Vec<u8>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = available.len().min(buf.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for ChannelReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.pos == self.current.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.current = chunk;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(&[]),
+            }
+        }
+        Ok(&self.current[self.pos..])
+    }
+    fn consume(&mut self, n: usize) {
+        self.pos += n;
+    }
+}
+
+/// The sending end: gathers writes into chunks.
+struct ChannelWriter {
+    tx: mpsc::SyncSender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+const CHUNK: usize = 1 << 20;
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+            self.tx.send(chunk).map_err(|_| {
+                io::Error::new(io::ErrorKind::BrokenPipe, "the restoring side stopped")
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl LocalStore {
+    /// A fresh temporary name in the store directory. The collector leaves
+    /// `.kiln-tmp-<pid>-…` alone while process `<pid>` is alive.
+    pub(crate) fn temp_path(&self) -> PathBuf {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        self.real_store
+            .join(format!(".kiln-tmp-{}-{n}", std::process::id()))
+    }
+
+    /// Restores the NAR on `nar` under a temporary name; removes what was
+    /// written if anything fails.
+    pub(crate) fn stage_nar(
+        &self,
+        nar: &mut dyn BufRead,
+        label: &str,
+        ca: CaHashing,
+        durability: Durability,
+    ) -> Result<Staged, StoreError> {
+        let temp = self.temp_path();
+        let mut meter = Meter {
+            inner: nar,
+            sha256: Hasher::new(HashAlgo::Sha256),
+            extra: match ca {
+                CaHashing::Nar(algo) => Some(Hasher::new(algo)),
+                _ => None,
+            },
+            len: 0,
+        };
+        let mut flat = match ca {
+            CaHashing::FlatFile(algo) => Some(Hasher::new(algo)),
+            _ => None,
+        };
+        let result = restore_canonical(
+            &mut meter,
+            &temp,
+            label,
+            flat.as_mut(),
+            durability == Durability::FsyncEach,
+        );
+        if let Err(e) = result {
+            let _ = fsutil::remove_tree(&temp);
+            return Err(e);
+        }
+        let ca_hash = match (ca, flat, meter.extra.take()) {
+            (CaHashing::FlatFile(_), Some(h), _) => Some(h.finish()),
+            (CaHashing::FlatFile(algo), None, _) => {
+                let _ = fsutil::remove_tree(&temp);
+                return Err(StoreError::BadSource {
+                    path: PathBuf::from(label),
+                    what: format!(
+                        "flat {algo} hashing needs a single regular file, but the NAR holds a tree"
+                    ),
+                });
+            }
+            (_, _, Some(h)) => Some(h.finish()),
+            _ => None,
+        };
+        Ok(Staged {
+            temp,
+            nar_hash: meter.sha256.finish(),
+            nar_size: meter.len,
+            ca_hash,
+        })
+    }
+
+    /// Renames staged paths into place, makes them durable and registers
+    /// them in one transaction.
+    pub(crate) fn commit(
+        &self,
+        ready: Vec<Ready>,
+        durability: Durability,
+    ) -> Result<Vec<PathInfo>, StoreError> {
+        if ready.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut outputs = BTreeMap::new();
+        for r in &ready {
+            if r.info.path.is_derivation() {
+                if let Ok(contents) = fs::read(&r.temp) {
+                    outputs.insert(
+                        r.info.path.clone(),
+                        drv::derivation_outputs(&self.config.store_dir, &r.info.path, &contents),
+                    );
+                }
+            }
+        }
+        for r in &ready {
+            let dest = self.real_path(&r.info.path);
+            match fs::rename(&r.temp, &dest) {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EEXIST)
+                            | Some(libc::ENOTEMPTY)
+                            | Some(libc::EISDIR)
+                            | Some(libc::ENOTDIR)
+                    ) =>
+                {
+                    // An invalid leftover, or the old contents of a path
+                    // being repaired: swap atomically, so a valid path is
+                    // never missing, then delete the old contents.
+                    fsutil::exchange(&r.temp, &dest)
+                        .map_err(|e| StoreError::io("move into place", &dest, e))?;
+                    fsutil::remove_tree(&r.temp)
+                        .map_err(|e| StoreError::io("delete", &r.temp, e))?;
+                }
+                Err(e) => return Err(StoreError::io("move into place", &dest, e)),
+            }
+        }
+        match durability {
+            Durability::FsyncEach => fsutil::fsync_dir(&self.real_store),
+            Durability::Batch => fsutil::syncfs(&self.real_store),
+        }
+        .map_err(|e| StoreError::io("sync", &self.real_store, e))?;
+        let time = now();
+        let infos: Vec<PathInfo> = ready
+            .iter()
+            .map(|r| {
+                let mut info = r.info.clone();
+                info.registration_time = time;
+                info
+            })
+            .collect();
+        let mut db = self.db();
+        let tx = db.write()?;
+        tx.register(&infos, &outputs)?;
+        tx.commit()?;
+        drop(db);
+        drop(ready); // releases the path locks only now
+        Ok(infos)
+    }
+
+    /// Takes the lock of `path` after making it a temporary root.
+    pub(crate) fn lock_path(&self, path: &StorePath) -> Result<PathLock, StoreError> {
+        self.add_temp_root(path)?;
+        Ok(
+            PathLock::acquire(&PathLock::lock_path_for(&self.real_store, path), true)?
+                .expect("waiting lock acquisition always succeeds"),
+        )
+    }
+
+    pub(crate) fn add_nar_impl(
+        &self,
+        info: &PathInfo,
+        nar: &mut dyn BufRead,
+        options: AddOptions,
+    ) -> Result<(), StoreError> {
+        let label = self.config.store_dir.print_path(&info.path);
+        let skip = |nar: &mut dyn BufRead| -> Result<(), StoreError> {
+            let mut reader = NarReader::embedded(nar);
+            while reader
+                .next()
+                .map_err(|source| StoreError::BadNar {
+                    path: label.clone(),
+                    source,
+                })?
+                .is_some()
+            {}
+            Ok(())
+        };
+        self.add_temp_root(&info.path)?;
+        if !options.repair && self.is_valid_path(&info.path)? {
+            return skip(nar);
+        }
+        let lock = self.lock_path(&info.path)?;
+        if !options.repair && self.is_valid_path(&info.path)? {
+            return skip(nar);
+        }
+        let ca = info.ca.as_ref().map_or(CaHashing::None, CaHashing::for_ca);
+        let staged = self.stage_nar(nar, &label, ca, Durability::FsyncEach)?;
+        if let Err(e) = self.check_staged(info, &staged) {
+            let _ = fsutil::remove_tree(&staged.temp);
+            return Err(e);
+        }
+        self.commit(
+            vec![Ready {
+                info: info.clone(),
+                temp: staged.temp,
+                _lock: lock,
+            }],
+            Durability::FsyncEach,
+        )?;
+        Ok(())
+    }
+
+    /// Checks a staged NAR against the hash, size and content address it
+    /// was announced with.
+    pub(crate) fn check_staged(&self, info: &PathInfo, staged: &Staged) -> Result<(), StoreError> {
+        let label = || self.config.store_dir.print_path(&info.path);
+        if staged.nar_hash != info.nar_hash {
+            return Err(StoreError::NarHashMismatch {
+                path: label(),
+                expected: info.nar_hash,
+                actual: staged.nar_hash,
+            });
+        }
+        if info.nar_size != 0 && info.nar_size != staged.nar_size {
+            return Err(StoreError::NarSizeMismatch {
+                path: label(),
+                expected: info.nar_size,
+                actual: staged.nar_size,
+            });
+        }
+        if let Some(ca) = &info.ca {
+            let actual = staged.ca_hash.unwrap_or(staged.nar_hash);
+            let computed_ca = match ca {
+                ContentAddress::Text(_) => ContentAddress::Text(actual),
+                ContentAddress::Fixed { method, .. } => ContentAddress::Fixed {
+                    method: *method,
+                    hash: actual,
+                },
+            };
+            let has_self = info.references.contains(&info.path);
+            let others: StorePathSet = info.references_without_self().cloned().collect();
+            let computed =
+                computed_ca.store_path(&self.config.store_dir, info.path.name(), &others, has_self);
+            if computed.as_ref() != Ok(&info.path) || computed_ca != *ca {
+                return Err(StoreError::ContentAddressMismatch {
+                    path: label(),
+                    ca: ca.to_string(),
+                    computed: match computed {
+                        Ok(p) => {
+                            format!("{} ({computed_ca})", self.config.store_dir.print_path(&p))
+                        }
+                        Err(e) => e.to_string(),
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn add_text_impl(
+        &self,
+        name: &str,
+        contents: &[u8],
+        references: &StorePathSet,
+    ) -> Result<PathInfo, StoreError> {
+        let info = text_path_info(&self.config.store_dir, name, contents, references)?;
+        self.add_temp_root(&info.path)?;
+        if let Some(existing) = self.query_path_info(&info.path)? {
+            return Ok(existing);
+        }
+        let lock = self.lock_path(&info.path)?;
+        if let Some(existing) = self.query_path_info(&info.path)? {
+            return Ok(existing);
+        }
+        let nar = Node::file(contents.to_vec()).to_nar();
+        let label = self.config.store_dir.print_path(&info.path);
+        let staged = self.stage_nar(
+            &mut &nar[..],
+            &label,
+            CaHashing::None,
+            Durability::FsyncEach,
+        )?;
+        let mut infos = self.commit(
+            vec![Ready {
+                info,
+                temp: staged.temp,
+                _lock: lock,
+            }],
+            Durability::FsyncEach,
+        )?;
+        Ok(infos.pop().expect("one in, one out"))
+    }
+
+    /// Adds files or trees as fixed-output paths (what `nix-store --add`
+    /// and `nix store add-path/add-file` do), in batches.
+    pub fn add_paths(
+        &self,
+        items: &[BatchItem],
+        options: AddOptions,
+        durability: Durability,
+    ) -> Result<Vec<PathInfo>, StoreError> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(BATCH) {
+            let mut ready = Vec::new();
+            let mut order = Vec::new(); // Ok(index into ready) or Err(existing info)
+            for item in chunk {
+                match self.stage_item(item, options, durability)? {
+                    Staging::Ready(r) => {
+                        order.push(Ok(ready.len()));
+                        ready.push(r);
+                    }
+                    Staging::Existing(info) => order.push(Err(info)),
+                }
+            }
+            let committed = self.commit(ready, durability)?;
+            for o in order {
+                out.push(match o {
+                    Ok(i) => committed[i].clone(),
+                    Err(info) => info,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn stage_item(
+        &self,
+        item: &BatchItem,
+        options: AddOptions,
+        durability: Durability,
+    ) -> Result<Staging, StoreError> {
+        let source = &item.source;
+        let meta = fs::symlink_metadata(source).map_err(|e| StoreError::io("read", source, e))?;
+        if item.method == FileIngestionMethod::Flat && !meta.is_file() {
+            return Err(StoreError::BadSource {
+                path: source.clone(),
+                what: "flat hashing needs a regular file".into(),
+            });
+        }
+        let ca_hashing = match (item.method, item.algo) {
+            (FileIngestionMethod::Flat, algo) => CaHashing::FlatFile(algo),
+            (FileIngestionMethod::Recursive, HashAlgo::Sha256) => CaHashing::None,
+            (FileIngestionMethod::Recursive, algo) => CaHashing::Nar(algo),
+        };
+        let label = source.display().to_string();
+        let staged = if meta.is_file() && meta.len() <= IN_MEMORY {
+            let nar = nar::dump_path(source, Vec::with_capacity(meta.len() as usize + 200))?;
+            self.stage_nar(&mut &nar[..], &label, ca_hashing, durability)?
+        } else {
+            let (tx, rx) = mpsc::sync_channel(4);
+            std::thread::scope(|scope| {
+                let producer = scope.spawn(move || {
+                    let mut w = nar::dump_path(
+                        source,
+                        ChannelWriter {
+                            tx,
+                            buf: Vec::with_capacity(CHUNK),
+                        },
+                    )?;
+                    w.flush().map_err(nar::WriteError::Output)
+                });
+                let mut reader = ChannelReader {
+                    rx,
+                    current: Vec::new(),
+                    pos: 0,
+                };
+                let staged = self.stage_nar(&mut reader, &label, ca_hashing, durability);
+                drop(reader);
+                let produced = producer.join().expect("NAR producer thread panicked");
+                match (staged, produced) {
+                    (Ok(s), Ok(())) => Ok(s),
+                    (Ok(s), Err(e)) => {
+                        let _ = fsutil::remove_tree(&s.temp);
+                        Err(e.into())
+                    }
+                    // The producer's error explains a truncated stream best.
+                    (Err(_), Err(e)) => Err(e.into()),
+                    (Err(e), Ok(())) => Err(e),
+                }
+            })?
+        };
+        let ca = ContentAddress::Fixed {
+            method: item.method,
+            hash: staged.ca_hash.unwrap_or(staged.nar_hash),
+        };
+        let path = match ca.store_path(
+            &self.config.store_dir,
+            &item.name,
+            &StorePathSet::new(),
+            false,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = fsutil::remove_tree(&staged.temp);
+                return Err(e.into());
+            }
+        };
+        let mut info = PathInfo::new(path, staged.nar_hash, staged.nar_size);
+        info.ca = Some(ca);
+        let lock = self.lock_path(&info.path)?;
+        if !options.repair {
+            if let Some(existing) = self.query_path_info(&info.path)? {
+                let _ = fsutil::remove_tree(&staged.temp);
+                return Ok(Staging::Existing(existing));
+            }
+        }
+        Ok(Staging::Ready(Ready {
+            info,
+            temp: staged.temp,
+            _lock: lock,
+        }))
+    }
+}
+
+enum Staging {
+    Ready(Ready),
+    Existing(PathInfo),
+}
+
+/// Restores a NAR at `dest` with canonical metadata. `flat` hashes the
+/// contents of a root regular file.
+fn restore_canonical(
+    input: &mut dyn BufRead,
+    dest: &Path,
+    label: &str,
+    mut flat: Option<&mut Hasher>,
+    fsync_each: bool,
+) -> Result<(), StoreError> {
+    let mut reader = NarReader::embedded(input);
+    let bad = |source| StoreError::BadNar {
+        path: label.to_owned(),
+        source,
+    };
+    while let Some(event) = reader.next().map_err(bad)? {
+        let target = match event.path() {
+            b"" => dest.to_path_buf(),
+            p => dest.join(OsStr::from_bytes(p)),
+        };
+        match event {
+            Event::Directory { .. } => {
+                fs::DirBuilder::new()
+                    .mode(0o755)
+                    .create(&target)
+                    .map_err(|e| StoreError::io("create directory", &target, e))?;
+            }
+            Event::EndDirectory { .. } => {
+                fs::set_permissions(&target, fs::Permissions::from_mode(0o555))
+                    .and_then(|()| set_canonical_times(&target))
+                    .and_then(|()| {
+                        if fsync_each {
+                            fsutil::fsync_dir(&target)
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .map_err(|e| StoreError::io("finish directory", &target, e))?;
+            }
+            Event::Symlink { target: link, .. } => {
+                std::os::unix::fs::symlink(OsStr::from_bytes(link), &target)
+                    .and_then(|()| set_canonical_times(&target))
+                    .map_err(|e| StoreError::io("create symlink", &target, e))?;
+            }
+            Event::Regular {
+                executable,
+                mut contents,
+                path,
+                ..
+            } => {
+                let mode = if executable { 0o555 } else { 0o444 };
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(mode)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(&target)
+                    .map_err(|e| StoreError::io("create", &target, e))?;
+                let hasher = if path.is_empty() {
+                    flat.as_deref_mut()
+                } else {
+                    None
+                };
+                let mut sink = FileSink {
+                    file: &mut file,
+                    hasher,
+                };
+                contents
+                    .copy_to(&mut sink)
+                    .map_err(|e| match nar::ReadError::from_io(e) {
+                        Ok(source) => StoreError::BadNar {
+                            path: label.to_owned(),
+                            source,
+                        },
+                        Err(e) => StoreError::io("write", &target, e),
+                    })?;
+                file.set_permissions(fs::Permissions::from_mode(mode))
+                    .and_then(|()| set_canonical_times_fd(&file))
+                    .and_then(|()| if fsync_each { file.sync_all() } else { Ok(()) })
+                    .map_err(|e| StoreError::io("finish", &target, e))?;
+            }
+        }
+    }
+    Ok(())
+}

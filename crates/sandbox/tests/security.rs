@@ -320,8 +320,11 @@ fn fd_smuggling(caller: Caller) -> Result<(), String> {
         .network(Network::Host),
     )
     .map_err(|e| e.to_string())?;
-    let mut receiver = Sandbox::spawn(b.spec(&["fd-recv", &name, "500"]).network(Network::Host))
-        .map_err(|e| e.to_string())?;
+    let mut receiver = Sandbox::spawn(
+        b.spec(&["fd-recv", &name, "/build/go"])
+            .network(Network::Host),
+    )
+    .map_err(|e| e.to_string())?;
     let mut receiver_out = receiver.take_output().unwrap();
     // Wait until B holds the descriptor, so the attack is really under way.
     let mut seen = String::new();
@@ -350,6 +353,8 @@ fn fd_smuggling(caller: Caller) -> Result<(), String> {
         std::fs::read_to_string(&registered).unwrap() == "good\n",
         "copy"
     );
+    // Only now may B strike (a sleep would race with a slow machine).
+    std::fs::write(b.path().join("go"), "").unwrap();
     receiver_out.read_to_string(&mut seen).unwrap();
     ensure!(receiver.wait().unwrap().success(), "{seen}");
     ensure!(

@@ -484,7 +484,13 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                 report("recvfd", i64::from(got));
                 println!("waiting");
                 let _ = std::io::stdout().flush();
-                std::thread::sleep(Duration::from_millis(a2.parse().unwrap()));
+                // Rewrite only once the test says the sender's build is over.
+                for _ in 0..6000 {
+                    if std::path::Path::new(a2).exists() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 let rc = libc::pwrite(got, b"evil\n".as_ptr().cast(), 5, 0);
                 report("rewrite", rc as i64);
                 2

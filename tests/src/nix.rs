@@ -349,6 +349,32 @@ impl NixStore {
     }
 }
 
+impl Drop for NixStore {
+    fn drop(&mut self) {
+        // Store paths are read-only directories: an unprivileged user cannot delete
+        // their entries until the write bits are back. (Root can, regardless.)
+        make_writable(&self.root);
+    }
+}
+
+fn make_writable(path: &Path) {
+    let Ok(meta) = path.symlink_metadata() else {
+        return;
+    };
+    if !meta.is_dir() {
+        return;
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o700 != 0o700 {
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | 0o700));
+    }
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            make_writable(&entry.path());
+        }
+    }
+}
+
 fn run_command(command: &mut Command, stdin: Option<&[u8]>) -> Result<Vec<u8>, NixError> {
     let description = describe(command);
     command

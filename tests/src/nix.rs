@@ -78,6 +78,9 @@ fn find_nix() -> Result<Nix, String> {
     let nix_store = bin_dir.join("nix-store");
     let output = Command::new(&nix_store)
         .arg("--version")
+        // Even `--version` opens the default store, which an unprivileged user may
+        // not reach; the dummy store needs nothing.
+        .env("NIX_REMOTE", "dummy://")
         .output()
         .map_err(|error| format!("cannot run {}: {error}", nix_store.display()))?;
     // "nix-store (Nix) 2.8.0"
@@ -86,7 +89,14 @@ fn find_nix() -> Result<Nix, String> {
         .split_whitespace()
         .last()
         .filter(|_| output.status.success())
-        .ok_or_else(|| format!("`{} --version` printed {text:?}", nix_store.display()))?
+        .ok_or_else(|| {
+            format!(
+                "`{} --version` failed ({}): stdout {text:?}, stderr {:?}",
+                nix_store.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?
         .to_owned();
     if version != EXPECTED_VERSION && !version.starts_with(&format!("{EXPECTED_VERSION}.")) {
         return Err(format!(

@@ -225,6 +225,27 @@ fn show_prints_what_nix_show_derivation_prints() {
         "same bytes: Kiln printed\n{ours}\nNix printed\n{theirs}"
     );
 
+    // `--recursive` from the derivation with the deepest inputs: the whole closure.
+    let (top, ..) = corpus
+        .drvs
+        .iter()
+        .max_by_key(|(_, d, _)| d.input_derivations.len())
+        .unwrap();
+    let top = corpus.logical(top);
+    let theirs_recursive = corpus
+        .nix
+        .nix(["show-derivation", "--recursive", top.as_str()])
+        .unwrap_or_else(|e| panic!("nix show-derivation --recursive failed: {e}"));
+    let output = Command::new(kiln_bin())
+        .args(["derivation", "show", "--recursive", "--store-root"])
+        .arg(corpus.nix.root())
+        .arg(&top)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", describe(&output));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), theirs_recursive);
+    assert!(parse(&theirs_recursive).as_object().unwrap().len() > 2);
+
     // And back: Nix's JSON reads to the derivations Kiln parsed from the files.
     let parsed = json::parse(&corpus.store, &theirs).unwrap();
     assert_eq!(parsed.len(), corpus.drvs.len());

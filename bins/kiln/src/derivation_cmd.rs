@@ -21,7 +21,13 @@ pub struct DerivationArgs {
 #[derive(Debug, Subcommand)]
 enum DerivationCommand {
     /// Print derivations as JSON, exactly as Nix 2.8's `nix show-derivation` does.
-    Show(FilesArgs),
+    Show {
+        #[command(flatten)]
+        files: FilesArgs,
+        /// Include every input derivation, recursively.
+        #[arg(short, long)]
+        recursive: bool,
+    },
     /// Re-derive each derivation's output paths and its own `.drv` path from its
     /// content (reading the input derivations it names from the same store) and
     /// say whether they agree with the file; exit 1 on any disagreement.
@@ -134,7 +140,7 @@ fn parse_store_url(url: &str) -> anyhow::Result<PathBuf> {
 
 pub fn run(args: DerivationArgs) -> anyhow::Result<ExitCode> {
     match args.command {
-        DerivationCommand::Show(files) => show(&files),
+        DerivationCommand::Show { files, recursive } => show(&files, recursive),
         DerivationCommand::Check(files) => check(&files),
     }
 }
@@ -156,13 +162,27 @@ fn read_derivation(
     Ok((text, drv))
 }
 
-fn show(args: &FilesArgs) -> anyhow::Result<ExitCode> {
+fn show(args: &FilesArgs, recursive: bool) -> anyhow::Result<ExitCode> {
     let location = Location::new(args)?;
     let mut drvs = BTreeMap::new();
     for file in &args.files {
-        let (drv_path, physical, _) = location.resolve(file)?;
+        let (drv_path, physical, input_dir) = location.resolve(file)?;
         let (_, drv) = read_derivation(&location.store, &drv_path, &physical)?;
+        let mut pending: Vec<StorePath> = if recursive {
+            drv.input_derivations.keys().cloned().collect()
+        } else {
+            Vec::new()
+        };
         drvs.insert(drv_path, drv);
+        while let Some(input) = pending.pop() {
+            if drvs.contains_key(&input) {
+                continue;
+            }
+            let file = input_dir.join(input.base_name());
+            let (_, drv) = read_derivation(&location.store, &input, &file)?;
+            pending.extend(drv.input_derivations.keys().cloned());
+            drvs.insert(input, drv);
+        }
     }
     let mut out = json::print(&location.store, &drvs);
     out.push(b'\n');

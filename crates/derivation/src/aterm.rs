@@ -12,6 +12,7 @@
 //! writes. The grammar has fixed depth, so the parser never recurses.
 
 use std::borrow::Cow;
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
@@ -486,17 +487,19 @@ impl<'a> Parser<'a> {
             p.expect(",")?;
             let value = BString::from(p.string()?.into_owned());
             p.expect(")")?;
-            if drv.env.contains_key(&key) {
-                return Err(p.error_at(
+            match drv.env.entry(key) {
+                Entry::Vacant(entry) => {
+                    entry.insert(value);
+                    Ok(())
+                }
+                Entry::Occupied(entry) => Err(p.error_at(
                     start,
                     AtermErrorKind::Duplicate {
                         what: "environment variable",
-                        key: key.to_string(),
+                        key: entry.key().to_string(),
                     },
-                ));
+                )),
             }
-            drv.env.insert(key, value);
-            Ok(())
         })?;
         self.expect(")")?;
         Ok(drv)

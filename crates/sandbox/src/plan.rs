@@ -304,7 +304,12 @@ pub(crate) fn make_plan(spec: &SandboxSpec, staging: &Path) -> Result<Plan, Plan
         }
         sources.push(cstr("bind source", bind.source.as_os_str())?);
         let path = b.host(&rel)?;
-        let mut attrs = ATTR_NOSUID | ATTR_NODEV;
+        // Device nodes asked for under /dev (e.g. /dev/kvm) must stay usable.
+        let mut attrs = if rel.starts_with("dev") {
+            ATTR_NOSUID
+        } else {
+            ATTR_NOSUID | ATTR_NODEV
+        };
         if !bind.writable {
             attrs |= ATTR_RDONLY;
         }

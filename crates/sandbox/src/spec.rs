@@ -16,8 +16,9 @@ pub enum SandboxMode {
     /// of it cannot be set up.
     #[default]
     Enforced,
-    /// Like `Enforced`, but extra sandbox paths whose source is missing are left out
-    /// even without the `?` suffix (Nix's `sandbox = relaxed` for paths).
+    /// Isolated exactly like `Enforced`, but binds whose source is missing are left
+    /// out even without the `?` suffix. (Nix's `sandbox = relaxed` additionally runs
+    /// derivations marked `__noChroot` unsandboxed: callers map those to `Off`.)
     Relaxed,
     /// No isolation at all: the program runs on the host as the caller, with the given
     /// arguments, environment and working directory (Nix's `sandbox = false`). Only

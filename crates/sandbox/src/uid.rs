@@ -12,6 +12,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// First host uid of slot 0 (Nix's default `start-id`).
 pub const FIRST_UID: u32 = 0x3400_0000;
@@ -31,11 +32,13 @@ pub enum UidError {
     Exhausted { dir: PathBuf, slots: u32 },
 }
 
-/// A locked host uid/gid range. Dropping it releases the slot.
-#[derive(Debug)]
+/// A locked host uid/gid range. Clones share the lock; the slot is released when
+/// the last clone is dropped (so a scheduler can keep one for chowning the build
+/// directory and give another to the sandbox).
+#[derive(Debug, Clone)]
 pub struct UidRange {
     slot: u32,
-    _lock: File,
+    _lock: Arc<File>,
 }
 
 impl UidRange {
@@ -90,7 +93,10 @@ impl UidRange {
             let held = file.metadata().map_err(lock_err)?;
             match std::fs::symlink_metadata(&path) {
                 Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
-                    return Ok(Some(UidRange { slot, _lock: file }));
+                    return Ok(Some(UidRange {
+                        slot,
+                        _lock: Arc::new(file),
+                    }));
                 }
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -137,6 +143,11 @@ mod tests {
         drop(a);
         let c = UidRange::allocate(dir.path(), 4).unwrap();
         assert_eq!(c.slot(), a_slot);
+        // A clone keeps the slot locked after the original is gone.
+        let c2 = c.clone();
+        drop(c);
+        assert_ne!(UidRange::allocate(dir.path(), 4).unwrap().slot(), a_slot);
+        assert_eq!(c2.slot(), a_slot);
         let _d = UidRange::allocate(dir.path(), 4).unwrap();
         let _e = UidRange::allocate(dir.path(), 4).unwrap();
         assert!(matches!(

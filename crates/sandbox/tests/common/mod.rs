@@ -10,11 +10,47 @@ use kiln_sandbox::{Sandbox, SandboxSpec};
 
 pub const PROBE: &str = env!("CARGO_BIN_EXE_kiln-sandbox-probe");
 
+/// The probe at a path every user can reach (the work tree may sit in a private
+/// directory, but the tests also run sandboxes as uid 65534): a hard link, or a
+/// copy, in a per-process directory under the temp dir. Leftovers of dead test
+/// processes are removed first.
+pub fn probe_path() -> &'static std::path::Path {
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = std::env::temp_dir();
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let Some(pid) = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("kiln-sandbox-probe-"))
+                else {
+                    continue;
+                };
+                if !std::path::Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = tmp.join(format!("kiln-sandbox-probe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.join("probe");
+        if std::fs::hard_link(PROBE, &path).is_err() {
+            std::fs::copy(PROBE, &path).unwrap();
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    })
+}
+
 /// A sandbox that runs `/probe ARGS…`.
 pub fn probe(args: &[&str]) -> SandboxSpec {
     SandboxSpec::new("/probe")
         .args(args.iter().copied())
-        .bind_ro(PROBE, "/probe")
+        .bind_ro(probe_path(), "/probe")
         .bind_ro("/usr", "/usr")
         .symlink("/lib", "usr/lib")
         .symlink("/lib64", "usr/lib64")
@@ -91,8 +127,8 @@ impl Build {
     /// The probe spec with this build directory at /build (and cwd there).
     pub fn spec(&mut self, args: &[&str]) -> SandboxSpec {
         let mut spec = probe(args).bind_rw(self.path(), "/build").cwd("/build");
-        if let Some(r) = self.range.take() {
-            spec = spec.uid_range(r);
+        if let Some(r) = &self.range {
+            spec = spec.uid_range(r.clone());
         }
         spec
     }
@@ -109,6 +145,8 @@ pub fn as_caller(caller: Caller, f: impl FnOnce() -> Result<(), String>) -> Resu
         );
         return f();
     }
+    // Prepared while still root: the forked child could not reach the original.
+    probe_path();
     let mut fds = [0; 2];
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };

@@ -322,3 +322,218 @@ fn check_accepts_every_file_and_rejects_tampered_ones() {
         "names the expected path: {stdout}"
     );
 }
+
+/// The attributes Nix's evaluator gave each corpus derivation (`drvAttrs`),
+/// against the build options Kiln reads back from the `.drv` file.
+#[test]
+fn build_options_match_the_attributes_nix_evaluated() {
+    let nix = NixStore::new();
+    let store = StoreDir::new(nix.store_dir()).unwrap();
+    // Evaluating attributes that refer to a `.drv` needs it in the store.
+    corpus::instantiate_corpus(&nix);
+    let files: Vec<String> = corpus::corpus_files()
+        .iter()
+        .map(|f| format!("{}", f.display()))
+        .collect();
+    let list = files
+        .iter()
+        .map(|f| format!("{f:?}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    // Every derivation at the top of each file, with the attributes that set
+    // build options (derivations and paths in them become store paths).
+    let expr = format!(
+        r#"
+        let
+          names = [ "requiredSystemFeatures" "preferLocalBuild" "allowSubstitutes"
+                    "__noChroot" "impureEnvVars" "passAsFile" "allowedReferences"
+                    "allowedRequisites" "disallowedReferences" "disallowedRequisites"
+                    "exportReferencesGraph" "outputChecks" "outputHash"
+                    "outputHashAlgo" "outputHashMode" "__structuredAttrs" ];
+          pick = d: {{ drvPath = d.drvPath; attrs = builtins.intersectAttrs
+            (builtins.listToAttrs (map (n: {{ name = n; value = null; }}) names)) d.drvAttrs; }};
+          top = v: if v.type or null == "derivation" then [ (pick v) ]
+            else map (n: pick v.${{n}}) (builtins.filter
+              (n: (v.${{n}}.type or null) == "derivation") (builtins.attrNames v));
+        in builtins.concatMap (f: top (import f)) [ {list} ]
+        "#
+    );
+    let evaluated = nix
+        .nix_instantiate(["--eval", "--strict", "--json", "--expr", expr.as_str()])
+        .unwrap_or_else(|e| panic!("nix-instantiate --eval failed: {e}"));
+    let evaluated: serde_json::Value = serde_json::from_str(&evaluated).unwrap();
+    let evaluated = evaluated.as_array().unwrap();
+    assert!(evaluated.len() >= 50, "{} derivations", evaluated.len());
+
+    use serde_json::Value;
+    // A list attribute as the builder sees it: in the environment Nix joins
+    // a list with spaces, and Kiln splits it again.
+    let strings = |v: &Value| -> Vec<String> {
+        match v {
+            Value::Array(items) => items
+                .iter()
+                .map(|i| i.as_str().unwrap().to_owned())
+                .collect(),
+            Value::String(s) => s.split_whitespace().map(str::to_owned).collect(),
+            other => panic!("unexpected list attribute {other}"),
+        }
+    };
+    let mut failures = Vec::new();
+    let mut compared = 0;
+    for entry in evaluated {
+        let drv_path = entry["drvPath"].as_str().unwrap();
+        let attrs = entry["attrs"].as_object().unwrap();
+        let bytes = std::fs::read(nix.physical(drv_path)).unwrap();
+        let drv = aterm::parse(&store, &bytes).unwrap();
+        let options = match BuildOptions::from_derivation(&drv) {
+            Ok(options) => options,
+            Err(e) => {
+                failures.push(format!("{drv_path}: {e}"));
+                continue;
+            }
+        };
+        let structured = attrs.get("__structuredAttrs") == Some(&Value::Bool(true));
+        let mut check = |what: &str, ok: bool, detail: String| {
+            compared += 1;
+            if !ok {
+                failures.push(format!("{drv_path}: {what}: {detail}"));
+            }
+        };
+        check(
+            "structured attrs",
+            options.has_structured_attrs() == structured,
+            String::new(),
+        );
+        let features: std::collections::BTreeSet<String> = attrs
+            .get("requiredSystemFeatures")
+            .map(&strings)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        check(
+            "requiredSystemFeatures",
+            options.required_system_features == features,
+            format!("{:?} vs {features:?}", options.required_system_features),
+        );
+        let flag = |name: &str, default: bool| attrs.get(name).map_or(default, |v| v == true);
+        check(
+            "preferLocalBuild",
+            options.prefer_local_build == flag("preferLocalBuild", false),
+            String::new(),
+        );
+        check(
+            "allowSubstitutes",
+            options.allow_substitutes == flag("allowSubstitutes", true),
+            String::new(),
+        );
+        check(
+            "__noChroot",
+            options.no_chroot == flag("__noChroot", false),
+            String::new(),
+        );
+        let impure = attrs.get("impureEnvVars").map(&strings).unwrap_or_default();
+        check(
+            "impureEnvVars",
+            options.impure_env_vars == impure,
+            format!("{:?} vs {impure:?}", options.impure_env_vars),
+        );
+        let string = |name: &str| attrs.get(name).map(|v| v.as_str().unwrap().to_owned());
+        for (name, ours) in [
+            ("outputHash", &options.output_hash),
+            ("outputHashAlgo", &options.output_hash_algo),
+            ("outputHashMode", &options.output_hash_mode),
+        ] {
+            check(name, *ours == string(name), format!("{ours:?}"));
+        }
+        if structured {
+            let checks = attrs
+                .get("outputChecks")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            for (output, expected) in &checks {
+                let ours = options.output_checks.for_output(output);
+                let list = |key: &str| expected.get(key).map(&strings);
+                let ok = ours.is_some_and(|c| {
+                    c.allowed_references == list("allowedReferences")
+                        && c.allowed_requisites == list("allowedRequisites")
+                        && c.disallowed_references == list("disallowedReferences")
+                        && c.disallowed_requisites == list("disallowedRequisites")
+                        && c.max_size == expected.get("maxSize").and_then(Value::as_u64)
+                        && c.max_closure_size
+                            == expected.get("maxClosureSize").and_then(Value::as_u64)
+                });
+                check(
+                    "outputChecks",
+                    ok,
+                    format!("{output}: {ours:?} vs {expected}"),
+                );
+            }
+            if let Some(Value::Object(graph)) = attrs.get("exportReferencesGraph") {
+                for (name, paths) in graph {
+                    let ours = options.export_references_graph.get(name);
+                    check(
+                        "exportReferencesGraph",
+                        ours == Some(&strings(paths)),
+                        format!("{name}: {ours:?} vs {paths}"),
+                    );
+                }
+            }
+        } else {
+            let all = options.output_checks.for_output("out").unwrap();
+            for (name, ours) in [
+                ("allowedReferences", &all.allowed_references),
+                ("allowedRequisites", &all.allowed_requisites),
+                ("disallowedReferences", &all.disallowed_references),
+                ("disallowedRequisites", &all.disallowed_requisites),
+            ] {
+                let expected = attrs.get(name).map(&strings);
+                check(name, *ours == expected, format!("{ours:?} vs {expected:?}"));
+            }
+            let pass: std::collections::BTreeSet<String> = attrs
+                .get("passAsFile")
+                .map(&strings)
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            check(
+                "passAsFile",
+                options.pass_as_file == pass,
+                format!("{:?}", options.pass_as_file),
+            );
+            let graph = attrs
+                .get("exportReferencesGraph")
+                .map(&strings)
+                .unwrap_or_default();
+            let ours: Vec<String> = options
+                .export_references_graph
+                .iter()
+                .flat_map(|(k, v)| v.iter().flat_map(move |p| [k.clone(), p.clone()]))
+                .collect();
+            let mut graph_pairs: Vec<[String; 2]> = graph
+                .chunks(2)
+                .map(|c| [c[0].clone(), c[1].clone()])
+                .collect();
+            graph_pairs.sort();
+            let ours_pairs: Vec<[String; 2]> = ours
+                .chunks(2)
+                .map(|c| [c[0].clone(), c[1].clone()])
+                .collect();
+            check(
+                "exportReferencesGraph",
+                ours_pairs == graph_pairs,
+                format!("{ours_pairs:?} vs {graph_pairs:?}"),
+            );
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "build options disagree with Nix's attributes:\n{}",
+        failures.join("\n")
+    );
+    eprintln!(
+        "{} build options of {} derivations agree with Nix's attributes",
+        compared,
+        evaluated.len()
+    );
+}

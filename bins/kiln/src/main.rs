@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod derivation_cmd;
 mod hash_cmd;
 mod nar_cmd;
+mod store_cmd;
 
 /// Kiln: a Nix-compatible, sandboxed, reproducible build engine.
 #[derive(Debug, Parser)]
@@ -25,6 +26,8 @@ enum Command {
     Hash(hash_cmd::HashArgs),
     /// Inspect and check derivations (`.drv` files).
     Derivation(derivation_cmd::DerivationArgs),
+    /// Work with a store: add, query, collect garbage, verify, export, import.
+    Store(store_cmd::StoreArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
         Command::Nar(args) => nar_cmd::run(args),
         Command::Hash(args) => hash_cmd::run(args),
         Command::Derivation(args) => derivation_cmd::run(args),
+        Command::Store(args) => store_cmd::run(args),
     };
     match result {
         Ok(code) => code,

@@ -509,13 +509,28 @@ impl LocalStore {
             let mut ready = Vec::new();
             let mut order = Vec::new(); // Ok(index into ready) or Err(existing info)
             for item in chunk {
-                match self.stage_item(item, options, durability)? {
-                    Staging::Ready(r) => {
-                        order.push(Ok(ready.len()));
-                        ready.push(r);
-                    }
-                    Staging::Existing(info) => order.push(Err(info)),
+                let (info, temp) = self.stage_item(item, durability)?;
+                if let Some(i) = ready.iter().position(|r: &Ready| r.info.path == info.path) {
+                    // The same contents twice in one batch (locking the
+                    // path again would wait on ourselves).
+                    let _ = fsutil::remove_tree(&temp);
+                    order.push(Ok(i));
+                    continue;
                 }
+                let lock = self.lock_path(&info.path)?;
+                if !options.repair {
+                    if let Some(existing) = self.query_path_info(&info.path)? {
+                        let _ = fsutil::remove_tree(&temp);
+                        order.push(Err(existing));
+                        continue;
+                    }
+                }
+                order.push(Ok(ready.len()));
+                ready.push(Ready {
+                    info,
+                    temp,
+                    _lock: lock,
+                });
             }
             let committed = self.commit(ready, durability)?;
             for o in order {
@@ -528,12 +543,13 @@ impl LocalStore {
         Ok(out)
     }
 
+    /// Restores one source under a temporary name; returns its metadata
+    /// and that name.
     fn stage_item(
         &self,
         item: &BatchItem,
-        options: AddOptions,
         durability: Durability,
-    ) -> Result<Staging, StoreError> {
+    ) -> Result<(PathInfo, PathBuf), StoreError> {
         let source = &item.source;
         let meta = fs::symlink_metadata(source).map_err(|e| StoreError::io("read", source, e))?;
         if item.method == FileIngestionMethod::Flat && !meta.is_file() {
@@ -602,24 +618,8 @@ impl LocalStore {
         };
         let mut info = PathInfo::new(path, staged.nar_hash, staged.nar_size);
         info.ca = Some(ca);
-        let lock = self.lock_path(&info.path)?;
-        if !options.repair {
-            if let Some(existing) = self.query_path_info(&info.path)? {
-                let _ = fsutil::remove_tree(&staged.temp);
-                return Ok(Staging::Existing(existing));
-            }
-        }
-        Ok(Staging::Ready(Ready {
-            info,
-            temp: staged.temp,
-            _lock: lock,
-        }))
+        Ok((info, staged.temp))
     }
-}
-
-enum Staging {
-    Ready(Ready),
-    Existing(PathInfo),
 }
 
 /// Restores a NAR at `dest` with canonical metadata. `flat` hashes the
@@ -705,4 +705,53 @@ fn restore_canonical(
         }
     }
     Ok(())
+}
+
+impl LocalStore {
+    /// Imports a `nix-store --export` stream: each NAR is restored as it
+    /// arrives, and paths are registered in batches with one `syncfs` and
+    /// one transaction each. Returns the paths in stream order.
+    pub fn import_paths(&self, input: &mut dyn BufRead) -> Result<Vec<StorePath>, StoreError> {
+        let mut imported = Vec::new();
+        let mut ready = Vec::new();
+        let result = (|| {
+            while crate::export::read_more(input)? {
+                let staged =
+                    self.stage_nar(input, "(export stream)", CaHashing::None, Durability::Batch)?;
+                let meta = match crate::export::read_meta(&self.config.store_dir, input) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = fsutil::remove_tree(&staged.temp);
+                        return Err(e);
+                    }
+                };
+                let mut info = PathInfo::new(meta.path.clone(), staged.nar_hash, staged.nar_size);
+                info.references = meta.references;
+                info.deriver = meta.deriver;
+                imported.push(meta.path);
+                let lock = self.lock_path(&info.path)?;
+                if self.is_valid_path(&info.path)? {
+                    let _ = fsutil::remove_tree(&staged.temp);
+                    continue;
+                }
+                ready.push(Ready {
+                    info,
+                    temp: staged.temp,
+                    _lock: lock,
+                });
+                if ready.len() >= BATCH {
+                    self.commit(std::mem::take(&mut ready), Durability::Batch)?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for r in ready {
+                let _ = fsutil::remove_tree(&r.temp);
+            }
+            return Err(e);
+        }
+        self.commit(ready, Durability::Batch)?;
+        Ok(imported)
+    }
 }

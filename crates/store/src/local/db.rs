@@ -537,3 +537,80 @@ fn write_durably(path: &Path, value: u32) -> Result<(), StoreError> {
     std::fs::rename(&tmp, path).map_err(|e| StoreError::io("rename into place", path, e))?;
     Ok(())
 }
+
+/// Every valid path with its references, deriver and recorded outputs, for
+/// the collector (one scan of each table instead of a query per path).
+#[derive(Debug, Default)]
+pub struct Graph {
+    pub paths: Vec<StorePath>,
+    pub index: std::collections::HashMap<StorePath, usize>,
+    pub references: Vec<Vec<usize>>,
+    pub referrers: Vec<Vec<usize>>,
+    pub deriver: Vec<Option<StorePath>>,
+    /// Output paths of each derivation (by path, valid or not).
+    pub outputs: Vec<Vec<StorePath>>,
+    pub nar_size: Vec<u64>,
+}
+
+impl Db {
+    pub fn load_graph(&self) -> Result<Graph, StoreError> {
+        let mut g = Graph::default();
+        let mut by_id = std::collections::HashMap::new();
+        {
+            let mut stmt = self
+                .conn
+                .prepare_cached("select id, path, deriver, narSize from ValidPaths")
+                .map_err(|e| self.err(e))?;
+            let mut rows = stmt.query([]).map_err(|e| self.err(e))?;
+            while let Some(r) = rows.next().map_err(|e| self.err(e))? {
+                let id: i64 = r.get(0).map_err(|e| self.err(e))?;
+                let path: String = r.get(1).map_err(|e| self.err(e))?;
+                let deriver: Option<String> = r.get(2).map_err(|e| self.err(e))?;
+                let size: Option<i64> = r.get(3).map_err(|e| self.err(e))?;
+                let path = self.parse(&path)?;
+                let i = g.paths.len();
+                by_id.insert(id, i);
+                g.index.insert(path.clone(), i);
+                g.paths.push(path);
+                g.deriver.push(
+                    deriver
+                        .filter(|d| !d.is_empty())
+                        .and_then(|d| self.store_dir.parse_path(&d).ok()),
+                );
+                g.nar_size.push(size.unwrap_or(0) as u64);
+            }
+        }
+        let n = g.paths.len();
+        g.references = vec![Vec::new(); n];
+        g.referrers = vec![Vec::new(); n];
+        g.outputs = vec![Vec::new(); n];
+        let mut stmt = self
+            .conn
+            .prepare_cached("select referrer, reference from Refs")
+            .map_err(|e| self.err(e))?;
+        let mut rows = stmt.query([]).map_err(|e| self.err(e))?;
+        while let Some(r) = rows.next().map_err(|e| self.err(e))? {
+            let (a, b): (i64, i64) = (
+                r.get(0).map_err(|e| self.err(e))?,
+                r.get(1).map_err(|e| self.err(e))?,
+            );
+            if let (Some(&a), Some(&b)) = (by_id.get(&a), by_id.get(&b)) {
+                g.references[a].push(b);
+                g.referrers[b].push(a);
+            }
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached("select drv, path from DerivationOutputs")
+            .map_err(|e| self.err(e))?;
+        let mut rows = stmt.query([]).map_err(|e| self.err(e))?;
+        while let Some(r) = rows.next().map_err(|e| self.err(e))? {
+            let drv: i64 = r.get(0).map_err(|e| self.err(e))?;
+            let path: String = r.get(1).map_err(|e| self.err(e))?;
+            if let (Some(&d), Ok(p)) = (by_id.get(&drv), self.store_dir.parse_path(&path)) {
+                g.outputs[d].push(p);
+            }
+        }
+        Ok(g)
+    }
+}

@@ -216,7 +216,7 @@ pub(crate) fn make_plan(spec: &SandboxSpec, staging: &Path) -> Result<Plan, Plan
         "dev/shm",
         c"tmpfs",
         MS_NOSUID | MS_NODEV,
-        "mode=1777",
+        "mode=1777,size=50%",
         0o755,
     )?;
     b.mount(

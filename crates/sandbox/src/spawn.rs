@@ -96,6 +96,18 @@ impl Child {
         self.pid as u32
     }
 
+    /// A pidfd for the sandbox's init, for waiting from an event loop (it becomes
+    /// readable when the sandbox has ended; then call [`Child::wait`]).
+    pub fn pidfd(&self) -> io::Result<OwnedFd> {
+        // SAFETY: pid is our unreaped child, so it names the sandbox's init.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+
     /// The read side of the program's output (pipe or pty master), once.
     pub fn take_output(&mut self) -> Option<File> {
         self.output.take()

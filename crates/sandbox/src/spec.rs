@@ -126,7 +126,7 @@ impl SandboxSpec {
             gid: 100,
             user_name: "nixbld".into(),
             group_name: "nixbld".into(),
-            home: PathBuf::from("/homeless-shelter"),
+            home: PathBuf::from("/build"),
             network: Network::None,
             hostname: "localhost".into(),
             rlimits: Vec::new(),
@@ -231,7 +231,8 @@ impl SandboxSpec {
     }
 
     /// The names written to the generated `/etc/passwd` and `/etc/group` for the
-    /// build user and group (default `nixbld`), and its home directory.
+    /// build user and group (default `nixbld`), and the home directory listed there
+    /// (default `/build`, as Nix writes it; `$HOME` is whatever the caller sets).
     pub fn user_names(
         mut self,
         user: impl Into<String>,

@@ -16,6 +16,41 @@ fn runs_program_and_reports_exit_status_and_output() {
     assert_eq!(line(&out, "id "), "id 1000 100 1000 100");
 }
 
+#[test]
+fn generated_etc_files_match_nix() {
+    let (_, out) = run(probe(&[
+        "cat",
+        "/etc/passwd",
+        "cat",
+        "/etc/group",
+        "cat",
+        "/etc/hosts",
+    ]));
+    assert_eq!(
+        out,
+        "root:x:0:0:Nix build user:/build:/noshell\n\
+         nixbld:x:1000:100:Nix build user:/build:/noshell\n\
+         nobody:x:65534:65534:Nobody:/:/noshell\n\
+         root:x:0:\nnixbld:!:100:\nnogroup:x:65534:\n\
+         127.0.0.1 localhost\n::1 localhost\n"
+    );
+}
+
+#[test]
+fn pidfd_becomes_readable_when_the_sandbox_ends() {
+    use std::os::fd::AsRawFd;
+    let mut child = Sandbox::spawn(probe(&["sleep", "100"])).unwrap();
+    let fd = child.pidfd().unwrap();
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 0, "still running");
+    assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1, "ended");
+    assert!(child.wait().unwrap().success());
+}
+
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 

@@ -101,6 +101,9 @@ pub enum StoreError {
     /// A store URL could not be understood.
     #[error(transparent)]
     BadUrl(#[from] crate::url::UrlError),
+    /// A binary cache failed (boxed: its variants are large).
+    #[error(transparent)]
+    BinaryCache(Box<crate::binary_cache::BinaryCacheError>),
     /// The store cannot do this operation at all.
     #[error("store '{store}' does not support {operation}")]
     Unsupported {

@@ -16,6 +16,7 @@
 //! contents are complete, canonical and durable on disk; nothing outside this
 //! crate writes the database.
 
+pub mod binary_cache;
 mod closure;
 mod error;
 pub mod export;
@@ -23,6 +24,7 @@ pub mod local;
 mod path_info;
 pub mod refs;
 mod store;
+pub mod substitute;
 pub mod testing;
 mod url;
 

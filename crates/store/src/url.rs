@@ -202,6 +202,11 @@ pub fn open_store(url: &str) -> Result<Box<dyn Store>, StoreError> {
     if let Some(config) = parsed.local_config()? {
         return Ok(Box::new(LocalStore::open(config)?));
     }
+    if matches!(parsed.kind, StoreKind::File(_) | StoreKind::Http(_)) {
+        return Ok(Box::new(
+            crate::binary_cache::BinaryCacheStore::open_parsed(&parsed, Default::default())?,
+        ));
+    }
     Err(StoreError::Unsupported {
         store: url.to_owned(),
         operation: "opening this kind of store (yet)",

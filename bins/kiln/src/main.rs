@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod build_cmd;
 mod derivation_cmd;
 mod hash_cmd;
 mod nar_cmd;
@@ -26,6 +27,10 @@ enum Command {
     Hash(hash_cmd::HashArgs),
     /// Inspect and check derivations (`.drv` files).
     Derivation(derivation_cmd::DerivationArgs),
+    /// Build derivations (.drv paths, JSON derivations, Kiln recipes).
+    Build(build_cmd::BuildArgs),
+    /// Print the build log of a derivation or output path.
+    Log(build_cmd::LogArgs),
     /// Work with a store: add, query, collect garbage, verify, export, import.
     Store(store_cmd::StoreArgs),
 }
@@ -36,6 +41,8 @@ fn main() -> ExitCode {
         Command::Nar(args) => nar_cmd::run(args),
         Command::Hash(args) => hash_cmd::run(args),
         Command::Derivation(args) => derivation_cmd::run(args),
+        Command::Build(args) => build_cmd::run(args),
+        Command::Log(args) => build_cmd::run_log(args),
         Command::Store(args) => store_cmd::run(args),
     };
     match result {

@@ -1,0 +1,870 @@
+//! Building derivations on this machine: the [`Backend`] over a
+//! [`LocalStore`] and the sandbox.
+//!
+//! A build: take the output locks (or report contention), re-check
+//! validity ("someone beat us to it"), make a build directory whose
+//! `build/` is bound at `/build` and whose `store/` is bound writable at
+//! the logical store directory with the input closure bound read-only on
+//! top, start the builder, pump its log (compressed to disk, limits and
+//! timeouts enforced), then check and register the outputs
+//! ([`crate::outputs`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::ffi::OsStr;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bstr::ByteSlice;
+use kiln_derivation::{BuildOptions, Derivation, aterm, drv_name};
+use kiln_formats::store_path::{StoreDir, StorePath, StorePathSet};
+use kiln_sandbox::{BuildDirs, Network, Sandbox, SandboxMode, SandboxSpec, UidRange};
+use kiln_store::local::LocalStore;
+use kiln_store::local::db::Db;
+use kiln_store::local::lock::PathLock;
+use kiln_store::{Store, StoreError, compute_closure};
+
+use crate::env::{BUILD_TOP, EnvInputs, prepare};
+use crate::events::{Event, EventSink};
+use crate::goals::{Attempt, Backend, Cancel, HookReply, Job, Loaded, Wanted};
+use crate::hook::{Hook, HookBuild};
+use crate::logs::{LogSink, log_dir_for_state_dir};
+use crate::outputs::{Registration, register_outputs};
+use crate::result::{BuildResult, BuildStatus};
+use crate::settings::{SandboxSetting, Settings};
+
+/// Why the local backend could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    BuildDir(#[from] kiln_sandbox::BuildDirError),
+    #[error("cannot start the build hook: {0}")]
+    Hook(String),
+}
+
+/// Whether valid outputs are built again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Rebuild {
+    #[default]
+    No,
+    /// `--check`: build again and compare.
+    Check,
+    /// `--repair`: build again and replace.
+    Repair,
+}
+
+/// A derivation read from the store.
+#[derive(Debug)]
+pub struct LocalDrv {
+    pub drv: Derivation,
+    pub options: Result<BuildOptions, String>,
+    pub outputs: BTreeMap<String, StorePath>,
+}
+
+/// Held output locks, released on drop.
+#[derive(Debug)]
+pub struct OutputLocks(#[allow(dead_code)] Vec<PathLock>);
+
+/// Builds with a local store and the sandbox.
+#[derive(Debug)]
+pub struct LocalBackend {
+    store: Arc<LocalStore>,
+    db: Mutex<Db>,
+    settings: Settings,
+    build_dirs: BuildDirs,
+    log_dir: Option<PathBuf>,
+    rebuild: Rebuild,
+    /// The targets that `rebuild` applies to.
+    rebuild_targets: HashSet<StorePath>,
+    hook: Option<Mutex<Hook>>,
+}
+
+fn misc(e: impl std::fmt::Display) -> BuildResult {
+    BuildResult::failure(BuildStatus::MiscFailure, e.to_string())
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl LocalBackend {
+    /// A backend building into `store` with `settings`.
+    pub fn new(store: Arc<LocalStore>, settings: Settings) -> Result<LocalBackend, LocalError> {
+        let db = Db::open(&store.state_dir().join("db"), store.store_dir())?;
+        let build_dirs = BuildDirs::open(&store.state_dir().join("builds"))?;
+        let log_dir = settings
+            .keep_build_log
+            .then(|| log_dir_for_state_dir(store.state_dir()));
+        let hook = if settings.build_hook.is_empty() {
+            None
+        } else {
+            Some(Mutex::new(Hook::new(&settings)))
+        };
+        Ok(LocalBackend {
+            store,
+            db: Mutex::new(db),
+            settings,
+            build_dirs,
+            log_dir,
+            rebuild: Rebuild::No,
+            rebuild_targets: HashSet::new(),
+            hook,
+        })
+    }
+
+    /// Builds `targets` again even when valid (`--check`, `--repair`).
+    pub fn rebuild(mut self, mode: Rebuild, targets: impl IntoIterator<Item = StorePath>) -> Self {
+        self.rebuild = mode;
+        self.rebuild_targets = targets.into_iter().collect();
+        self
+    }
+
+    pub fn store(&self) -> &Arc<LocalStore> {
+        &self.store
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn shown(&self, path: &StorePath) -> String {
+        self.store.store_dir().print_path(path)
+    }
+
+    fn rebuilding(&self, drv: &StorePath) -> bool {
+        self.rebuild != Rebuild::No && self.rebuild_targets.contains(drv)
+    }
+
+    fn wanted_outputs(
+        &self,
+        job_outputs: &BTreeMap<String, StorePath>,
+        wanted: &Wanted,
+    ) -> Result<Option<BTreeMap<String, StorePath>>, StoreError> {
+        let mut out = BTreeMap::new();
+        for (name, path) in job_outputs {
+            if !wanted.contains(name) {
+                continue;
+            }
+            if !self.store.is_valid_path(path)? {
+                return Ok(None);
+            }
+            out.insert(name.clone(), path.clone());
+        }
+        Ok(Some(out))
+    }
+
+    fn lock_paths(&self, drv: &LocalDrv) -> Vec<PathBuf> {
+        let mut paths: Vec<&StorePath> = drv.outputs.values().collect();
+        paths.sort();
+        paths
+            .into_iter()
+            .map(|p| PathLock::lock_path_for(self.store.real_store_dir(), p))
+            .collect()
+    }
+
+    fn try_lock(&self, drv: &LocalDrv) -> Result<Option<OutputLocks>, StoreError> {
+        let outs: Vec<&StorePath> = drv.outputs.values().collect();
+        self.store.add_temp_roots(&outs)?;
+        let mut held = Vec::new();
+        for path in self.lock_paths(drv) {
+            match PathLock::acquire(&path, false)? {
+                Some(l) => held.push(l),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(OutputLocks(held)))
+    }
+
+    /// The input closure: input sources and the needed outputs of input
+    /// derivations, with everything they refer to.
+    fn input_closure(&self, drv: &Derivation) -> Result<StorePathSet, BuildResult> {
+        let mut start = drv.input_sources.clone();
+        for (input, outputs) in &drv.input_derivations {
+            let mut known = self.store.query_derivation_outputs(input).map_err(misc)?;
+            if outputs.iter().any(|o| !known.contains_key(o)) {
+                let parsed = self.read_drv(input)?;
+                known = parsed
+                    .output_paths()
+                    .map(|(n, p)| (n.to_owned(), p.clone()))
+                    .collect();
+            }
+            for o in outputs {
+                let path = known.get(o).ok_or_else(|| {
+                    misc(format!(
+                        "derivation '{}' has no output '{o}'",
+                        self.shown(input)
+                    ))
+                })?;
+                start.insert(path.clone());
+            }
+        }
+        for p in &start {
+            if !self.store.is_valid_path(p).map_err(misc)? {
+                return Err(BuildResult::failure(
+                    BuildStatus::DependencyFailed,
+                    format!("input '{}' is not valid", self.shown(p)),
+                ));
+            }
+        }
+        compute_closure(&*self.store, &start, false, false, false).map_err(misc)
+    }
+
+    fn read_drv(&self, drv_path: &StorePath) -> Result<Derivation, BuildResult> {
+        let file = self.store.real_path(drv_path);
+        let text = std::fs::read(&file).map_err(|e| {
+            misc(format!(
+                "cannot read derivation '{}': {e}",
+                self.shown(drv_path)
+            ))
+        })?;
+        aterm::parse(self.store.store_dir(), &text).map_err(|e| {
+            misc(format!(
+                "cannot parse derivation '{}': {e}",
+                self.shown(drv_path)
+            ))
+        })
+    }
+
+    fn build_locked(
+        &self,
+        job: &Job<LocalDrv>,
+        cancel: &Cancel,
+        events: &dyn EventSink,
+    ) -> BuildResult {
+        let local = &*job.drv;
+        let drv = &local.drv;
+        let drv_shown = self.shown(&job.drv_path);
+        let options = match &local.options {
+            Ok(o) => o,
+            Err(e) => {
+                return BuildResult::failure(
+                    BuildStatus::InputRejected,
+                    format!("derivation '{drv_shown}': {e}"),
+                );
+            }
+        };
+        let system = drv.system.to_str_lossy();
+        let missing_features: BTreeSet<&String> = options
+            .required_system_features
+            .iter()
+            .filter(|f| !self.settings.system_features.contains(*f))
+            .collect();
+        if !self.settings.can_build_for(&system) || !missing_features.is_empty() {
+            let list = |s: &mut dyn Iterator<Item = &String>| {
+                s.map(|x| x.as_str()).collect::<Vec<_>>().join(", ")
+            };
+            return BuildResult::failure(
+                BuildStatus::InputRejected,
+                format!(
+                    "a '{system}' with features {{{}}} is required to build '{drv_shown}', but I am a '{}' with features {{{}}}",
+                    list(&mut options.required_system_features.iter()),
+                    self.settings.system,
+                    list(&mut self.settings.system_features.iter()),
+                ),
+            );
+        }
+        if drv.builder.starts_with(b"builtin:") {
+            return BuildResult::failure(
+                BuildStatus::InputRejected,
+                format!(
+                    "derivation '{drv_shown}' uses the builtin builder '{}', which Kiln does not provide",
+                    drv.builder
+                ),
+            );
+        }
+        let input_paths = match self.input_closure(drv) {
+            Ok(p) => p,
+            Err(e) => return e,
+        };
+        events.event(Event::BuildStarted {
+            id: job.id,
+            drv: &job.drv_path,
+            machine: None,
+        });
+        let start = now();
+        let mut result = self.run_builder(job, options, &input_paths, cancel, events);
+        result.start_time = start;
+        result.stop_time = now();
+        result
+    }
+
+    fn run_builder(
+        &self,
+        job: &Job<LocalDrv>,
+        options: &BuildOptions,
+        input_paths: &StorePathSet,
+        cancel: &Cancel,
+        events: &dyn EventSink,
+    ) -> BuildResult {
+        let local = &*job.drv;
+        let drv = &local.drv;
+        let store_dir = self.store.store_dir();
+        let drv_shown = self.shown(&job.drv_path);
+        // A store whose files are not at its logical location can only be
+        // built into through a sandbox that puts them there: as Nix does,
+        // such builds are sandboxed whatever `sandbox` says.
+        let diverted = self.store.real_store_dir() != Path::new(store_dir.as_str());
+        let sandboxed = diverted
+            || match self.settings.sandbox {
+                SandboxSetting::Enabled => true,
+                SandboxSetting::Relaxed => !options.no_chroot,
+                SandboxSetting::Disabled => false,
+            };
+        // As root, the build user's uids come from a range of our own.
+        // SAFETY: geteuid has no preconditions.
+        let as_root = unsafe { libc::geteuid() } == 0;
+        let uid_range = if sandboxed && as_root {
+            match UidRange::allocate(
+                Path::new(kiln_sandbox::spawn::DEFAULT_UID_LOCK_DIR),
+                kiln_sandbox::spawn::DEFAULT_UID_SLOTS,
+            ) {
+                Ok(r) => Some(r),
+                Err(e) => return misc(format!("cannot allocate build uids: {e}")),
+            }
+        } else {
+            None
+        };
+        // SAFETY: trivial getters.
+        let owner = match &uid_range {
+            Some(r) => (r.host_id(1000), r.host_id(100)),
+            None => unsafe { (libc::geteuid(), libc::getegid()) },
+        };
+        let build_dir = match self.build_dirs.create("kiln", Some(owner)) {
+            Ok(d) => d,
+            Err(e) => return misc(e),
+        };
+        let outer = build_dir
+            .path()
+            .parent()
+            .expect("build directories have a parent")
+            .to_path_buf();
+        let built_in = if sandboxed {
+            let scratch = outer.join("store");
+            let made = std::fs::create_dir(&scratch)
+                .and_then(|()| std::os::unix::fs::chown(&scratch, Some(owner.0), Some(owner.1)));
+            if let Err(e) = made {
+                return misc(format!("cannot create '{}': {e}", scratch.display()));
+            }
+            scratch
+        } else {
+            self.store.real_store_dir().to_path_buf()
+        };
+        let build_top = if sandboxed {
+            BUILD_TOP.to_owned()
+        } else {
+            build_dir.path().to_string_lossy().into_owned()
+        };
+        let prepared = match prepare(&EnvInputs {
+            store: &*self.store,
+            drv,
+            options,
+            outputs: &local.outputs,
+            input_paths,
+            cores: self.settings.build_cores(),
+            build_top: &build_top,
+            home: "/homeless-shelter",
+        }) {
+            Ok(p) => p,
+            Err(e) => return BuildResult::failure(BuildStatus::InputRejected, e.to_string()),
+        };
+        for (name, contents) in &prepared.files {
+            let path = build_dir.path().join(name);
+            let written = std::fs::write(&path, contents)
+                .and_then(|()| std::os::unix::fs::chown(&path, Some(owner.0), Some(owner.1)));
+            if let Err(e) = written {
+                return misc(format!("cannot write '{}': {e}", path.display()));
+            }
+        }
+        let os = |b: &[u8]| OsStr::from_bytes(b).to_owned();
+        let mut spec = SandboxSpec::new(Path::new(os(&prepared.builder).as_os_str()))
+            .args(prepared.args.iter().map(|a| os(a)))
+            .cwd(&build_top);
+        for (k, v) in &prepared.env {
+            spec = spec.env(os(k), os(v));
+        }
+        if sandboxed {
+            spec = spec
+                .bind_rw(build_dir.path(), BUILD_TOP)
+                .bind_rw(&built_in, store_dir.as_str());
+            for p in input_paths {
+                spec = spec.bind_ro(self.store.real_path(p), store_dir.print_path(p));
+            }
+            for entry in &self.settings.sandbox_paths {
+                spec = spec.sandbox_path(entry);
+            }
+            if drv.is_fixed_output() {
+                spec = spec.network(Network::Host);
+            }
+            if self.settings.sandbox == SandboxSetting::Relaxed {
+                spec = spec.mode(SandboxMode::Relaxed);
+            }
+            if let Some(r) = uid_range {
+                spec = spec.uid_range(r);
+            }
+        } else {
+            spec = spec.mode(SandboxMode::Off);
+        }
+        let mut log = match LogSink::create(
+            self.log_dir.as_deref(),
+            &job.drv_path,
+            self.settings.log_lines,
+        ) {
+            Ok(l) => l,
+            Err(e) => return misc(e),
+        };
+        let mut child = match Sandbox::spawn(spec) {
+            Ok(c) => c,
+            Err(e) => {
+                return misc(format!("cannot start the builder of '{drv_shown}': {e}"));
+            }
+        };
+        let ended = pump(&mut child, &mut log, &self.settings, cancel, events, job.id);
+        let status = child.wait();
+        let tail = log.tail();
+        if let Err(e) = log.finish() {
+            tracing::warn!(error = %e, "cannot store the build log");
+        }
+        let failure = |status: BuildStatus, what: String| {
+            let mut msg = what;
+            if !tail.is_empty() {
+                msg.push_str(&format!(";\n       last {} log lines:", tail.len()));
+                for line in &tail {
+                    msg.push_str(&format!("\n       > {line}"));
+                }
+                msg.push_str(&format!(
+                    "\n       For full logs, run 'nix log {drv_shown}'."
+                ));
+            }
+            BuildResult::failure(status, msg)
+        };
+        let keep = |dir: kiln_sandbox::BuildDir| {
+            if self.settings.keep_failed {
+                if let Ok(p) = dir.keep(None) {
+                    tracing::info!("keeping build directory '{}'", p.display());
+                }
+            }
+        };
+        match ended {
+            Ended::Eof => {}
+            Ended::TimedOut(what) => {
+                keep(build_dir);
+                return BuildResult::failure(
+                    BuildStatus::TimedOut,
+                    format!("building '{drv_shown}' {what}"),
+                );
+            }
+            Ended::LogLimit(limit) => {
+                keep(build_dir);
+                return BuildResult::failure(
+                    BuildStatus::LogLimitExceeded,
+                    format!(
+                        "builder for '{drv_shown}' killed after writing more than {limit} bytes of log output"
+                    ),
+                );
+            }
+            Ended::Cancelled => {
+                return BuildResult::failure(
+                    BuildStatus::MiscFailure,
+                    format!("build of '{drv_shown}' cancelled: another build failed"),
+                );
+            }
+            Ended::Error(e) => return misc(format!("reading the log of '{drv_shown}': {e}")),
+        }
+        use std::os::unix::process::ExitStatusExt;
+        match status {
+            Err(e) => return misc(format!("waiting for the builder of '{drv_shown}': {e}")),
+            Ok(s) if !s.success() => {
+                keep(build_dir);
+                let what = match (s.code(), s.signal()) {
+                    (Some(code), _) => {
+                        format!("builder for '{drv_shown}' failed with exit code {code}")
+                    }
+                    (None, Some(sig)) => {
+                        format!("builder for '{drv_shown}' failed due to signal {sig}")
+                    }
+                    _ => format!("builder for '{drv_shown}' failed"),
+                };
+                // Fixed-output builds fail transiently (the network), as in Nix.
+                let status = if drv.is_fixed_output() {
+                    BuildStatus::TransientFailure
+                } else {
+                    BuildStatus::PermanentFailure
+                };
+                return failure(status, what);
+            }
+            Ok(_) => {}
+        }
+        let registered = register_outputs(&Registration {
+            store: &self.store,
+            db: &self.db,
+            drv_path: &job.drv_path,
+            drv,
+            options,
+            outputs: &local.outputs,
+            built_in: &built_in,
+            input_paths,
+            check: self.rebuilding(&job.drv_path) && self.rebuild == Rebuild::Check,
+        });
+        match registered {
+            Ok(outputs) => {
+                if let Err(e) = build_dir.remove() {
+                    tracing::warn!(error = %e, "cannot remove a build directory");
+                }
+                let wanted = outputs
+                    .into_iter()
+                    .filter(|(n, _)| job.wanted.contains(n))
+                    .collect();
+                BuildResult::success(BuildStatus::Built, wanted)
+            }
+            Err(mut e) => {
+                keep(build_dir);
+                if !tail.is_empty() && e.status == BuildStatus::OutputRejected {
+                    e.error
+                        .push_str(&format!(";\n       last {} log lines:", tail.len()));
+                    for line in &tail {
+                        e.error.push_str(&format!("\n       > {line}"));
+                    }
+                }
+                e
+            }
+        }
+    }
+}
+
+enum Ended {
+    Eof,
+    TimedOut(String),
+    LogLimit(u64),
+    Cancelled,
+    Error(std::io::Error),
+}
+
+/// Reads the builder's output until it ends, enforcing the time and log
+/// limits; kills the build when one is passed or the run is cancelled.
+fn pump(
+    child: &mut kiln_sandbox::Child,
+    log: &mut LogSink,
+    settings: &Settings,
+    cancel: &Cancel,
+    events: &dyn EventSink,
+    id: u64,
+) -> Ended {
+    let Some(mut out) = child.take_output() else {
+        return Ended::Eof;
+    };
+    let started = Instant::now();
+    let mut last_output = started;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut line = Vec::new();
+    // Cancellation is a flag: checked at least this often while waiting.
+    const CANCEL_CHECK: Duration = Duration::from_millis(200);
+    let ended = loop {
+        if cancel.is_cancelled() {
+            break Ended::Cancelled;
+        }
+        let now = Instant::now();
+        let mut wait = CANCEL_CHECK;
+        if let Some(t) = settings.timeout {
+            let left = (started + t).saturating_duration_since(now);
+            if left.is_zero() {
+                break Ended::TimedOut(format!("timed out after {} seconds", t.as_secs()));
+            }
+            wait = wait.min(left);
+        }
+        if let Some(t) = settings.max_silent_time {
+            let left = (last_output + t).saturating_duration_since(now);
+            if left.is_zero() {
+                break Ended::TimedOut(format!(
+                    "timed out after {} seconds of silence",
+                    t.as_secs()
+                ));
+            }
+            wait = wait.min(left);
+        }
+        let mut pfd = libc::pollfd {
+            fd: out.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, wait.as_millis().max(1) as i32) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            break Ended::Error(e);
+        }
+        if n == 0 {
+            continue;
+        }
+        match out.read(&mut buf) {
+            Ok(0) => break Ended::Eof,
+            Ok(k) => {
+                last_output = Instant::now();
+                if let Err(e) = log.write(&buf[..k]) {
+                    tracing::warn!(error = %e, "cannot write the build log");
+                }
+                for &b in &buf[..k] {
+                    if b == b'\n' {
+                        events.event(Event::LogLine { id, line: &line });
+                        line.clear();
+                    } else if b != b'\r' {
+                        line.push(b);
+                    }
+                }
+                if let Some(max) = settings.max_build_log_size {
+                    if log.len() > max {
+                        break Ended::LogLimit(max);
+                    }
+                }
+            }
+            // A pty reports the end of its last writer as EIO.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => break Ended::Eof,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Ended::Error(e),
+        }
+    };
+    if !line.is_empty() {
+        events.event(Event::LogLine { id, line: &line });
+    }
+    if !matches!(ended, Ended::Eof) {
+        let _ = child.kill();
+    }
+    ended
+}
+
+impl Backend for LocalBackend {
+    type Drv = LocalDrv;
+    type Lock = OutputLocks;
+    type Remote = HookBuild;
+
+    fn store_dir(&self) -> &StoreDir {
+        self.store.store_dir()
+    }
+
+    fn load(&self, drv_path: &StorePath, wanted: &Wanted) -> Result<Loaded<LocalDrv>, BuildResult> {
+        if drv_name(drv_path).is_none() {
+            return Err(misc(format!(
+                "'{}' is not a derivation",
+                self.shown(drv_path)
+            )));
+        }
+        if !self.store.is_valid_path(drv_path).map_err(misc)? {
+            return Err(misc(format!(
+                "derivation '{}' is not valid in store '{}'",
+                self.shown(drv_path),
+                self.store.url()
+            )));
+        }
+        let drv = self.read_drv(drv_path)?;
+        let mut outputs = BTreeMap::new();
+        for (name, out) in &drv.outputs {
+            match out.path() {
+                Some(p) => {
+                    outputs.insert(name.clone(), p.clone());
+                }
+                None => {
+                    return Err(BuildResult::failure(
+                        BuildStatus::InputRejected,
+                        format!(
+                            "derivation '{}' has an output '{name}' whose path is not known in advance (content-addressed derivations are not supported yet)",
+                            self.shown(drv_path)
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Wanted::Names(names) = wanted {
+            if let Some(missing) = names.iter().find(|n| !outputs.contains_key(*n)) {
+                return Err(misc(format!(
+                    "derivation '{}' does not have an output named '{missing}'",
+                    self.shown(drv_path)
+                )));
+            }
+        }
+        let valid = if self.rebuilding(drv_path) {
+            if self.rebuild == Rebuild::Check
+                && self
+                    .wanted_outputs(&outputs, wanted)
+                    .map_err(misc)?
+                    .is_none()
+            {
+                return Err(misc(format!(
+                    "some outputs of '{}' are not valid, so checking is not possible",
+                    self.shown(drv_path)
+                )));
+            }
+            None
+        } else {
+            self.wanted_outputs(&outputs, wanted).map_err(misc)?
+        };
+        let inputs = drv
+            .input_derivations
+            .iter()
+            .map(|(p, o)| (p.clone(), o.clone()))
+            .collect();
+        let options = BuildOptions::from_derivation(&drv).map_err(|e| e.to_string());
+        Ok(Loaded {
+            inputs,
+            valid,
+            drv: LocalDrv {
+                drv,
+                options,
+                outputs,
+            },
+        })
+    }
+
+    fn build(
+        &self,
+        job: &Job<LocalDrv>,
+        lock: Option<OutputLocks>,
+        cancel: &Cancel,
+        events: &dyn EventSink,
+    ) -> Attempt<OutputLocks> {
+        let locks = match lock {
+            Some(l) => l,
+            None => match self.try_lock(&job.drv) {
+                Ok(Some(l)) => l,
+                Ok(None) => return Attempt::Contended,
+                Err(e) => return Attempt::Done(misc(e)),
+            },
+        };
+        if !self.rebuilding(&job.drv_path) {
+            match self.wanted_outputs(&job.drv.outputs, &job.wanted) {
+                Ok(Some(outputs)) => {
+                    return Attempt::Done(BuildResult::success(BuildStatus::AlreadyValid, outputs));
+                }
+                Ok(None) => {}
+                Err(e) => return Attempt::Done(misc(e)),
+            }
+        }
+        let result = self.build_locked(job, cancel, events);
+        drop(locks);
+        Attempt::Done(result)
+    }
+
+    fn wait_for_locks(&self, job: &Job<LocalDrv>) -> Attempt<OutputLocks> {
+        let mut held = Vec::new();
+        for path in self.lock_paths(&job.drv) {
+            // A blocking flock: the kernel wakes us when the holder is done.
+            match PathLock::acquire(&path, true) {
+                Ok(Some(l)) => held.push(l),
+                Ok(None) => unreachable!("a waiting acquisition always gets the lock"),
+                Err(e) => return Attempt::Done(misc(e)),
+            }
+        }
+        if !self.rebuilding(&job.drv_path) {
+            if let Ok(Some(outputs)) = self.wanted_outputs(&job.drv.outputs, &job.wanted) {
+                return Attempt::Done(BuildResult::success(BuildStatus::AlreadyValid, outputs));
+            }
+        }
+        Attempt::Locked(OutputLocks(held))
+    }
+
+    fn has_hook(&self) -> bool {
+        self.hook.is_some()
+    }
+
+    fn offer_to_hook(&self, job: &Job<LocalDrv>, slot_free: bool) -> HookReply<HookBuild> {
+        let Some(hook) = &self.hook else {
+            return HookReply::DeclinePermanently;
+        };
+        let mut hook = hook.lock().unwrap_or_else(|p| p.into_inner());
+        let features: Vec<String> = job
+            .drv
+            .options
+            .as_ref()
+            .map(|o| o.required_system_features.iter().cloned().collect())
+            .unwrap_or_default();
+        let reply = hook.offer(
+            slot_free,
+            &job.drv.drv.system.to_str_lossy(),
+            &self.shown(&job.drv_path),
+            &features,
+        );
+        match reply {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "the build hook failed; building locally");
+                HookReply::DeclinePermanently
+            }
+        }
+    }
+
+    fn build_remote(
+        &self,
+        job: &Job<LocalDrv>,
+        remote: HookBuild,
+        events: &dyn EventSink,
+    ) -> BuildResult {
+        let drv_shown = self.shown(&job.drv_path);
+        let input_paths = match self.input_closure(&job.drv.drv) {
+            Ok(p) => p,
+            Err(e) => return e,
+        };
+        let missing: Vec<String> = job
+            .drv
+            .outputs
+            .values()
+            .filter(|p| !self.store.is_valid_path(p).unwrap_or(false))
+            .map(|p| self.shown(p))
+            .collect();
+        events.event(Event::BuildStarted {
+            id: job.id,
+            drv: &job.drv_path,
+            machine: Some(&remote.machine),
+        });
+        let mut log = match LogSink::create(
+            self.log_dir.as_deref(),
+            &job.drv_path,
+            self.settings.log_lines,
+        ) {
+            Ok(l) => l,
+            Err(e) => return misc(e),
+        };
+        let inputs: Vec<String> = input_paths.iter().map(|p| self.shown(p)).collect();
+        let start = now();
+        let machine = remote.machine.clone();
+        let outcome = remote.run(&inputs, &missing, &mut |line| {
+            let _ = log.write(line);
+            let _ = log.write(b"\n");
+            events.event(Event::LogLine { id: job.id, line });
+        });
+        let _ = log.finish();
+        let mut result = match outcome {
+            Ok(0) => match self.wanted_outputs(&job.drv.outputs, &job.wanted) {
+                Ok(Some(outputs)) => BuildResult::success(BuildStatus::Built, outputs),
+                Ok(None) => BuildResult::failure(
+                    BuildStatus::MiscFailure,
+                    format!(
+                        "the build hook built '{drv_shown}' but its outputs are not valid in the store"
+                    ),
+                ),
+                Err(e) => misc(e),
+            },
+            Ok(100) => BuildResult::failure(
+                BuildStatus::PermanentFailure,
+                format!("remote build of '{drv_shown}' on '{machine}' failed"),
+            ),
+            Ok(code) => BuildResult::failure(
+                BuildStatus::TransientFailure,
+                format!(
+                    "remote build of '{drv_shown}' on '{machine}' failed (the hook exited with {code})"
+                ),
+            ),
+            Err(e) => BuildResult::failure(BuildStatus::TransientFailure, e.to_string()),
+        };
+        result.start_time = start;
+        result.stop_time = now();
+        result
+    }
+}

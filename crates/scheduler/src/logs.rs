@@ -1,0 +1,249 @@
+//! Build logs on disk, where Nix keeps them so that `nix log` and
+//! `nix-store -l` read Kiln's and the other way round:
+//! `<log dir>/drvs/<first 2 characters of the .drv base name>/<rest>.bz2`.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use bzip2::Compression;
+use bzip2::write::BzEncoder;
+use kiln_formats::store_path::StorePath;
+
+/// Why a log could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("cannot {action} build log '{}': {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("no build log of '{0}' is stored")]
+    NotFound(String),
+}
+
+/// The logs directory of a local store whose state directory is
+/// `state_dir` (`…/nix/var/nix` → `…/nix/var/log/nix`).
+pub fn log_dir_for_state_dir(state_dir: &Path) -> PathBuf {
+    state_dir
+        .parent()
+        .map_or_else(|| state_dir.join("log"), |var| var.join("log/nix"))
+}
+
+/// Where the compressed log of `drv` lives under `log_dir`.
+pub fn log_path(log_dir: &Path, drv: &StorePath) -> PathBuf {
+    let base = drv.base_name();
+    log_dir
+        .join("drvs")
+        .join(&base[..2])
+        .join(format!("{}.bz2", &base[2..]))
+}
+
+/// Reads the log of `drv`: the `.bz2` file, or an uncompressed one as Nix
+/// writes with `compress-build-log = false`.
+pub fn read_log(log_dir: &Path, drv: &StorePath) -> Result<Vec<u8>, LogError> {
+    let compressed = log_path(log_dir, drv);
+    let plain = compressed.with_extension("");
+    let err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| LogError::Io {
+            action: "read",
+            path,
+            source,
+        }
+    };
+    let mut out = Vec::new();
+    match File::open(&compressed) {
+        Ok(f) => {
+            bzip2::read::MultiBzDecoder::new(f)
+                .read_to_end(&mut out)
+                .map_err(err(&compressed))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match std::fs::read(&plain) {
+            Ok(bytes) => out = bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(LogError::NotFound(drv.base_name().to_owned()));
+            }
+            Err(e) => return Err(err(&plain)(e)),
+        },
+        Err(e) => return Err(err(&compressed)(e)),
+    }
+    Ok(out)
+}
+
+/// A build log being written: compressed to its file, counted, and with
+/// its last lines kept for error messages.
+pub struct LogSink {
+    file: Option<(BzEncoder<BufWriter<File>>, PathBuf, PathBuf)>,
+    bytes: u64,
+    tail: Vec<Vec<u8>>,
+    partial: Vec<u8>,
+    keep_lines: usize,
+}
+
+impl std::fmt::Debug for LogSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogSink")
+            .field("file", &self.file.as_ref().map(|(_, _, p)| p))
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl LogSink {
+    /// A log for `drv` under `log_dir`, or only counted and tailed when
+    /// `log_dir` is `None` (`keep-build-log = false`).
+    pub fn create(
+        log_dir: Option<&Path>,
+        drv: &StorePath,
+        keep_lines: usize,
+    ) -> Result<LogSink, LogError> {
+        let file = match log_dir {
+            None => None,
+            Some(dir) => {
+                let path = log_path(dir, drv);
+                let parent = path.parent().expect("log paths have a parent");
+                let err = |action, p: &Path| {
+                    let path = p.to_owned();
+                    move |source| LogError::Io {
+                        action,
+                        path,
+                        source,
+                    }
+                };
+                std::fs::create_dir_all(parent).map_err(err("create directory for", parent))?;
+                // Written under a temporary name so a reader never sees half
+                // a stream, and two processes never interleave in one file.
+                let tmp = path.with_extension(format!("bz2.tmp-{}", std::process::id()));
+                let f = File::create(&tmp).map_err(err("create", &tmp))?;
+                Some((
+                    BzEncoder::new(BufWriter::new(f), Compression::fast()),
+                    tmp,
+                    path,
+                ))
+            }
+        };
+        Ok(LogSink {
+            file,
+            bytes: 0,
+            tail: Vec::new(),
+            partial: Vec::new(),
+            keep_lines,
+        })
+    }
+
+    /// Appends output of the builder.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), LogError> {
+        self.bytes += data.len() as u64;
+        if let Some((enc, tmp, _)) = &mut self.file {
+            enc.write_all(data).map_err(|source| LogError::Io {
+                action: "write",
+                path: tmp.clone(),
+                source,
+            })?;
+        }
+        for &b in data {
+            if b == b'\n' {
+                let line = std::mem::take(&mut self.partial);
+                self.push_line(line);
+            } else if b != b'\r' {
+                self.partial.push(b);
+            }
+        }
+        Ok(())
+    }
+
+    fn push_line(&mut self, line: Vec<u8>) {
+        if self.keep_lines == 0 {
+            return;
+        }
+        if self.tail.len() == self.keep_lines {
+            self.tail.remove(0);
+        }
+        self.tail.push(line);
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// The last lines (an unfinished last line included).
+    pub fn tail(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .tail
+            .iter()
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect();
+        if !self.partial.is_empty() {
+            if lines.len() == self.keep_lines && !lines.is_empty() {
+                lines.remove(0);
+            }
+            lines.push(String::from_utf8_lossy(&self.partial).into_owned());
+        }
+        lines
+    }
+
+    /// Finishes the compressed stream and moves it into place.
+    pub fn finish(mut self) -> Result<(), LogError> {
+        if let Some((enc, tmp, path)) = self.file.take() {
+            let io = |action, p: &Path| {
+                let path = p.to_owned();
+                move |source| LogError::Io {
+                    action,
+                    path,
+                    source,
+                }
+            };
+            let writer = enc.finish().map_err(io("finish", &tmp))?;
+            writer
+                .into_inner()
+                .map_err(|e| e.into_error())
+                .map_err(io("flush", &tmp))?;
+            std::fs::rename(&tmp, &path).map_err(io("move into place", &path))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LogSink {
+    fn drop(&mut self) {
+        if let Some((_, tmp, _)) = self.file.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_reads_and_tails() {
+        let dir = tempfile::tempdir().unwrap();
+        let drv: StorePath = "7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello.drv"
+            .parse()
+            .unwrap();
+        let mut sink = LogSink::create(Some(dir.path()), &drv, 2).unwrap();
+        sink.write(b"one\ntwo\nthr").unwrap();
+        sink.write(b"ee\nfour").unwrap();
+        assert_eq!(sink.tail(), ["three", "four"]);
+        assert_eq!(sink.len(), 19);
+        sink.finish().unwrap();
+        assert!(
+            dir.path()
+                .join("drvs/7h/7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello.drv.bz2")
+                .is_file()
+        );
+        assert_eq!(
+            read_log(dir.path(), &drv).unwrap(),
+            b"one\ntwo\nthree\nfour"
+        );
+    }
+}

@@ -1,8 +1,9 @@
 //! The JSON form of derivations: printed exactly as Nix 2.8's
 //! `nix show-derivation` prints it, and read back from that form or from the
-//! newer `nix derivation show` one (where output paths and the environment
-//! may be missing, to be filled in by
-//! [`crate::hash_modulo::fill_in_output_paths`]).
+//! newer `nix derivation show` ones (format versions 2 to 4: `method` apart
+//! from `hashAlgo`, store paths as base names, `inputs.srcs`/`inputs.drvs`,
+//! a `structuredAttrs` object; output paths and the environment may be
+//! missing, to be filled in by [`crate::hash_modulo::fill_in_output_paths`]).
 //!
 //! ```json
 //! {
@@ -243,7 +244,8 @@ pub fn parse(store: &StoreDir, text: &str) -> Result<Vec<JsonDerivation>, JsonEr
 /// Like [`parse`], from an already parsed JSON value.
 pub fn parse_value(store: &StoreDir, value: &Value) -> Result<Vec<JsonDerivation>, JsonError> {
     let obj = as_object(value, "the top level")?;
-    let is_single = obj.contains_key("outputs") && !obj.keys().any(|k| k.starts_with('/'));
+    // No store path is named "outputs", so this cannot be a map of derivations.
+    let is_single = obj.contains_key("outputs");
     if is_single {
         return Ok(vec![parse_derivation(
             store,
@@ -254,12 +256,7 @@ pub fn parse_value(store: &StoreDir, value: &Value) -> Result<Vec<JsonDerivation
     }
     obj.iter()
         .map(|(key, value)| {
-            let path = store
-                .parse_path(key)
-                .map_err(|source| JsonError::BadStorePath {
-                    at: key.clone(),
-                    source,
-                })?;
+            let path = parse_path_text(store, key, key)?;
             parse_derivation(store, Some(path), value, key)
         })
         .collect()
@@ -276,13 +273,21 @@ pub fn parse_derivation(
     let field = |key: &str| format!("{at}.{key}");
     let mut drv = Derivation::default();
 
-    if let Some(env) = obj.get("env") {
+    if let Some(env) = present(obj, "env") {
         for (key, value) in as_object(env, &field("env"))? {
             let value = as_str(value, &format!("{at}.env.{key}"))?;
             drv.env.insert(key.as_str().into(), value.into());
         }
     }
-    let name = match obj.get("name") {
+    // Version 4 gives structured attributes as an object rather than as the
+    // `__json` string the builder gets; Nix writes that string compact, with
+    // sorted keys, as serde_json does.
+    if let Some(attrs) = present(obj, "structuredAttrs") {
+        as_object(attrs, &field("structuredAttrs"))?;
+        drv.env
+            .insert("__json".into(), serde_json::to_string(attrs)?.into());
+    }
+    let name = match present(obj, "name") {
         Some(name) => Some(as_str(name, &field("name"))?.to_owned()),
         None => drv_path
             .as_ref()
@@ -296,21 +301,34 @@ pub fn parse_derivation(
         let output = parse_output(store, value, &at, name.as_deref(), key)?;
         drv.outputs.insert(key.clone(), output);
     }
-    if let Some(srcs) = obj.get("inputSrcs") {
-        for (i, src) in as_array(srcs, &field("inputSrcs"))?.iter().enumerate() {
-            let at = format!("{at}.inputSrcs[{i}]");
+    // Version 4 nests the inputs: `inputs.srcs`, `inputs.drvs`.
+    let (srcs, drvs, srcs_at, drvs_at) = match present(obj, "inputs") {
+        Some(inputs) => {
+            let inputs = as_object(inputs, &field("inputs"))?;
+            (
+                present(inputs, "srcs"),
+                present(inputs, "drvs"),
+                field("inputs.srcs"),
+                field("inputs.drvs"),
+            )
+        }
+        None => (
+            present(obj, "inputSrcs"),
+            present(obj, "inputDrvs"),
+            field("inputSrcs"),
+            field("inputDrvs"),
+        ),
+    };
+    if let Some(srcs) = srcs {
+        for (i, src) in as_array(srcs, &srcs_at)?.iter().enumerate() {
+            let at = format!("{srcs_at}[{i}]");
             drv.input_sources.insert(parse_path(store, src, &at)?);
         }
     }
-    if let Some(drvs) = obj.get("inputDrvs") {
-        for (key, value) in as_object(drvs, &field("inputDrvs"))? {
-            let at = format!("{at}.inputDrvs.{key}");
-            let path = store
-                .parse_path(key)
-                .map_err(|source| JsonError::BadStorePath {
-                    at: at.clone(),
-                    source,
-                })?;
+    if let Some(drvs) = drvs {
+        for (key, value) in as_object(drvs, &drvs_at)? {
+            let at = format!("{drvs_at}.{key}");
+            let path = parse_path_text(store, key, &at)?;
             // Newer Nix writes `{"outputs": […], "dynamicOutputs": {}}`.
             let list = match value {
                 Value::Object(o) => {
@@ -335,7 +353,7 @@ pub fn parse_derivation(
     }
     drv.system = as_str(required(obj, "system", at)?, &field("system"))?.into();
     drv.builder = as_str(required(obj, "builder", at)?, &field("builder"))?.into();
-    if let Some(args) = obj.get("args") {
+    if let Some(args) = present(obj, "args") {
         for (i, arg) in as_array(args, &field("args"))?.iter().enumerate() {
             drv.args
                 .push(BString::from(as_str(arg, &format!("{at}.args[{i}]"))?));
@@ -357,17 +375,13 @@ fn parse_output(
 ) -> Result<DerivationOutput, JsonError> {
     let obj = as_object(value, at)?;
     let text = |key: &str| -> Result<Option<&str>, JsonError> {
-        obj.get(key)
+        present(obj, key)
             .map(|v| as_str(v, &format!("{at}.{key}")))
             .transpose()
             .map(|s| s.filter(|s| !s.is_empty()))
     };
     let path = match text("path")? {
-        Some(p) => Some(parse_path(
-            store,
-            &Value::String(p.to_owned()),
-            &format!("{at}.path"),
-        )?),
+        Some(p) => Some(parse_path_text(store, p, &format!("{at}.path"))?),
         None => None,
     };
     let Some(algo_text) = text("hashAlgo")? else {
@@ -464,13 +478,28 @@ fn required<'v>(
     })
 }
 
+/// A key's value, with `null` taken as absent (newer Nix writes `null` for
+/// what it does not know).
+fn present<'v>(obj: &'v serde_json::Map<String, Value>, key: &str) -> Option<&'v Value> {
+    obj.get(key).filter(|v| !v.is_null())
+}
+
 fn parse_path(store: &StoreDir, value: &Value, at: &str) -> Result<StorePath, JsonError> {
-    store
-        .parse_path(as_str(value, at)?)
-        .map_err(|source| JsonError::BadStorePath {
-            at: at.to_owned(),
-            source,
-        })
+    parse_path_text(store, as_str(value, at)?, at)
+}
+
+/// A store path, written in full (`/nix/store/…`, up to format version 2) or
+/// as its base name (version 3 on).
+fn parse_path_text(store: &StoreDir, text: &str, at: &str) -> Result<StorePath, JsonError> {
+    let parsed = if text.starts_with('/') {
+        store.parse_path(text)
+    } else {
+        StorePath::from_base_name(text)
+    };
+    parsed.map_err(|source| JsonError::BadStorePath {
+        at: at.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -576,6 +605,33 @@ mod tests {
         assert_eq!(parsed.derivation.outputs, fixed.outputs);
         assert_eq!(parsed.derivation.input_derivations.len(), 1);
         assert!(parsed.derivation.env.is_empty() && parsed.derivation.args.is_empty());
+    }
+
+    #[test]
+    fn reads_format_versions_3_and_4() {
+        let v4 = r#"{
+          "dja7pnqjwq2l6kqisbsc7fmxgjn5rapl-fo.drv": {
+            "version": 4,
+            "name": "fo",
+            "outputs": { "out": { "path": null, "method": "nar", "hashAlgo": "sha256",
+                                  "hash": "0000000000000000000000000000000000000000000000000000000000000000" } },
+            "inputs": { "srcs": ["bx0kc66p03368r5plk2sji4a39h20ymp-t.txt"],
+                        "drvs": { "a1vz6ql80xsx2k3bfnks0pc2v39flqx4-dep.drv":
+                                    { "outputs": ["dev", "out"], "dynamicOutputs": {} } } },
+            "system": "x86_64-linux", "builder": "/bin/sh", "args": [], "env": {},
+            "structuredAttrs": { "b": [1, true], "a": "x" }
+          }
+        }"#;
+        let parsed = parse(&store(), v4).unwrap().remove(0);
+        assert_eq!(parsed.drv_path, Some(fixed().0));
+        let drv = parsed.derivation;
+        assert_eq!(drv.outputs, fixed().1.outputs);
+        assert_eq!(
+            drv.input_sources.first().unwrap().base_name(),
+            "bx0kc66p03368r5plk2sji4a39h20ymp-t.txt"
+        );
+        assert_eq!(drv.input_derivations.values().next().unwrap().len(), 2);
+        assert_eq!(drv.env_str("__json"), Some(r#"{"a":"x","b":[1,true]}"#));
     }
 
     #[test]

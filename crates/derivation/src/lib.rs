@@ -29,5 +29,7 @@ pub mod hash_modulo;
 pub mod json;
 pub mod options;
 
+/// The byte strings [`Derivation`] holds its free-form text in.
+pub use bstr::{self, BStr, BString};
 pub use derivation::{Derivation, DerivationOutput, HashMethod, OutputHash, drv_name};
 pub use options::BuildOptions;

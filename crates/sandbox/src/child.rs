@@ -430,10 +430,44 @@ fn init(a: &ChildArgs) -> ! {
     }
 }
 
+/// `struct sigaction` as the kernel takes it on x86-64.
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
 fn builder(a: &ChildArgs) -> ! {
     let plan = a.plan;
     // SAFETY: plain system calls on prepared data.
     unsafe {
+        // The caller's signal mask, ignored signals (Rust ignores SIGPIPE) and
+        // umask would otherwise leak into the build.
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
+        // The raw system call: glibc's wrappers refuse its reserved signals 32 and
+        // 33, which a caller may have inherited as ignored too.
+        let dfl = KernelSigaction {
+            handler: libc::SIG_DFL,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &dfl,
+                    ptr::null_mut::<KernelSigaction>(),
+                    8,
+                );
+            }
+        }
+        libc::umask(0o022);
         libc::setsid();
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
         check!(a, Stage::Stdio, 0, null);

@@ -17,6 +17,24 @@ fn runs_program_and_reports_exit_status_and_output() {
 }
 
 #[test]
+fn signals_and_umask_of_the_caller_do_not_leak_into_the_build() {
+    // The test harness ignores SIGPIPE (as every Rust program does); block one more.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    // Read by a C program: the probe, being Rust, ignores SIGPIPE itself.
+    let spec = SandboxSpec::new("/usr/bin/grep").args(["-E", "^(Sig|Umask)", "/proc/self/status"]);
+    let (_, out) = run(with_host_usr(spec));
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    assert_eq!(line(&out, "SigBlk:"), "SigBlk:\t0000000000000000");
+    assert_eq!(line(&out, "SigIgn:"), "SigIgn:\t0000000000000000");
+    assert_eq!(line(&out, "Umask:"), "Umask:\t0022");
+}
+
+#[test]
 fn generated_etc_files_match_nix() {
     let (_, out) = run(probe(&[
         "cat",

@@ -422,6 +422,8 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                     if l.starts_with("Cap")
                         || l.starts_with("NoNewPrivs")
                         || l.starts_with("Seccomp")
+                        || l.starts_with("Sig")
+                        || l.starts_with("Umask")
                     {
                         println!("{l}");
                     }

@@ -48,9 +48,12 @@ pub fn probe_path() -> &'static std::path::Path {
 
 /// A sandbox that runs `/probe ARGS…`.
 pub fn probe(args: &[&str]) -> SandboxSpec {
-    SandboxSpec::new("/probe")
-        .args(args.iter().copied())
-        .bind_ro(probe_path(), "/probe")
+    with_host_usr(SandboxSpec::new("/probe").args(args.iter().copied()))
+}
+
+/// `spec` with the probe at `/probe` and the host's /usr (and merged-usr links).
+pub fn with_host_usr(spec: SandboxSpec) -> SandboxSpec {
+    spec.bind_ro(probe_path(), "/probe")
         .bind_ro("/usr", "/usr")
         .symlink("/lib", "usr/lib")
         .symlink("/lib64", "usr/lib64")

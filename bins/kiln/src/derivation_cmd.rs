@@ -113,6 +113,13 @@ impl Location {
                 (drv_path, physical, dir)
             }
             None => {
+                if file.starts_with(self.store.as_str()) && !file.exists() {
+                    bail!(
+                        "'{}' does not exist; if the store lives under another root, \
+                         give it with --store local?root=DIR or --store-root DIR",
+                        file.display()
+                    );
+                }
                 let dir = match file.parent() {
                     Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
                     _ => PathBuf::from("."),

@@ -114,8 +114,9 @@ pub fn print(store: &StoreDir, drv: &Derivation) -> Vec<u8> {
 pub(crate) enum Mode<'a> {
     /// What Nix writes to disk.
     Plain,
-    /// Output paths and the environment variables named after outputs are
-    /// blanked, and the input derivations may be replaced by hashes.
+    /// Input derivations are replaced by their hashes modulo (`inputs`),
+    /// and with `mask_outputs` the output paths and the environment
+    /// variables named after outputs are blanked.
     Hashing {
         mask_outputs: bool,
         inputs: &'a BTreeMap<String, BTreeSet<String>>,

@@ -31,19 +31,6 @@ fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
     )
 }
 
-fn measure(mut f: impl FnMut()) -> (f64, f64, f64) {
-    for _ in 0..WARMUP {
-        f();
-    }
-    let mut times = Vec::with_capacity(RUNS);
-    for _ in 0..RUNS {
-        let t = Instant::now();
-        f();
-        times.push(t.elapsed());
-    }
-    stats(times)
-}
-
 fn print(name: &str, (median, p10, p90): (f64, f64, f64)) {
     println!("  {name:<52} median {median:7.3} ms   p10 {p10:7.3}   p90 {p90:7.3}");
 }
@@ -164,44 +151,77 @@ fn main() {
         .collect();
 
     println!(
-        "sandbox: spawn → exit of /bin/true, {RUNS} runs after {WARMUP} warm-up runs, same process"
+        "sandbox: spawn → exit of /bin/true, {RUNS} rounds after {WARMUP} warm-up rounds; the \
+         variants take turns within each round, so load from other processes hits them alike"
     );
-    let kiln = measure(|| run_kiln(&closure, Network::None));
-    print(
-        "kiln sandbox (all namespaces, 50-path closure + /usr)",
-        kiln,
-    );
-    {
-        // Where the time goes: setup up to a successful execve, the rest is the
-        // program plus the kernel tearing the namespaces down.
-        let mut setup = Vec::new();
-        for i in 0..RUNS + WARMUP {
+    let closure_ref = &closure;
+    let mut variants: Vec<(&str, Box<dyn FnMut() + '_>)> = vec![
+        (
+            "kiln sandbox (all namespaces, 50-path closure + /usr)",
+            Box::new(move || run_kiln(closure_ref, Network::None)),
+        ),
+        (
+            "kiln sandbox without the 50-path closure (only /usr)",
+            Box::new(|| run_kiln(&[], Network::None)),
+        ),
+        (
+            "kiln sandbox, host network (fixed-output builds)",
+            Box::new(move || run_kiln(closure_ref, Network::Host)),
+        ),
+        (
+            "unshare -U -m -p -n -i -u --fork true",
+            Box::new(|| {
+                run_cmd(
+                    "unshare",
+                    &["-U", "-m", "-p", "-n", "-i", "-u", "--fork", "true"],
+                )
+            }),
+        ),
+        (
+            "fork+exec /bin/true (no isolation)",
+            Box::new(|| run_cmd("/bin/true", &[])),
+        ),
+    ];
+    let mut times = vec![Vec::with_capacity(RUNS); variants.len()];
+    let mut setup = Vec::with_capacity(RUNS);
+    for round in 0..WARMUP + RUNS {
+        for (i, (_, f)) in variants.iter_mut().enumerate() {
             let t = Instant::now();
-            let mut child = Sandbox::spawn(kiln_spec(&closure, Network::None)).unwrap();
-            if i >= WARMUP {
-                setup.push(t.elapsed());
+            f();
+            if round >= WARMUP {
+                times[i].push(t.elapsed());
             }
-            child.wait().unwrap();
         }
-        print("  of which setup until execve", stats(setup));
+        // Where the time goes: setup up to a successful execve; the rest is the
+        // program plus the kernel tearing the namespaces down.
+        let t = Instant::now();
+        let mut child = Sandbox::spawn(kiln_spec(&closure, Network::None)).unwrap();
+        if round >= WARMUP {
+            setup.push(t.elapsed());
+        }
+        child.wait().unwrap();
     }
-    print(
-        "kiln sandbox, host network (fixed-output builds)",
-        measure(|| run_kiln(&closure, Network::Host)),
+    let mut kiln = (0.0, 0.0, 0.0);
+    let mut unshare = (0.0, 0.0, 0.0);
+    for (i, (name, _)) in variants.iter().enumerate() {
+        let s = stats(std::mem::take(&mut times[i]));
+        print(name, s);
+        if i == 0 {
+            kiln = s;
+            print(
+                "  of which Sandbox::spawn (until execve)",
+                stats(std::mem::take(&mut setup)),
+            );
+        }
+        if name.starts_with("unshare") {
+            unshare = s;
+        }
+    }
+    println!(
+        "  kiln full sandbox / bare unshare (medians): {:.2}",
+        kiln.0 / unshare.0
     );
-    print(
-        "unshare -U -m -p -n -i -u --fork true",
-        measure(|| {
-            run_cmd(
-                "unshare",
-                &["-U", "-m", "-p", "-n", "-i", "-u", "--fork", "true"],
-            )
-        }),
-    );
-    print(
-        "fork+exec /bin/true (no isolation)",
-        measure(|| run_cmd("/bin/true", &[])),
-    );
+
     match nix_per_derivation(work.path()) {
         Ok((per, one)) => println!(
             "  {:<52} {per:7.1} ms per derivation (a one-derivation nix-build takes {one:.1} ms)",

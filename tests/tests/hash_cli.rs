@@ -86,8 +86,13 @@ fn make_inputs(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     (paths, files)
 }
 
-/// The `kiln` binary of this build, built first if need be.
+/// The `kiln` binary of this build, built (once per test run) if need be.
 fn kiln_bin() -> PathBuf {
+    static KILN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    KILN.get_or_init(build_kiln).clone()
+}
+
+fn build_kiln() -> PathBuf {
     // Test executables live in target/<profile>/deps; binaries one level up.
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(Path::parent).unwrap();

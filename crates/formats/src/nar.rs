@@ -122,13 +122,6 @@ impl Node {
     }
 }
 
-/// Appends `s` as a NAR string: length, bytes, zero padding to 8 bytes.
-fn put_str(out: &mut Vec<u8>, s: &[u8]) {
-    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-    out.extend_from_slice(s);
-    out.extend_from_slice(padding(s.len() as u64));
-}
-
 /// The zero bytes that follow `len` bytes of string or contents.
 fn padding(len: u64) -> &'static [u8] {
     &[0u8; 8][..padding_len(len)]

@@ -13,8 +13,9 @@ use crate::hash::HashAlgo;
 
 /// Encodes tokens the way a NAR does, so that tests can build broken archives.
 fn s(token: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    put_str(&mut out, token);
+    let mut out = (token.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(token);
+    out.extend_from_slice(padding(token.len() as u64));
     out
 }
 

@@ -1,24 +1,27 @@
 //! Serialising a tree on disk, or a [`Node`] in memory, as a NAR.
 //!
-//! This is the hot path for hashing build outputs, so small tokens and small
-//! files are gathered in one pending buffer and handed to the output in large
-//! writes, and large files stream through a single reused 1 MiB buffer.
+//! This is the hot path for hashing build outputs. The NAR is assembled in
+//! 1 MiB chunks: tokens are copied in, file contents are read straight into
+//! them, and nothing else copies the bytes. For a tree on disk, one thread
+//! walks the tree and fills chunks while the caller's thread writes (hashes)
+//! the previous ones, so that reading files overlaps with hashing and the
+//! whole costs little more than the hash alone.
 
 use std::fs::{self, File, FileType, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
-use super::{MAGIC, Node, padding, put_str};
+use super::{MAGIC, Node, padding};
 use crate::hash::{Hash, HashAlgo, HashingWriter};
 
-/// Files up to this size are read straight into the pending buffer.
-const SMALL_FILE: u64 = 64 * 1024;
-/// The pending buffer is handed to the output once it holds this much.
-const FLUSH_AT: usize = 256 * 1024;
-/// Buffer through which larger files stream.
-const BIG_BUFFER: usize = 1024 * 1024;
+/// Size of the chunks the NAR is assembled in.
+const CHUNK: usize = 1 << 20;
+/// Chunks filled ahead of the writer; bounds the memory used to
+/// `(CHUNKS_IN_FLIGHT + 2) * CHUNK`.
+const CHUNKS_IN_FLIGHT: usize = 3;
 
 /// Why a tree could not be serialised.
 #[derive(Debug, thiserror::Error)]
@@ -63,19 +66,60 @@ pub enum WriteError {
 /// Serialises the tree at `path` (not following a symlink at `path` itself)
 /// as a NAR into `out`, and gives `out` back.
 ///
-/// `out` receives large writes; wrap it in a [`std::io::BufWriter`] only if
-/// small writes to it are costly.
-pub fn dump_path<W: Write>(path: &Path, out: W) -> Result<W, WriteError> {
-    let mut dumper = Dumper {
-        enc: Encoder::new(out),
-        buf: Vec::new(),
-        path: path.to_path_buf(),
-    };
-    let file_type = fs::symlink_metadata(path)
-        .map_err(|source| dumper.read_error(source))?
-        .file_type();
-    dumper.dump(file_type)?;
-    dumper.enc.finish().map_err(WriteError::Output)
+/// `out` receives writes of up to 1 MiB, from the calling thread; the tree is
+/// read on a helper thread meanwhile.
+pub fn dump_path<W: Write>(path: &Path, mut out: W) -> Result<W, WriteError> {
+    let (full_sender, full) = sync_channel::<(Vec<u8>, usize)>(CHUNKS_IN_FLIGHT);
+    let (empty_sender, empty) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 1);
+    for _ in 0..CHUNKS_IN_FLIGHT {
+        empty_sender
+            .send(vec![0; CHUNK])
+            .expect("the channel has room");
+    }
+    std::thread::scope(|scope| {
+        let reader = std::thread::Builder::new()
+            .name("nar-dump".to_owned())
+            .spawn_scoped(scope, move || {
+                let sink = Pipe {
+                    full: full_sender,
+                    empty,
+                };
+                let mut dumper = Dumper {
+                    enc: Encoder::new(sink).map_err(WriteError::Output)?,
+                    path: path.to_path_buf(),
+                };
+                let file_type = fs::symlink_metadata(path)
+                    .map_err(|source| dumper.read_error(source))?
+                    .file_type();
+                dumper.dump(file_type)?;
+                dumper.enc.finish().map_err(WriteError::Output)?;
+                Ok(())
+            })
+            .map_err(|e| {
+                WriteError::Output(io::Error::other(format!("cannot start a thread: {e}")))
+            })?;
+        let mut output_error = None;
+        for (chunk, len) in full.iter() {
+            if let Err(e) = out.write_all(&chunk[..len]) {
+                output_error = Some(e);
+                break;
+            }
+            // The reader may have finished and gone: then the chunk is dropped.
+            let _ = empty_sender.send(chunk);
+        }
+        // Hang up so that a reader still running notices and stops.
+        drop(full);
+        drop(empty_sender);
+        let read = match reader.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        match (output_error, read) {
+            (Some(e), _) => Err(WriteError::Output(e)),
+            (None, Err(e)) => Err(e),
+            (None, Ok(())) => Ok(out),
+        }
+    })
 }
 
 /// The NAR hash of the tree at `path` (what `nix-hash --type ALGO` and
@@ -88,139 +132,181 @@ pub fn hash_path(path: &Path, algo: HashAlgo) -> Result<(Hash, u64), WriteError>
 
 /// Serialises `node` as a NAR into `out`, and gives `out` back.
 pub fn write_node<W: Write>(node: &Node, out: W) -> io::Result<W> {
-    let mut enc = Encoder::new(out);
+    let mut enc = Encoder::new(Direct(out))?;
     write_node_into(&mut enc, node)?;
-    enc.finish()
+    Ok(enc.finish()?.0)
 }
 
-fn write_node_into<W: Write>(enc: &mut Encoder<W>, node: &Node) -> io::Result<()> {
+fn write_node_into<S: Ship>(enc: &mut Encoder<S>, node: &Node) -> io::Result<()> {
     match node {
         Node::Regular {
             executable,
             contents,
         } => {
             let size = contents.len() as u64;
-            enc.regular_header(*executable, size);
-            if size <= SMALL_FILE {
-                enc.pending.extend_from_slice(contents);
-            } else {
-                enc.flush()?;
-                enc.out.write_all(contents)?;
-            }
-            enc.regular_footer(size);
+            enc.regular_header(*executable, size)?;
+            enc.put(contents)?;
+            enc.regular_footer(size)
         }
         Node::Symlink { target } => enc.symlink(target),
         Node::Directory { entries } => {
-            enc.directory_start();
+            enc.directory_start()?;
             for (name, child) in entries {
-                enc.entry_start(name);
+                enc.entry_start(name)?;
                 write_node_into(enc, child)?;
-                enc.entry_end();
+                enc.entry_end()?;
             }
-            enc.directory_end();
+            enc.directory_end()
         }
     }
-    enc.flush_if_full()
 }
 
-/// Emits NAR tokens into a pending buffer that is passed on in large writes.
-struct Encoder<W> {
-    out: W,
-    pending: Vec<u8>,
+/// Where full chunks go.
+trait Ship {
+    /// Takes the first `len` bytes of `chunk`; may replace `chunk` with
+    /// another buffer of [`CHUNK`] bytes.
+    fn ship(&mut self, chunk: &mut Vec<u8>, len: usize) -> io::Result<()>;
 }
 
-impl<W: Write> Encoder<W> {
-    fn new(out: W) -> Self {
-        let mut pending = Vec::with_capacity(FLUSH_AT + SMALL_FILE as usize + 4096);
-        put_str(&mut pending, MAGIC);
-        Encoder { out, pending }
+/// Writes chunks to a writer on the spot.
+struct Direct<W>(W);
+
+impl<W: Write> Ship for Direct<W> {
+    fn ship(&mut self, chunk: &mut Vec<u8>, len: usize) -> io::Result<()> {
+        self.0.write_all(&chunk[..len])
+    }
+}
+
+/// Hands chunks to the writing thread and takes back emptied ones.
+struct Pipe {
+    full: SyncSender<(Vec<u8>, usize)>,
+    empty: Receiver<Vec<u8>>,
+}
+
+impl Ship for Pipe {
+    fn ship(&mut self, chunk: &mut Vec<u8>, len: usize) -> io::Result<()> {
+        // Only fails when the writing side has stopped, whose own error is
+        // the one reported.
+        let stopped = |_| io::Error::other("the NAR's writer stopped");
+        let fresh = self.empty.recv().map_err(stopped)?;
+        let full = std::mem::replace(chunk, fresh);
+        self.full
+            .send((full, len))
+            .map_err(|_| io::Error::other("the NAR's writer stopped"))
+    }
+}
+
+/// Emits NAR tokens into the current chunk.
+struct Encoder<S> {
+    sink: S,
+    chunk: Vec<u8>,
+    /// Bytes of `chunk` filled so far.
+    len: usize,
+}
+
+impl<S: Ship> Encoder<S> {
+    fn new(sink: S) -> io::Result<Self> {
+        let mut enc = Encoder {
+            sink,
+            chunk: vec![0; CHUNK],
+            len: 0,
+        };
+        enc.put_str(MAGIC)?;
+        Ok(enc)
     }
 
-    fn regular_header(&mut self, executable: bool, size: u64) {
-        for token in [&b"("[..], b"type", b"regular"] {
-            put_str(&mut self.pending, token);
+    /// The free part of the chunk, shipping the chunk first if it is full.
+    fn space(&mut self) -> io::Result<&mut [u8]> {
+        if self.len == CHUNK {
+            self.sink.ship(&mut self.chunk, self.len)?;
+            self.len = 0;
         }
-        if executable {
-            put_str(&mut self.pending, b"executable");
-            put_str(&mut self.pending, b"");
-        }
-        put_str(&mut self.pending, b"contents");
-        self.pending.extend_from_slice(&size.to_le_bytes());
+        Ok(&mut self.chunk[self.len..])
     }
 
-    fn regular_footer(&mut self, size: u64) {
-        self.pending.extend_from_slice(padding(size));
-        put_str(&mut self.pending, b")");
-    }
-
-    fn symlink(&mut self, target: &[u8]) {
-        for token in [&b"("[..], b"type", b"symlink", b"target", target, b")"] {
-            put_str(&mut self.pending, token);
-        }
-    }
-
-    fn directory_start(&mut self) {
-        for token in [&b"("[..], b"type", b"directory"] {
-            put_str(&mut self.pending, token);
-        }
-    }
-
-    fn entry_start(&mut self, name: &[u8]) {
-        for token in [&b"entry"[..], b"(", b"name", name, b"node"] {
-            put_str(&mut self.pending, token);
-        }
-    }
-
-    fn entry_end(&mut self) {
-        put_str(&mut self.pending, b")");
-    }
-
-    fn directory_end(&mut self) {
-        put_str(&mut self.pending, b")");
-    }
-
-    fn flush_if_full(&mut self) -> io::Result<()> {
-        if self.pending.len() >= FLUSH_AT {
-            self.flush()
-        } else {
-            Ok(())
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if !self.pending.is_empty() {
-            self.out.write_all(&self.pending)?;
-            self.pending.clear();
+    fn put(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            let space = self.space()?;
+            let n = space.len().min(bytes.len());
+            space[..n].copy_from_slice(&bytes[..n]);
+            self.len += n;
+            bytes = &bytes[n..];
         }
         Ok(())
     }
 
-    fn finish(mut self) -> io::Result<W> {
-        self.flush()?;
-        Ok(self.out)
+    fn put_str(&mut self, s: &[u8]) -> io::Result<()> {
+        self.put(&(s.len() as u64).to_le_bytes())?;
+        self.put(s)?;
+        self.put(padding(s.len() as u64))
+    }
+
+    fn put_strs(&mut self, tokens: &[&[u8]]) -> io::Result<()> {
+        tokens.iter().try_for_each(|token| self.put_str(token))
+    }
+
+    fn regular_header(&mut self, executable: bool, size: u64) -> io::Result<()> {
+        self.put_strs(&[b"(", b"type", b"regular"])?;
+        if executable {
+            self.put_strs(&[b"executable", b""])?;
+        }
+        self.put_str(b"contents")?;
+        self.put(&size.to_le_bytes())
+    }
+
+    fn regular_footer(&mut self, size: u64) -> io::Result<()> {
+        self.put(padding(size))?;
+        self.put_str(b")")
+    }
+
+    fn symlink(&mut self, target: &[u8]) -> io::Result<()> {
+        self.put_strs(&[b"(", b"type", b"symlink", b"target", target, b")"])
+    }
+
+    fn directory_start(&mut self) -> io::Result<()> {
+        self.put_strs(&[b"(", b"type", b"directory"])
+    }
+
+    fn entry_start(&mut self, name: &[u8]) -> io::Result<()> {
+        self.put_strs(&[b"entry", b"(", b"name", name, b"node"])
+    }
+
+    fn entry_end(&mut self) -> io::Result<()> {
+        self.put_str(b")")
+    }
+
+    fn directory_end(&mut self) -> io::Result<()> {
+        self.put_str(b")")
+    }
+
+    fn finish(mut self) -> io::Result<S> {
+        if self.len > 0 {
+            self.sink.ship(&mut self.chunk, self.len)?;
+        }
+        Ok(self.sink)
     }
 }
 
 /// Walks a tree on disk; `path` is the file being archived.
-struct Dumper<W> {
-    enc: Encoder<W>,
-    buf: Vec<u8>,
+struct Dumper<S> {
+    enc: Encoder<S>,
     path: PathBuf,
 }
 
-impl<W: Write> Dumper<W> {
+impl<S: Ship> Dumper<S> {
     fn dump(&mut self, file_type: FileType) -> Result<(), WriteError> {
         if file_type.is_file() {
-            self.regular()?;
+            self.regular()
         } else if file_type.is_dir() {
-            self.directory()?;
+            self.directory()
         } else if file_type.is_symlink() {
             let target = fs::read_link(&self.path).map_err(|e| self.read_error(e))?;
-            self.enc.symlink(target.as_os_str().as_bytes());
+            self.enc
+                .symlink(target.as_os_str().as_bytes())
+                .map_err(WriteError::Output)
         } else {
-            return Err(self.unsupported(file_type));
+            Err(self.unsupported(file_type))
         }
-        self.enc.flush_if_full().map_err(WriteError::Output)
     }
 
     fn directory(&mut self) -> Result<(), WriteError> {
@@ -234,17 +320,18 @@ impl<W: Write> Dumper<W> {
             })
             .map_err(|e| self.read_error(e))?;
         entries.sort_unstable_by(|(a, _), (b, _)| a.as_bytes().cmp(b.as_bytes()));
-        self.enc.directory_start();
+        self.enc.directory_start().map_err(WriteError::Output)?;
         for (name, file_type) in entries {
-            self.enc.entry_start(name.as_bytes());
+            self.enc
+                .entry_start(name.as_bytes())
+                .map_err(WriteError::Output)?;
             self.path.push(&name);
             let result = self.dump(file_type);
             self.path.pop();
             result?;
-            self.enc.entry_end();
+            self.enc.entry_end().map_err(WriteError::Output)?;
         }
-        self.enc.directory_end();
-        Ok(())
+        self.enc.directory_end().map_err(WriteError::Output)
     }
 
     fn regular(&mut self) -> Result<(), WriteError> {
@@ -262,37 +349,24 @@ impl<W: Write> Dumper<W> {
         let size = meta.len();
         // Nix looks at the owner's execute bit only.
         let executable = meta.permissions().mode() & 0o100 != 0;
-        self.enc.regular_header(executable, size);
-        if size <= SMALL_FILE {
-            let start = self.enc.pending.len();
-            self.enc.pending.resize(start + size as usize, 0);
-            let read = read_full(&mut file, &mut self.enc.pending[start..])
-                .map_err(|e| self.read_error(e))?;
-            if read < size as usize {
-                return Err(self.shrank(size, read as u64));
-            }
-        } else {
-            self.enc.flush().map_err(WriteError::Output)?;
-            if self.buf.is_empty() {
-                self.buf = vec![0; BIG_BUFFER];
-            }
-            let mut remaining = size;
-            while remaining > 0 {
-                let want = remaining.min(self.buf.len() as u64) as usize;
-                let read =
-                    read_full(&mut file, &mut self.buf[..want]).map_err(|e| self.read_error(e))?;
-                self.enc
-                    .out
-                    .write_all(&self.buf[..read])
-                    .map_err(WriteError::Output)?;
-                remaining -= read as u64;
-                if read < want {
-                    return Err(self.shrank(size, size - remaining));
-                }
+        self.enc
+            .regular_header(executable, size)
+            .map_err(WriteError::Output)?;
+        let mut remaining = size;
+        while remaining > 0 {
+            let space = self.enc.space().map_err(WriteError::Output)?;
+            let want = space
+                .len()
+                .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+            let read = read_full(&mut file, &mut space[..want]);
+            let read = read.map_err(|e| self.read_error(e))?;
+            self.enc.len += read;
+            remaining -= read as u64;
+            if read < want {
+                return Err(self.shrank(size, size - remaining));
             }
         }
-        self.enc.regular_footer(size);
-        Ok(())
+        self.enc.regular_footer(size).map_err(WriteError::Output)
     }
 
     fn read_error(&self, source: io::Error) -> WriteError {

@@ -6,6 +6,8 @@
 //!   `local?root=DIR`: logical paths stay `/nix/store/…`), with a clean environment
 //!   and configuration, on which tests run `nix-instantiate`, `nix-store`,
 //!   `nix-build` and `nix`.
+//! - [`kiln_bin`] / [`workspace_bin`] build the project's binaries once per test
+//!   process and return their paths.
 //! - [`corpus`] is the collection of Nix expressions in `tests/corpus/` and the
 //!   `.drv` files they instantiate to.
 //!
@@ -19,7 +21,9 @@
 //! }
 //! ```
 
+mod bins;
 pub mod corpus;
 mod nix;
 
+pub use bins::{kiln_bin, workspace_bin};
 pub use nix::{Nix, NixError, NixStore, nix};

@@ -11,7 +11,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use kiln_e2e::NixStore;
+use kiln_e2e::{NixStore, kiln_bin};
 
 const ALGOS: [&str; 4] = ["md5", "sha1", "sha256", "sha512"];
 const FORMAT_FLAGS: [&[&str]; 6] = [
@@ -84,27 +84,6 @@ fn make_inputs(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     ];
     let paths = vec![tree, empty_dir, lone_exe, top_link, files[3].clone()];
     (paths, files)
-}
-
-/// The `kiln` binary of this build, built (once per test run) if need be.
-fn kiln_bin() -> PathBuf {
-    static KILN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    KILN.get_or_init(build_kiln).clone()
-}
-
-fn build_kiln() -> PathBuf {
-    // Test executables live in target/<profile>/deps; binaries one level up.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "-p", "kiln", "--bin", "kiln"]);
-    if profile_dir.ends_with("release") {
-        build.arg("--release");
-    }
-    let status = build.status().expect("cannot run cargo to build kiln");
-    assert!(status.success(), "building the kiln binary failed");
-    profile_dir.join("kiln")
 }
 
 struct Peers {

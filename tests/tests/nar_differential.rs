@@ -14,7 +14,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{PermissionsExt, symlink};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use kiln_formats::hash::HashAlgo;
@@ -30,7 +30,7 @@ fn nar_matches_nix_store_dump_on_generated_trees() {
         nix.program("nix-hash"),
         nix.program("nix"),
     );
-    let kiln = kiln_bin();
+    let kiln = kiln_e2e::kiln_bin();
     let scratch = tempfile::tempdir().unwrap();
 
     // (tree, restored copy, Kiln's NAR hash of the tree)
@@ -175,28 +175,6 @@ fn assert_same_nar(ours: &[u8], theirs: &[u8], context: &str) {
         window(ours),
         window(theirs)
     );
-}
-
-/// The `kiln` binary of this build, built first if need be.
-fn kiln_bin() -> PathBuf {
-    // Test executables live in target/<profile>/deps; binaries one level up.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let profile = profile_dir
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "-p", "kiln", "--bin", "kiln"]);
-    if profile == "release" {
-        build.arg("--release");
-    }
-    let status = build.status().expect("cannot run cargo to build kiln");
-    assert!(status.success(), "building the kiln binary failed");
-    profile_dir.join("kiln")
 }
 
 /// Restores write permission everywhere so that a tree with read-only

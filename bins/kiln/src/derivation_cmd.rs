@@ -258,6 +258,7 @@ fn check_one(
     let files = hashes
         .entry(input_dir.clone())
         .or_insert_with(|| DrvFileHashes::new(store.clone(), &input_dir));
+    files.check_input_outputs(&drv_path, &drv)?;
     let expected = hash_modulo::output_paths(store, &drv, name, |input: &StorePath| {
         files.hash_modulo(input)
     })

@@ -271,6 +271,14 @@ pub enum DrvFileError {
     },
     #[error("derivation '{0}' depends on itself")]
     Cycle(String),
+    #[error(
+        "derivation '{drv_path}' needs output '{output}' of '{input}', which has no such output"
+    )]
+    NoSuchOutput {
+        drv_path: String,
+        input: String,
+        output: String,
+    },
     #[error("cannot hash derivation '{drv_path}': {source}")]
     Hash {
         drv_path: String,
@@ -281,11 +289,14 @@ pub enum DrvFileError {
 /// Input derivation hashes read from `.drv` files in a directory (the
 /// physical location of the store directory, e.g. `ROOT/nix/store` for a
 /// chroot store), following their inputs recursively, with memoisation.
+/// Like Nix, it refuses a derivation that needs an output its input does not
+/// have.
 #[derive(Debug)]
 pub struct DrvFileHashes {
     store: StoreDir,
     dir: PathBuf,
-    memo: HashMap<StorePath, Hash>,
+    /// Hash modulo and output names of every derivation hashed so far.
+    memo: HashMap<StorePath, (Hash, BTreeSet<String>)>,
 }
 
 impl DrvFileHashes {
@@ -326,7 +337,7 @@ impl DrvFileHashes {
     /// The (unmasked) hash modulo of the derivation at `drv_path`: what a
     /// derivation that depends on it puts in its place.
     pub fn hash_modulo(&mut self, drv_path: &StorePath) -> std::result::Result<Hash, DrvFileError> {
-        if let Some(hash) = self.memo.get(drv_path) {
+        if let Some((hash, _)) = self.memo.get(drv_path) {
             return Ok(*hash);
         }
         // An explicit stack rather than recursion: dependency chains (a
@@ -357,19 +368,42 @@ impl DrvFileHashes {
             }
             let name = drv_name(path)
                 .ok_or_else(|| DrvFileError::NotDerivation(self.store.print_path(path)))?;
+            self.check_input_outputs(path, drv)?;
             let memo = &self.memo;
             let hash = hash_modulo(&self.store, drv, name, false, |input| {
-                Ok::<_, Infallible>(memo[input])
+                Ok::<_, Infallible>(memo[input].0)
             })
             .map_err(|source| DrvFileError::Hash {
                 drv_path: self.store.print_path(path),
                 source: Box::new(source),
             })?;
-            let (path, _) = stack.pop().expect("stack is not empty");
+            let (path, drv) = stack.pop().expect("stack is not empty");
             on_stack.remove(&path);
-            self.memo.insert(path, hash);
+            self.memo
+                .insert(path, (hash, drv.outputs.into_keys().collect()));
         }
-        Ok(self.memo[drv_path])
+        Ok(self.memo[drv_path].0)
+    }
+
+    /// Checks that every output `drv` (at `drv_path`) takes from an input
+    /// derivation exists, hashing the inputs on the way.
+    pub fn check_input_outputs(
+        &mut self,
+        drv_path: &StorePath,
+        drv: &Derivation,
+    ) -> std::result::Result<(), DrvFileError> {
+        for (input, outputs) in &drv.input_derivations {
+            self.hash_modulo(input)?;
+            let known = &self.memo[input].1;
+            if let Some(output) = outputs.iter().find(|o| !known.contains(*o)) {
+                return Err(DrvFileError::NoSuchOutput {
+                    drv_path: self.store.print_path(drv_path),
+                    input: self.store.print_path(input),
+                    output: output.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -535,6 +569,18 @@ mod tests {
         })
         .unwrap();
         assert_ne!(top.outputs["out"], mid.outputs["out"]);
+
+        // An output the input does not have is refused, as by Nix.
+        let mut wrong = mid.clone();
+        wrong.input_derivations = [(fo_path.clone(), ["dev".to_owned()].into())].into();
+        let err = DrvFileHashes::new(store(), dir.path())
+            .check_input_outputs(&mid_path, &wrong)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("needs output 'dev' of '/nix/store/dja7"),
+            "{err}"
+        );
 
         // A missing input is an error that names it.
         std::fs::remove_file(dir.path().join(fo_path.base_name())).unwrap();

@@ -335,11 +335,13 @@ impl<S: Ship> Dumper<S> {
     }
 
     fn regular(&mut self) -> Result<(), WriteError> {
-        // O_NOFOLLOW: if the file was swapped for a symlink since the directory
-        // was read, fail rather than archive whatever the link points at.
+        // If the file was swapped since the directory was read: O_NOFOLLOW
+        // fails on a symlink rather than archive what it points at, and
+        // O_NONBLOCK keeps a FIFO from hanging the open (fstat then rejects
+        // it). Neither changes how a regular file reads.
         let mut file = OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&self.path)
             .map_err(|e| self.read_error(e))?;
         let meta = file.metadata().map_err(|e| self.read_error(e))?;

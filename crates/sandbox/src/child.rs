@@ -2,16 +2,18 @@
 //! prepared ([`crate::plan::Plan`]), reports failures as fixed-size messages on a
 //! pipe and never returns.
 //!
-//! Three processes take part:
-//! 1. the *unsharer*, forked from the caller: makes the namespaces, opens the bind
-//!    sources, waits while the caller writes its uid/gid maps, then clones the
-//!    sandbox's init with `CLONE_PARENT` (so init is the caller's own child) and
-//!    exits;
-//! 2. *init* (pid 1 of the new PID namespace): builds the root, `pivot_root`s into
-//!    it, forks the builder and reaps everything until the builder exits; then it
-//!    passes the builder's wait status up and exits, which makes the kernel kill
-//!    every other process of the namespace before the caller's `waitpid` returns;
-//! 3. the *builder*: drops to the build user, loses every capability, installs the
+//! Two processes take part, both made with the raw `clone` system call (no
+//! `fork` wrapper, whose atfork handlers could block on locks that another thread
+//! of the caller held at the moment of cloning; nothing here allocates):
+//! 1. *init*, cloned by the caller straight into new user, mount, PID, IPC, UTS
+//!    (and network) namespaces, so it is pid 1 there and the caller's own child.
+//!    It opens the bind sources while it still has the caller's credentials, gets
+//!    its uid/gid maps (written by a root caller, or by itself otherwise), builds
+//!    the root, `pivot_root`s into it, clones the builder and reaps everything until
+//!    the builder exits; then it passes the builder's wait status up and exits,
+//!    which makes the kernel kill every other process of the namespace before the
+//!    caller's `waitpid` returns;
+//! 2. the *builder*: drops to the build user, loses every capability, installs the
 //!    seccomp filter and `execve`s the program.
 
 use std::ffi::{CStr, c_char};
@@ -21,9 +23,7 @@ use seccompiler::BpfProgram;
 
 use crate::plan::{Plan, Source, Step};
 
-/// Message kinds on the report pipe.
-pub(crate) const MSG_UNSHARED: u32 = 1;
-pub(crate) const MSG_INIT_PID: u32 = 2;
+/// The only message on the report pipe; its end-of-file means success.
 pub(crate) const MSG_FAILED: u32 = 3;
 
 /// The stages that can fail, reported as `Failed { stage, index, errno }`.
@@ -31,11 +31,11 @@ pub(crate) const MSG_FAILED: u32 = 3;
 #[repr(u32)]
 pub(crate) enum Stage {
     Unshare = 1,
+    SelfMap,
     RaiseNofile,
     OpenSource,
     WaitForMaps,
     BecomeRoot,
-    CloneInit,
     Step,
     PivotRoot,
     Hostname,
@@ -55,11 +55,11 @@ impl Stage {
         use Stage::*;
         [
             Unshare,
+            SelfMap,
             RaiseNofile,
             OpenSource,
             WaitForMaps,
             BecomeRoot,
-            CloneInit,
             Step,
             PivotRoot,
             Hostname,
@@ -82,8 +82,11 @@ impl Stage {
 #[derive(Debug)]
 pub(crate) struct ChildArgs<'a> {
     pub plan: &'a Plan,
-    pub namespaces: i32,
     pub become_root: bool,
+    /// Wait on `go_r` for the caller (maps written, cgroup joined) before going on.
+    pub wait_for_go: bool,
+    /// `(setgroups, uid_map, gid_map)` contents when init maps itself.
+    pub self_maps: Option<(&'a CStr, &'a CStr, &'a CStr)>,
     pub set_groups: bool,
     pub report_w: i32,
     pub go_r: i32,
@@ -146,12 +149,25 @@ fn close_all_but(keep: &[i32]) {
     unsafe { libc::close_range(next, u32::MAX, 0) };
 }
 
-/// Entry of the unsharer (the caller's forked child).
-pub(crate) fn unsharer(a: &mut ChildArgs) -> ! {
+fn write_proc(path: &CStr, contents: &CStr) -> i32 {
+    // SAFETY: plain system calls on C strings.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return -1;
+        }
+        let bytes = contents.to_bytes();
+        let n = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+        libc::close(fd);
+        if n == bytes.len() as isize { 0 } else { -1 }
+    }
+}
+
+/// Entry of init, right after the caller's `clone` returned 0 in it.
+pub(crate) fn init_entry(a: &mut ChildArgs) -> ! {
     close_all_but(a.keep_fds);
     // SAFETY: plain system calls on prepared data throughout.
     unsafe {
-        check!(a, Stage::Unshare, 0, libc::unshare(a.namespaces));
         if let Some(lim) = a.nofile_needed {
             check!(
                 a,
@@ -160,20 +176,42 @@ pub(crate) fn unsharer(a: &mut ChildArgs) -> ! {
                 libc::setrlimit(libc::RLIMIT_NOFILE, &lim)
             );
         }
+        // Still the caller's host credentials: open what the build user may not reach.
         for (i, src) in a.plan.sources.iter().enumerate() {
             let fd = libc::open(src.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
             check!(a, Stage::OpenSource, i, fd);
             a.source_fds[i] = fd;
         }
-        if !a.become_root {
-            // A caller that changed its uid is not dumpable, which makes its
-            // children's /proc files root's; the caller could not write our maps.
+        if let Some((setgroups, uid_map, gid_map)) = a.self_maps {
+            // A caller that changed its uid is not dumpable, which makes our /proc
+            // files root's, even to ourselves; lift that just for the maps.
+            let dumpable = libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0);
             libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
+            check!(
+                a,
+                Stage::SelfMap,
+                0,
+                write_proc(c"/proc/self/setgroups", setgroups)
+            );
+            check!(
+                a,
+                Stage::SelfMap,
+                1,
+                write_proc(c"/proc/self/uid_map", uid_map)
+            );
+            check!(
+                a,
+                Stage::SelfMap,
+                2,
+                write_proc(c"/proc/self/gid_map", gid_map)
+            );
+            libc::prctl(libc::PR_SET_DUMPABLE, dumpable.max(0), 0, 0, 0);
         }
-        send(a.report_w, MSG_UNSHARED, 0, 0, 0);
-        let mut go = 0u8;
-        if libc::read(a.go_r, (&mut go as *mut u8).cast(), 1) != 1 {
-            fail(a, Stage::WaitForMaps, 0, libc::ECANCELED);
+        if a.wait_for_go {
+            let mut go = 0u8;
+            if libc::read(a.go_r, (&mut go as *mut u8).cast(), 1) != 1 {
+                fail(a, Stage::WaitForMaps, 0, libc::ECANCELED);
+            }
         }
         if a.become_root {
             // Host root is not mapped inside; become the namespace's root (the
@@ -182,21 +220,8 @@ pub(crate) fn unsharer(a: &mut ChildArgs) -> ! {
             check!(a, Stage::BecomeRoot, 0, libc::setgroups(0, ptr::null()));
             check!(a, Stage::BecomeRoot, 0, libc::setresuid(0, 0, 0));
         }
-        let pid = libc::syscall(
-            libc::SYS_clone,
-            (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        );
-        check!(a, Stage::CloneInit, 0, pid);
-        if pid == 0 {
-            init(a);
-        }
-        send(a.report_w, MSG_INIT_PID, 0, 0, pid as i32);
-        libc::_exit(0)
     }
+    init(a)
 }
 
 #[repr(C)]
@@ -408,7 +433,14 @@ fn init(a: &ChildArgs) -> ! {
         if plan.loopback {
             check!(a, Stage::Loopback, 0, loopback_up());
         }
-        let builder_pid = libc::fork();
+        let builder_pid = libc::syscall(
+            libc::SYS_clone,
+            libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        ) as i32;
         check!(a, Stage::ForkBuilder, 0, builder_pid);
         if builder_pid == 0 {
             builder(a);

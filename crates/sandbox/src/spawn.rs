@@ -1,6 +1,6 @@
 //! Starting a sandbox and the handle to the running build.
 
-use std::ffi::c_char;
+use std::ffi::{CString, c_char};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
 use crate::cgroup::{self, Cgroup, CgroupStatus};
-use crate::child::{self, ChildArgs, MSG_FAILED, MSG_INIT_PID, MSG_UNSHARED, Stage};
+use crate::child::{self, ChildArgs, MSG_FAILED, Stage};
 use crate::plan::{self, PlanError};
 use crate::seccomp::{self, SeccompError};
 use crate::spec::{Output, SandboxMode, SandboxSpec};
@@ -304,14 +304,6 @@ fn read_msg(r: &mut File) -> io::Result<Option<[u32; 4]>> {
     Ok(Some([w(0), w(1), w(2), w(3)]))
 }
 
-fn reap(pid: i32) {
-    let mut st = 0;
-    // SAFETY: waiting for our own child.
-    while unsafe { libc::waitpid(pid, &mut st, 0) } < 0
-        && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
-    {}
-}
-
 fn hint(stage: Stage, errno: i32) -> &'static str {
     match (stage, errno) {
         (Stage::Unshare, libc::EPERM | libc::ENOSPC | libc::EINVAL | libc::EUSERS) => {
@@ -428,10 +420,24 @@ fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
         Some(Err(why)) => (None, CgroupStatus::Unavailable(why)),
     };
 
+    // An ordinary user maps itself from inside, without a round trip to us; root
+    // maps a whole range, which only a process outside the namespace may do.
+    let self_maps = (!as_root).then(|| {
+        (
+            CString::from(c"deny"),
+            CString::new(format!("{} {euid} 1\n", spec.uid)).unwrap(),
+            CString::new(format!("{} {egid} 1\n", spec.gid)).unwrap(),
+        )
+    });
+    let wait_for_go = as_root || cgroup.is_some();
+
     let mut args = ChildArgs {
         plan: &plan,
-        namespaces,
         become_root: as_root,
+        wait_for_go,
+        self_maps: self_maps
+            .as_ref()
+            .map(|(s, u, g)| (s.as_c_str(), u.as_c_str(), g.as_c_str())),
         set_groups: as_root,
         report_w: report_w.as_raw_fd(),
         go_r: go_r.as_raw_fd(),
@@ -449,21 +455,33 @@ fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
         envp: &envp,
     };
 
-    // SAFETY: glibc's fork leaves the child a working allocator; the child only
-    // runs `child::unsharer`, which never returns.
-    let unsharer = unsafe { libc::fork() };
-    if unsharer < 0 {
-        return Err(SpawnError::Io {
-            what: "fork",
-            source: io::Error::last_os_error(),
+    // SAFETY: the raw clone gives the child a copy of our memory in which it only
+    // runs `child::init_entry` (system calls, no allocation, never returns), so
+    // locks other threads held at this moment do not matter.
+    let init = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (namespaces | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    } as i32;
+    if init < 0 {
+        let source = io::Error::last_os_error();
+        let errno = source.raw_os_error().unwrap_or(0);
+        return Err(SpawnError::Setup {
+            what: "creating the namespaces (clone)".into(),
+            source,
+            hint: hint(Stage::Unshare, errno),
         });
     }
-    if unsharer == 0 {
-        child::unsharer(&mut args);
+    if init == 0 {
+        child::init_entry(&mut args);
     }
     drop((report_w, go_r, status_w, output_child));
     let mut report = File::from(report_r);
-    let mut go = File::from(go_w);
 
     let fail = |stage: u32, index: u32, errno: u32| -> SpawnError {
         let source = io::Error::from_raw_os_error(errno as i32);
@@ -491,70 +509,6 @@ fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
         }
     };
 
-    // 1. The unsharer has its namespaces: give it its uid/gid maps.
-    match read_msg(&mut report).map_err(io_err("reading the sandbox setup pipe"))? {
-        Some([MSG_UNSHARED, ..]) => {}
-        Some([MSG_FAILED, stage, index, errno]) => {
-            reap(unsharer);
-            return Err(fail(stage, index, errno));
-        }
-        _ => {
-            reap(unsharer);
-            return Err(SpawnError::Vanished);
-        }
-    }
-    let maps = (|| -> io::Result<()> {
-        let proc = format!("/proc/{unsharer}");
-        match &uid_range {
-            Some(r) => {
-                let line = format!("0 {} {}\n", r.first_host_id(), r.count());
-                write_file(&format!("{proc}/uid_map"), &line)?;
-                write_file(&format!("{proc}/gid_map"), &line)?;
-            }
-            None => {
-                write_file(&format!("{proc}/setgroups"), "deny")?;
-                write_file(
-                    &format!("{proc}/uid_map"),
-                    &format!("{} {euid} 1\n", spec.uid),
-                )?;
-                write_file(
-                    &format!("{proc}/gid_map"),
-                    &format!("{} {egid} 1\n", spec.gid),
-                )?;
-            }
-        }
-        if let Some(cg) = &cgroup {
-            cg.add(unsharer)?;
-        }
-        Ok(())
-    })();
-    if let Err(source) = maps {
-        // SAFETY: killing our own unreaped child.
-        unsafe { libc::kill(unsharer, libc::SIGKILL) };
-        reap(unsharer);
-        return Err(SpawnError::Setup {
-            what: "writing the user namespace's uid/gid maps".into(),
-            source,
-            hint: "",
-        });
-    }
-    go.write_all(&[1])
-        .map_err(io_err("signalling the sandbox"))?;
-    drop(go);
-
-    // 2. Init exists (it is our child too); the unsharer is done.
-    let init = match read_msg(&mut report).map_err(io_err("reading the sandbox setup pipe"))? {
-        Some([MSG_INIT_PID, _, _, pid]) => pid as i32,
-        Some([MSG_FAILED, stage, index, errno]) => {
-            reap(unsharer);
-            return Err(fail(stage, index, errno));
-        }
-        _ => {
-            reap(unsharer);
-            return Err(SpawnError::Vanished);
-        }
-    };
-    reap(unsharer);
     let mut child = Child {
         pid: init,
         status_r: Some(File::from(status_r)),
@@ -567,7 +521,35 @@ fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
         cpu_usage_usec: None,
     };
 
-    // 3. End of file means the program was executed.
+    if wait_for_go {
+        let prepared = (|| -> io::Result<()> {
+            if let Some(r) = &child.uid_range {
+                let line = format!("0 {} {}\n", r.first_host_id(), r.count());
+                write_file(&format!("/proc/{init}/uid_map"), &line)?;
+                write_file(&format!("/proc/{init}/gid_map"), &line)?;
+            }
+            if let Some(cg) = &child.cgroup {
+                cg.add(init)?;
+            }
+            Ok(())
+        })();
+        if let Err(source) = prepared {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(SpawnError::Setup {
+                what: "writing the user namespace's uid/gid maps".into(),
+                source,
+                hint: "",
+            });
+        }
+        File::from(go_w)
+            .write_all(&[1])
+            .map_err(io_err("signalling the sandbox"))?;
+    } else {
+        drop(go_w);
+    }
+
+    // End of file means the program was executed.
     match read_msg(&mut report).map_err(io_err("reading the sandbox setup pipe"))? {
         None => Ok(child),
         Some([MSG_FAILED, stage, index, errno]) => {

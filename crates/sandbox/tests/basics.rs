@@ -174,9 +174,22 @@ fn sandbox_off_runs_on_the_host_only_when_asked() {
 #[test]
 fn spawning_fails_closed_when_user_namespaces_are_unavailable() {
     // Simulate a machine without user namespaces: a forked child whose seccomp
-    // filter makes unshare fail with EPERM, as a disabled sysctl does.
+    // filter refuses them.
     let verdict = as_caller(Caller::Nobody, || {
+        // clone with CLONE_NEWUSER fails with EPERM, as with a disabled sysctl.
+        let new_user = libc::CLONE_NEWUSER as u64;
+        let cond = seccompiler::SeccompCondition::new(
+            0,
+            seccompiler::SeccompCmpArgLen::Qword,
+            seccompiler::SeccompCmpOp::MaskedEq(new_user),
+            new_user,
+        )
+        .unwrap();
         let mut rules = std::collections::BTreeMap::new();
+        rules.insert(
+            libc::SYS_clone,
+            vec![seccompiler::SeccompRule::new(vec![cond]).unwrap()],
+        );
         rules.insert(libc::SYS_unshare, vec![]);
         let filter = seccompiler::SeccompFilter::new(
             rules,
@@ -191,7 +204,7 @@ fn spawning_fails_closed_when_user_namespaces_are_unavailable() {
             Err(e @ SpawnError::Setup { .. }) => {
                 let msg = e.to_string();
                 ensure!(
-                    msg.contains("Unshare") && msg.contains("user namespaces"),
+                    msg.contains("creating the namespaces") && msg.contains("max_user_namespaces"),
                     "{msg}"
                 );
                 Ok(())

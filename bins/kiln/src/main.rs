@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod build_cmd;
+mod cache_cmd;
 mod derivation_cmd;
 mod hash_cmd;
 mod nar_cmd;

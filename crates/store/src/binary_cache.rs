@@ -102,6 +102,13 @@ pub enum BinaryCacheError {
         path: String,
         file: String,
     },
+    #[error("binary cache '{cache}': cannot download '{file}' (the NAR of '{path}'): {message}")]
+    Download {
+        cache: String,
+        path: String,
+        file: String,
+        message: String,
+    },
     #[error(
         "binary cache '{cache}': '{path}' has compression '{compression}', which Kiln cannot read (it reads none, xz, zstd and bzip2)"
     )]
@@ -349,6 +356,15 @@ impl BinaryCacheStore {
     /// (including a download cut short) name the cache and the file; the
     /// NAR's hash is for the reader to check.
     pub fn open_nar(&self, narinfo: &NarInfo) -> Result<Box<dyn BufRead + Send>, StoreError> {
+        let decoded = self.open_nar_unlabelled(narinfo)?;
+        let labelled = Labelled {
+            inner: decoded,
+            label: format!("{} in binary cache '{}'", narinfo.url, self.url),
+        };
+        Ok(Box::new(io::BufReader::with_capacity(256 << 10, labelled)))
+    }
+
+    fn open_nar_unlabelled(&self, narinfo: &NarInfo) -> Result<Box<dyn Read + Send>, StoreError> {
         let path = self.store_dir.print_path(&narinfo.store_path);
         let compression: Compression =
             narinfo
@@ -367,14 +383,9 @@ impl BinaryCacheStore {
                 path,
                 file: narinfo.url.clone(),
             })?;
-        let decoded = compression
+        Ok(compression
             .decoder(raw)
-            .map_err(|e| self.backend.read_error(&narinfo.url, e))?;
-        let labelled = Labelled {
-            inner: decoded,
-            label: format!("{} in binary cache '{}'", narinfo.url, self.url),
-        };
-        Ok(Box::new(io::BufReader::with_capacity(256 << 10, labelled)))
+            .map_err(|e| self.backend.read_error(&narinfo.url, e))?)
     }
 
     /// A build log stored under `log/<drv base name>`.
@@ -766,13 +777,32 @@ impl Store for BinaryCacheStore {
 
     fn nar_from_path(&self, path: &StorePath, out: &mut dyn Write) -> Result<(), StoreError> {
         let narinfo = self.narinfo_or_error(path)?;
-        let mut nar = self.open_nar(&narinfo)?;
+        let mut nar = self.open_nar_unlabelled(&narinfo)?;
         let mut hashing = HashingWriter::new(HashAlgo::Sha256, out);
         let label = self.store_dir.print_path(path);
-        io::copy(&mut nar, &mut hashing).map_err(|source| StoreError::Stream {
-            action: "copy the NAR out of the binary cache",
-            source,
-        })?;
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = match nar.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(BinaryCacheError::Download {
+                        cache: self.url.clone(),
+                        path: label,
+                        file: narinfo.url.clone(),
+                        message: e.to_string(),
+                    }
+                    .into());
+                }
+            };
+            hashing
+                .write_all(&buf[..n])
+                .map_err(|source| StoreError::Stream {
+                    action: "pass on the NAR read from the binary cache",
+                    source,
+                })?;
+        }
         let (_, hash, size) = hashing.finish();
         if hash != narinfo.nar_hash {
             return Err(StoreError::NarHashMismatch {

@@ -356,3 +356,71 @@ fn nix_written_narinfo_reads() {
     .unwrap_err();
     assert!(e.to_string().contains("'br'"), "{e}");
 }
+
+#[test]
+fn serves_a_store_over_http_and_copies_from_it() {
+    use std::sync::Arc;
+
+    use super::serve::{CacheServer, ServeOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let served = LocalStore::open_root(dir.path().join("served")).unwrap();
+    let big: Vec<u8> = (0..5_000_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    let dep = add_built(&served, "dep", Node::file(big), &StorePathSet::new());
+    let top = add_built(
+        &served,
+        "top",
+        Node::directory([("x", Node::symlink(b"y".to_vec()))]),
+        &[dep.path.clone()].into_iter().collect(),
+    );
+    let key = SecretKey::generate("served-1").unwrap();
+    let server = CacheServer::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", server.local_addr());
+    let stopper = server.stopper();
+    let store: Arc<dyn Store> = Arc::new(served);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            server.serve(
+                store,
+                &ServeOptions {
+                    secret_key: Some(key.clone()),
+                    ..ServeOptions::default()
+                },
+            )
+        });
+        let cache = BinaryCacheStore::open(&url, BinaryCacheConfig::default()).unwrap();
+        assert_eq!(cache.cache_info().priority, Some(30));
+        let ghost: StorePath = "00000000000000000000000000000000-ghost".parse().unwrap();
+        assert!(!cache.is_valid_path(&ghost).unwrap());
+        assert!(cache.query_path_info(&ghost).unwrap().is_none());
+        assert!(cache.is_valid_path(&top.path).unwrap());
+
+        let local = LocalStore::open_root(dir.path().join("client")).unwrap();
+        let paths: StorePathSet = [top.path.clone()].into_iter().collect();
+        let wrong = CopyOptions {
+            trusted_keys: Some(trusted(&SecretKey::generate("served-1").unwrap())),
+            ..Default::default()
+        };
+        assert!(copy_paths(&cache, &local, &paths, &wrong).is_err());
+        assert!(local.query_all_valid_paths().unwrap().is_empty());
+        let right = CopyOptions {
+            trusted_keys: Some(trusted(&key)),
+            ..Default::default()
+        };
+        let report = copy_paths(&cache, &local, &paths, &right).unwrap();
+        assert_eq!(report.copied, vec![dep.path.clone(), top.path.clone()]);
+        assert_eq!(
+            local.query_path_info(&dep.path).unwrap().unwrap().nar_hash,
+            dep.nar_hash
+        );
+        // A URL that is not a cache at all.
+        let e = BinaryCacheStore::open(&format!("{url}/nowhere"), BinaryCacheConfig::default())
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("does not appear to be a binary cache"),
+            "{e}"
+        );
+        stopper.stop();
+    });
+}

@@ -10,29 +10,13 @@
 //! - `kiln derivation check` accepts every file, and rejects a tampered one with
 //!   the expected and actual paths.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use kiln_derivation::hash_modulo::{self, DrvFileHashes};
 use kiln_derivation::{BuildOptions, Derivation, DerivationOutput, aterm, drv_name, json};
-use kiln_e2e::{NixStore, corpus};
+use kiln_e2e::{NixStore, corpus, kiln_bin};
 use kiln_formats::store_path::{StoreDir, StorePath};
-
-/// The `kiln` binary of this build, built first if need be.
-fn kiln_bin() -> PathBuf {
-    // Test executables live in target/<profile>/deps; binaries one level up.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "-p", "kiln", "--bin", "kiln"]);
-    if profile_dir.ends_with("release") {
-        build.arg("--release");
-    }
-    let status = build.status().expect("cannot run cargo to build kiln");
-    assert!(status.success(), "building the kiln binary failed");
-    profile_dir.join("kiln")
-}
 
 fn describe(output: &Output) -> String {
     format!(

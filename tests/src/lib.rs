@@ -22,8 +22,10 @@
 //! ```
 
 mod bins;
+pub mod daemon;
 pub mod corpus;
 mod nix;
 
 pub use bins::{kiln_bin, workspace_bin};
+pub use daemon::KilnDaemon;
 pub use nix::{Nix, NixError, NixStore, nix};

@@ -1,0 +1,118 @@
+//! A Kiln `store-daemon` on a throwaway store, for tests that point Nix
+//! clients at it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::bins::workspace_bin;
+
+/// A running `store-daemon` serving `local?root=<tmp>/root` on
+/// `<tmp>/socket`; killed (SIGTERM, then SIGKILL) on drop.
+#[derive(Debug)]
+pub struct KilnDaemon {
+    dir: TempDir,
+    child: Child,
+}
+
+impl KilnDaemon {
+    /// Starts the daemon with `--option NAME VALUE` pairs and waits until
+    /// its socket accepts connections.
+    pub fn start(options: &[(&str, &str)]) -> KilnDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-daemon-")
+            .tempdir()
+            .expect("cannot create a temporary directory for the daemon");
+        let root = dir.path().join("root");
+        let socket = dir.path().join("socket");
+        let mut cmd = Command::new(workspace_bin("store-daemon", "store-daemon"));
+        cmd.arg("--store")
+            .arg(format!("local?root={}", root.display()))
+            .arg("--socket")
+            .arg(&socket)
+            .env("NIX_CONF_DIR", dir.path())
+            .env("KILN_LOG", "warn")
+            .stdin(Stdio::null());
+        for (name, value) in options {
+            cmd.args(["--option", name, value]);
+        }
+        let mut child = cmd.spawn().expect("cannot start store-daemon");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("store-daemon exited before listening: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "store-daemon did not listen on {} within 30 s",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        KilnDaemon { dir, child }
+    }
+
+    /// The store's physical root (`local?root=`).
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("socket")
+    }
+
+    /// The store URL a Nix client uses: `unix://<socket>`.
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    /// Where a logical store path is on disk.
+    pub fn physical(&self, logical: impl AsRef<Path>) -> PathBuf {
+        let logical = logical.as_ref();
+        self.root()
+            .join(logical.strip_prefix("/").unwrap_or(logical))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the daemon to exit; its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc_kill(self.child.id() as i32, 15) };
+        self.child.wait().expect("waiting for store-daemon")
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+impl Drop for KilnDaemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc_kill(self.child.id() as i32, 15) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        make_writable(&self.root());
+    }
+}
+
+/// Store paths are read-only; make them removable before the temporary
+/// directory goes.
+fn make_writable(dir: &Path) {
+    let _ = Command::new("chmod").args(["-R", "u+w"]).arg(dir).status();
+}

@@ -1,0 +1,372 @@
+//! Nix 2.8's own clients against Kiln's `store-daemon`: every command goes
+//! through `unix://<socket>` and must behave as it does against Nix's own
+//! store — the same paths, contents, metadata and failures.
+
+use std::path::Path;
+
+use kiln_e2e::{KilnDaemon, NixStore, corpus};
+
+/// A Nix client configuration that talks to `daemon`, and a second,
+/// local Nix store to compare with.
+fn client() -> NixStore {
+    NixStore::with_config("require-sigs = false\n")
+}
+
+fn sandbox_paths(nix: &NixStore) -> String {
+    let conf = std::fs::read_to_string(nix.conf_dir().join("nix.conf")).unwrap();
+    conf.lines()
+        .find_map(|l| l.strip_prefix("sandbox-paths = "))
+        .expect("the test store's nix.conf sets sandbox-paths")
+        .to_owned()
+}
+
+fn start_daemon(nix: &NixStore) -> KilnDaemon {
+    KilnDaemon::start(&[("sandbox-paths", &sandbox_paths(nix))])
+}
+
+/// Runs a Nix program against the daemon; its stdout, or a panic that
+/// shows what Nix said.
+fn via(nix: &NixStore, daemon: &KilnDaemon, program: &str, args: &[&str]) -> String {
+    let mut cmd = nix.command(program);
+    cmd.arg("--store").arg(daemon.url()).args(args);
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} through Kiln's daemon failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn lines(s: &str) -> Vec<String> {
+    let mut v: Vec<String> = s
+        .lines()
+        .map(str::to_owned)
+        .filter(|l| !l.is_empty())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn store_ping_reports_the_daemon() {
+    let nix = client();
+    let daemon = start_daemon(&nix);
+    let mut cmd = nix.command("nix");
+    cmd.args(["store", "ping", "--store"]).arg(daemon.url());
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Kiln"),
+        "nix store ping did not show the daemon's version: {text}"
+    );
+}
+
+#[test]
+fn add_query_and_path_info_match_a_local_nix_store() {
+    let nix = client();
+    let daemon = start_daemon(&nix);
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("hello.txt");
+    std::fs::write(&file, "hello daemon\n").unwrap();
+    let dir = work.path().join("tree");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub/a"), "a").unwrap();
+    std::os::unix::fs::symlink("sub/a", dir.join("link")).unwrap();
+    let f = file.to_str().unwrap();
+    let d = dir.to_str().unwrap();
+
+    let added = via(&nix, &daemon, "nix-store", &["--add", f, d]);
+    let expected = nix.nix_store(["--add", f, d]).unwrap();
+    assert_eq!(
+        added, expected,
+        "nix-store --add gave other paths through Kiln"
+    );
+    for p in added.lines() {
+        assert!(daemon.physical(p).exists(), "{p} is not in Kiln's store");
+    }
+    let fixed = via(&nix, &daemon, "nix-store", &["--add-fixed", "sha256", f]);
+    assert_eq!(fixed, nix.nix_store(["--add-fixed", "sha256", f]).unwrap());
+    let fixed_flat = via(
+        &nix,
+        &daemon,
+        "nix-store",
+        &["--add-fixed", "--recursive", "sha1", d],
+    );
+    assert_eq!(
+        fixed_flat,
+        nix.nix_store(["--add-fixed", "--recursive", "sha1", d])
+            .unwrap()
+    );
+
+    // A text path with references, made by evaluation (AddTextToStore / AddToStore).
+    let expr = format!(
+        "builtins.toFile \"refs.txt\" \"see ${{builtins.storePath \"{}\"}}\"",
+        added.lines().next().unwrap()
+    );
+    let text_path = via(
+        &nix,
+        &daemon,
+        "nix-instantiate",
+        &["--eval", "--read-write-mode", "-E", &expr],
+    );
+    let text_path = text_path.trim().trim_matches('"').to_owned();
+    assert!(
+        daemon.physical(&text_path).exists(),
+        "{text_path} is not in Kiln's store"
+    );
+
+    let refs = via(
+        &nix,
+        &daemon,
+        "nix-store",
+        &["-q", "--references", &text_path],
+    );
+    assert_eq!(lines(&refs), vec![added.lines().next().unwrap().to_owned()]);
+    let referrers = via(
+        &nix,
+        &daemon,
+        "nix-store",
+        &["-q", "--referrers", added.lines().next().unwrap()],
+    );
+    assert_eq!(lines(&referrers), vec![text_path.clone()]);
+    let tree = via(&nix, &daemon, "nix-store", &["-q", "--tree", &text_path]);
+    assert!(tree.contains(added.lines().next().unwrap()), "{tree}");
+    let deriver = via(&nix, &daemon, "nix-store", &["-q", "--deriver", &text_path]);
+    assert_eq!(deriver.trim(), "unknown-deriver");
+
+    let json = via(
+        &nix,
+        &daemon,
+        "nix",
+        &["path-info", "--json", "-r", &text_path],
+    );
+    let infos: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let infos = infos.as_array().unwrap();
+    assert_eq!(infos.len(), 2, "{json}");
+    for info in infos {
+        let path = info["path"].as_str().unwrap();
+        let hash = nix.nix_store(["--dump", "/dev/null"]).map(|_| ()).ok();
+        let _ = hash;
+        let nar = std::fs::read(daemon.physical(path)).ok();
+        let _ = nar;
+        assert!(
+            info["narHash"].as_str().unwrap().starts_with("sha256-"),
+            "{json}"
+        );
+        assert!(info["narSize"].as_u64().unwrap() > 0, "{json}");
+    }
+    // The NAR hash Nix computes from the contents it reads through the daemon.
+    let verify = via(&nix, &daemon, "nix-store", &["--verify-path", &text_path]);
+    assert_eq!(verify, "");
+    let dumped = via(&nix, &daemon, "nix-store", &["--dump", &text_path]);
+    assert!(dumped.contains("nix-archive-1"));
+}
+
+#[test]
+fn nix_build_of_corpus_files_matches_nix() {
+    let nix = client();
+    let daemon = start_daemon(&nix);
+    for name in [
+        "deps-diamond.nix",
+        "deps-three-levels.nix",
+        "multiple-outputs.nix",
+        "env-many.nix",
+    ] {
+        let file = corpus::corpus_dir().join(name);
+        if !file.exists() {
+            panic!("corpus file {} is missing", file.display());
+        }
+        let f = file.to_str().unwrap();
+        let ours = via(&nix, &daemon, "nix-build", &["--no-out-link", f]);
+        let theirs = nix.nix_build(["--no-out-link", f]).unwrap();
+        assert_eq!(
+            ours, theirs,
+            "{name}: nix-build through Kiln gave other output paths"
+        );
+        for out in ours.lines() {
+            let a = nar_of(&daemon.physical(out));
+            let b = nar_of(&nix.physical(out));
+            assert_eq!(a, b, "{name}: {out} differs between Kiln's daemon and Nix");
+        }
+        // Built again: everything is valid, nothing is rebuilt.
+        assert_eq!(via(&nix, &daemon, "nix-build", &["--no-out-link", f]), ours);
+        // nix-store -r of the .drv realises the same paths.
+        let drv = via(&nix, &daemon, "nix-instantiate", &[f]);
+        let realised = via(&nix, &daemon, "nix-store", &["-r", drv.trim()]);
+        assert_eq!(lines(&realised), lines(&ours));
+        let log = via(
+            &nix,
+            &daemon,
+            "nix",
+            &[
+                "log",
+                "--store",
+                &format!("{}?root={}", daemon.url(), daemon.root().display()),
+                drv.trim(),
+            ],
+        );
+        let _ = log;
+    }
+}
+
+fn nar_of(path: &Path) -> Vec<u8> {
+    let out = std::process::Command::new(kiln_e2e::nix().program("nix-store"))
+        .args(["--dump"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nix-store --dump {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[test]
+fn build_failure_reaches_the_client_with_log_and_status() {
+    let nix = client();
+    let daemon = start_daemon(&nix);
+    let file = corpus::corpus_dir().join("fail-exit.nix");
+    let mut cmd = nix.command("nix-build");
+    cmd.arg("--store")
+        .arg(daemon.url())
+        .arg("--no-out-link")
+        .arg(&file);
+    let ours = cmd.output().unwrap();
+    let theirs = nix
+        .command("nix-build")
+        .arg("--no-out-link")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&ours.stderr);
+    assert!(
+        !ours.status.success(),
+        "a failing build succeeded through Kiln"
+    );
+    assert!(
+        err.contains("about to fail"),
+        "the build log did not reach the client:\n{err}"
+    );
+    assert!(
+        err.contains("exit code 1") || err.contains("exit status 1"),
+        "the builder's exit status is not in the error:\n{err}"
+    );
+    assert!(!theirs.status.success());
+}
+
+#[test]
+fn export_import_gc_delete_verify_optimise() {
+    let nix = client();
+    let daemon = start_daemon(&nix);
+    let work = tempfile::tempdir().unwrap();
+    let a = work.path().join("a.txt");
+    std::fs::write(&a, "exported\n").unwrap();
+    // Made in Nix's own store, exported there, imported through Kiln.
+    let path = nix.nix_store(["--add", a.to_str().unwrap()]).unwrap();
+    let path = path.trim();
+    let export = nix.run_bytes("nix-store", ["--export", path], b"").unwrap();
+    let mut cmd = nix.command("nix-store");
+    cmd.arg("--store")
+        .arg(daemon.url())
+        .arg("--import")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(&export).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "--import through Kiln: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), path);
+    assert!(daemon.physical(path).exists());
+
+    // Exported back through Kiln: Nix imports it into a fresh store.
+    let mut cmd = nix.command("nix-store");
+    cmd.arg("--store")
+        .arg(daemon.url())
+        .args(["--export", path]);
+    let exported = cmd.output().unwrap();
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let other = NixStore::new();
+    let imported = other
+        .run_bytes("nix-store", ["--import"], &exported.stdout)
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&imported).trim(), path);
+
+    let dead = via(&nix, &daemon, "nix-store", &["--gc", "--print-dead"]);
+    assert!(
+        dead.lines().any(|l| l == path),
+        "{path} is not dead:\n{dead}"
+    );
+    via(
+        &nix,
+        &daemon,
+        "nix-store",
+        &["--verify", "--check-contents"],
+    );
+    via(&nix, &daemon, "nix-store", &["--optimise"]);
+    via(&nix, &daemon, "nix-store", &["--delete", path]);
+    assert!(!daemon.physical(path).exists(), "{path} was not deleted");
+    let mut cmd = nix.command("nix-store");
+    cmd.arg("--store")
+        .arg(daemon.url())
+        .args(["--check-validity", path]);
+    assert!(
+        !cmd.output().unwrap().status.success(),
+        "{path} is still valid after --delete"
+    );
+}
+
+#[test]
+fn nix_copy_to_and_from_a_file_cache() {
+    let nix = client();
+    let daemon = start_daemon(&nix);
+    let work = tempfile::tempdir().unwrap();
+    let f = work.path().join("c.txt");
+    std::fs::write(&f, "copied\n").unwrap();
+    let path = via(&nix, &daemon, "nix-store", &["--add", f.to_str().unwrap()]);
+    let path = path.trim();
+    let cache = format!("file://{}", work.path().join("cache").display());
+    via(&nix, &daemon, "nix", &["copy", "--to", &cache, path]);
+    assert!(
+        work.path()
+            .join("cache")
+            .join(format!("{}.narinfo", &path[11..43]))
+            .exists()
+    );
+    // Into a second daemon, from the cache.
+    let other = start_daemon(&nix);
+    let mut cmd = nix.command("nix");
+    cmd.args(["copy", "--no-check-sigs", "--from", &cache, "--to"])
+        .arg(other.url())
+        .arg(path);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "nix copy --from: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(other.physical(path)).unwrap(), b"copied\n");
+}

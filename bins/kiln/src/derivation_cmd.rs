@@ -32,6 +32,10 @@ enum DerivationCommand {
     /// content (reading the input derivations it names from the same store) and
     /// say whether they agree with the file; exit 1 on any disagreement.
     Check(FilesArgs),
+    /// Add derivations given as JSON (`nix show-derivation`'s form, output
+    /// paths may be empty) to a store, computing their output paths; print
+    /// each `.drv` path.
+    Add(crate::store_cmd::DerivationAddArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -149,6 +153,7 @@ pub fn run(args: DerivationArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         DerivationCommand::Show { files, recursive } => show(&files, recursive),
         DerivationCommand::Check(files) => check(&files),
+        DerivationCommand::Add(args) => crate::store_cmd::derivation_add(args),
     }
 }
 

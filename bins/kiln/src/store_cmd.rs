@@ -550,3 +550,30 @@ fn print_tree(
     }
     Ok(())
 }
+
+/// `kiln derivation add FILE.json`.
+#[derive(Debug, clap::Args)]
+pub struct DerivationAddArgs {
+    /// The JSON file (`-` for standard input).
+    file: PathBuf,
+    /// The store to add to: `local`, a directory, `local?root=DIR`.
+    #[arg(long, env = "KILN_STORE", default_value = "auto")]
+    store: String,
+}
+
+pub fn derivation_add(args: DerivationAddArgs) -> anyhow::Result<ExitCode> {
+    let json = if args.file.as_os_str() == "-" {
+        io::read_to_string(io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(&args.file)
+            .with_context(|| format!("reading '{}'", args.file.display()))?
+    };
+    let store = open_local(&args.store)?;
+    let paths = kiln_store::derivation::add_derivations_json(&store, &json)
+        .with_context(|| format!("adding the derivations of '{}'", args.file.display()))?;
+    let mut out = io::stdout().lock();
+    for p in paths {
+        writeln!(out, "{}", store.store_dir().print_path(&p))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -98,6 +98,9 @@ pub enum StoreError {
     /// An export/import stream was malformed.
     #[error("malformed export stream: {0}")]
     BadExport(String),
+    /// A derivation could not be written into the store.
+    #[error("cannot add derivation '{name}': {what}")]
+    BadDerivation { name: String, what: String },
     /// A store URL could not be understood.
     #[error(transparent)]
     BadUrl(#[from] crate::url::UrlError),

@@ -18,6 +18,7 @@
 
 pub mod binary_cache;
 mod closure;
+pub mod derivation;
 mod error;
 pub mod export;
 pub mod local;

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -365,6 +366,17 @@ impl LocalStore {
     /// Takes the lock of `path` after making it a temporary root.
     pub(crate) fn lock_path(&self, path: &StorePath) -> Result<PathLock, StoreError> {
         self.add_temp_root(path)?;
+        if self
+            .locks_held_by_parent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(path)
+        {
+            return Ok(PathLock::held_by_parent(&PathLock::lock_path_for(
+                &self.real_store,
+                path,
+            )));
+        }
         Ok(
             PathLock::acquire(&PathLock::lock_path_for(&self.real_store, path), true)?
                 .expect("waiting lock acquisition always succeeds"),
@@ -565,7 +577,14 @@ impl LocalStore {
         };
         let label = source.display().to_string();
         let staged = if meta.is_file() && meta.len() <= IN_MEMORY {
-            let nar = nar::dump_path(source, Vec::with_capacity(meta.len() as usize + 200))?;
+            // Small files: no reader thread, one read, the NAR built in memory.
+            let contents = fs::read(source).map_err(|e| StoreError::io("read", source, e))?;
+            let executable = meta.permissions().mode() & 0o100 != 0;
+            let nar = Node::Regular {
+                executable,
+                contents,
+            }
+            .to_nar();
             self.stage_nar(&mut &nar[..], &label, ca_hashing, durability)?
         } else {
             let (tx, rx) = mpsc::sync_channel(4);
@@ -636,6 +655,18 @@ fn restore_canonical(
         path: label.to_owned(),
         source,
     };
+    // Files whose writeback has been started but not yet waited for: the
+    // fsyncs at the end then mostly find their data on disk already,
+    // instead of each one stalling on its own write.
+    let mut unsynced: Vec<(File, PathBuf)> = Vec::new();
+    let finish = |unsynced: &mut Vec<(File, PathBuf)>, keep: usize| -> Result<(), StoreError> {
+        while unsynced.len() > keep {
+            let (file, path) = unsynced.remove(0);
+            file.sync_all()
+                .map_err(|e| StoreError::io("fsync", &path, e))?;
+        }
+        Ok(())
+    };
     while let Some(event) = reader.next().map_err(bad)? {
         let target = match event.path() {
             b"" => dest.to_path_buf(),
@@ -699,12 +730,19 @@ fn restore_canonical(
                     })?;
                 file.set_permissions(fs::Permissions::from_mode(mode))
                     .and_then(|()| set_canonical_times_fd(&file))
-                    .and_then(|()| if fsync_each { file.sync_all() } else { Ok(()) })
                     .map_err(|e| StoreError::io("finish", &target, e))?;
+                if fsync_each {
+                    // SAFETY: an fd we own; the flag only starts writeback.
+                    unsafe {
+                        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+                    }
+                    unsynced.push((file, target));
+                    finish(&mut unsynced, 256)?;
+                }
             }
         }
     }
-    Ok(())
+    finish(&mut unsynced, 0)
 }
 
 impl LocalStore {

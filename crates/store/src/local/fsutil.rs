@@ -182,3 +182,81 @@ pub fn fsync_tree(path: &Path) -> io::Result<()> {
         Ok(())
     }
 }
+
+/// The NAR hash and size of the tree at `path`. A single regular file —
+/// most files `optimise` looks at, many store paths — is hashed here with
+/// its NAR framing, without the general serialiser's reader thread.
+pub fn nar_hash(
+    path: &Path,
+    algo: kiln_formats::hash::HashAlgo,
+) -> Result<(kiln_formats::hash::Hash, u64), crate::StoreError> {
+    use std::io::Read;
+    let meta = fs::symlink_metadata(path).map_err(|e| crate::StoreError::io("stat", path, e))?;
+    if !meta.is_file() {
+        return Ok(kiln_formats::nar::hash_path(path, algo)?);
+    }
+    let mut hasher = kiln_formats::hash::Hasher::new(algo);
+    let mut size = 0u64;
+    // A NAR string: length, bytes, zero padding; returns its encoded size.
+    let put = |bytes: &[u8], h: &mut kiln_formats::hash::Hasher| -> u64 {
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+        h.update(&[0u8; 8][..(8 - bytes.len() % 8) % 8]);
+        8 + bytes.len().div_ceil(8) as u64 * 8
+    };
+    let executable = meta.permissions().mode() & 0o100 != 0;
+    for token in [&b"nix-archive-1"[..], b"(", b"type", b"regular"] {
+        size += put(token, &mut hasher);
+    }
+    if executable {
+        size += put(b"executable", &mut hasher);
+        size += put(b"", &mut hasher);
+    }
+    size += put(b"contents", &mut hasher);
+    let mut file = File::open(path).map_err(|e| crate::StoreError::io("open", path, e))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut len = 0u64;
+    hasher.update(&meta.len().to_le_bytes());
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| crate::StoreError::io("read", path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+    if len != meta.len() {
+        // Changed under us: let the general serialiser report it properly.
+        return Ok(kiln_formats::nar::hash_path(path, algo)?);
+    }
+    hasher.update(&[0u8; 8][..((8 - len % 8) % 8) as usize]);
+    size += 8 + len.div_ceil(8) * 8;
+    size += put(b")", &mut hasher);
+    Ok((hasher.finish(), size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_formats::hash::HashAlgo;
+
+    #[test]
+    fn single_file_nar_hash_matches_the_serialiser() {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, len) in [0usize, 1, 7, 8, 9, 300_000].into_iter().enumerate() {
+            let f = dir.path().join(format!("f{i}"));
+            fs::write(&f, vec![b'x'; len]).unwrap();
+            if i % 2 == 1 {
+                fs::set_permissions(&f, fs::Permissions::from_mode(0o755)).unwrap();
+            }
+            let expected = kiln_formats::nar::hash_path(&f, HashAlgo::Sha256).unwrap();
+            assert_eq!(
+                nar_hash(&f, HashAlgo::Sha256).unwrap(),
+                expected,
+                "length {len}"
+            );
+        }
+    }
+}

@@ -7,7 +7,6 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use kiln_formats::hash::HashAlgo;
-use kiln_formats::nar;
 
 use super::LocalStore;
 use super::fsutil;
@@ -57,7 +56,7 @@ impl LocalStore {
         if !meta.is_file() || meta.len() == 0 {
             return Ok(());
         }
-        let (hash, _) = nar::hash_path(path, HashAlgo::Sha256)?;
+        let (hash, _) = fsutil::nar_hash(path, HashAlgo::Sha256)?;
         let link = links.join(hash.to_nixbase32());
         match fs::symlink_metadata(&link) {
             Err(_) => {

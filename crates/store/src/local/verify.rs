@@ -6,7 +6,6 @@
 use std::io::{self, Seek};
 
 use kiln_formats::hash::Hash;
-use kiln_formats::nar;
 use kiln_formats::store_path::StorePath;
 
 use super::LocalStore;
@@ -66,7 +65,7 @@ impl LocalStore {
                 let Some(info) = self.query_path_info(&path)? else {
                     continue;
                 };
-                let (actual, size) = nar::hash_path(&real, info.nar_hash.algo())?;
+                let (actual, size) = super::fsutil::nar_hash(&real, info.nar_hash.algo())?;
                 (actual != info.nar_hash || (info.nar_size != 0 && size != info.nar_size)).then(
                     || Problem::Modified {
                         path: path.clone(),

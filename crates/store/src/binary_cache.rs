@@ -804,18 +804,31 @@ impl Store for BinaryCacheStore {
                 })?;
         }
         let (_, hash, size) = hashing.finish();
-        if hash != narinfo.nar_hash {
-            return Err(StoreError::NarHashMismatch {
+        if size < narinfo.nar_size {
+            // A cut file (an uncompressed one ends without complaint).
+            return Err(BinaryCacheError::Download {
+                cache: self.url.clone(),
                 path: label,
-                expected: narinfo.nar_hash,
-                actual: hash,
-            });
+                file: narinfo.url.clone(),
+                message: format!(
+                    "truncated: it holds {size} of the {} bytes of the NAR",
+                    narinfo.nar_size
+                ),
+            }
+            .into());
         }
         if size != narinfo.nar_size {
             return Err(StoreError::NarSizeMismatch {
                 path: label,
                 expected: narinfo.nar_size,
                 actual: size,
+            });
+        }
+        if hash != narinfo.nar_hash {
+            return Err(StoreError::NarHashMismatch {
+                path: label,
+                expected: narinfo.nar_hash,
+                actual: hash,
             });
         }
         Ok(())

@@ -366,6 +366,9 @@ impl LocalStore {
     /// Takes the lock of `path` after making it a temporary root.
     pub(crate) fn lock_path(&self, path: &StorePath) -> Result<PathLock, StoreError> {
         self.add_temp_root(path)?;
+        if self.locks_held_by_parent.lock().unwrap_or_else(|p| p.into_inner()).contains(path) {
+            return Ok(PathLock::held_by_parent(&PathLock::lock_path_for(&self.real_store, path)));
+        }
         if self
             .locks_held_by_parent
             .lock()

@@ -64,7 +64,9 @@ fn open_lock_file(path: &Path) -> io::Result<File> {
 /// deleted) on drop.
 #[derive(Debug)]
 pub struct PathLock {
-    file: File,
+    /// `None` when the caller's parent holds the lock (see
+    /// [`PathLock::held_by_parent`]).
+    file: Option<File>,
     path: PathBuf,
 }
 
@@ -89,13 +91,23 @@ impl PathLock {
                     if now.ino() == ours.ino() && now.dev() == ours.dev() && ours.len() == 0 =>
                 {
                     return Ok(Some(PathLock {
-                        file,
+                        file: Some(file),
                         path: lock_path.to_path_buf(),
                     }));
                 }
                 // Deleted or replaced under us by the previous holder: retry.
                 _ => continue,
             }
+        }
+    }
+
+    /// A lock that the parent process holds for us (a daemon that locked a
+    /// build's outputs before handing the build to its hook): nothing to
+    /// take, nothing to release.
+    pub fn held_by_parent(lock_path: &Path) -> PathLock {
+        PathLock {
+            file: None,
+            path: lock_path.to_path_buf(),
         }
     }
 
@@ -107,9 +119,10 @@ impl PathLock {
 
 impl Drop for PathLock {
     fn drop(&mut self) {
+        let Some(file) = &mut self.file else { return };
         // Mark stale for Nix's waiters (they check the size), then delete
         // while still holding the lock so no one locks a file we then remove.
-        let _ = self.file.write_all(b"d");
+        let _ = file.write_all(b"d");
         let _ = std::fs::remove_file(&self.path);
     }
 }

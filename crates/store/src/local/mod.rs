@@ -65,6 +65,8 @@ pub struct LocalStore {
     db: Mutex<Db>,
     temp_roots: OnceLock<Arc<TempRoots>>,
     tmp_counter: AtomicU64,
+    /// Paths whose locks our parent holds (Nix's `locksHeld`).
+    locks_held_by_parent: Mutex<std::collections::BTreeSet<StorePath>>,
     _big_lock: FileLock,
 }
 
@@ -101,8 +103,20 @@ impl LocalStore {
             db: Mutex::new(db),
             temp_roots: OnceLock::new(),
             tmp_counter: AtomicU64::new(0),
+            locks_held_by_parent: Mutex::default(),
             _big_lock: big_lock,
         })
+    }
+
+    /// Declares that our parent process holds the locks of `paths`: a
+    /// build hook copying back outputs that its daemon locked before
+    /// handing over the build. Adding them then takes no lock (taking it
+    /// would wait for the parent, which waits for us).
+    pub fn assume_locks_held_by_parent(&self, paths: impl IntoIterator<Item = StorePath>) {
+        self.locks_held_by_parent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(paths);
     }
 
     /// Opens the store under `root` (`local?root=ROOT`).

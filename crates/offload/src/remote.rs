@@ -1,0 +1,372 @@
+//! One build on one machine: send what is missing, build there, bring the
+//! outputs back, check them, register them here.
+//!
+//! Failures are sorted by what the caller should do: [`Failure::Transient`]
+//! (connection, transfer, remote disk: try elsewhere), [`Failure::Permanent`]
+//! (the builder failed: report it), [`Failure::TimedOut`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use kiln_derivation::Derivation;
+use kiln_formats::store_path::{StorePath, StorePathSet};
+use kiln_protocol::serve_client::{BuildOptions, ServeClient, ServeClientError};
+use kiln_protocol::worker::BasicDerivation;
+use kiln_store::local::LocalStore;
+use kiln_store::{AddOptions, Store, compute_closure};
+
+use crate::ssh::{LogSink, Protocol, SshTarget};
+
+/// How a remote build ended when it did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// Worth trying on another machine.
+    #[error("{0}")]
+    Transient(String),
+    /// The build itself failed; its log went to the log sink.
+    #[error("{0}")]
+    Permanent(String),
+    /// A timeout or max-silent-time passed (remote or here).
+    #[error("{0}")]
+    TimedOut(String),
+}
+
+/// What to build and what to bring back.
+#[derive(Debug)]
+pub struct Job<'a> {
+    pub store: &'a LocalStore,
+    pub drv_path: StorePath,
+    pub drv: &'a Derivation,
+    /// Paths the build needs (closed under references here).
+    pub inputs: StorePathSet,
+    /// Outputs to copy back (name → path).
+    pub wanted: BTreeMap<String, StorePath>,
+    pub timeout: Option<Duration>,
+    pub max_silent: Option<Duration>,
+    pub max_log_size: u64,
+}
+
+/// Figures of one remote build, for the log and the benchmark.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub sent_paths: usize,
+    pub already_there: usize,
+    pub sent_bytes: u64,
+    pub fetched_bytes: u64,
+    pub upload: Duration,
+    pub build: Duration,
+    pub download: Duration,
+}
+
+fn transient(
+    target: &SshTarget,
+    stage: &str,
+    e: impl std::fmt::Display,
+    tail: &[String],
+) -> Failure {
+    let tail = tail.join("\n");
+    Failure::Transient(if tail.trim().is_empty() {
+        format!("'{}': {stage}: {e}", target.uri)
+    } else {
+        format!("'{}': {stage}: {e}\n{tail}", target.uri)
+    })
+}
+
+/// The basic derivation the serve protocol sends: inputs flattened to
+/// the input closure, as the remote gets no `.drv` files to follow.
+pub fn basic_derivation(
+    store: &LocalStore,
+    drv: &Derivation,
+    inputs: &StorePathSet,
+) -> BasicDerivation {
+    let sd = store.store_dir();
+    let outputs = drv
+        .outputs
+        .iter()
+        .map(|(name, o)| {
+            let path = o.path().map(|p| sd.print_path(p)).unwrap_or_default();
+            let (algo, hash) = match o {
+                kiln_derivation::DerivationOutput::Fixed { hash, .. } => {
+                    (hash.method_algo(), hash.hash.to_base16())
+                }
+                _ => (String::new(), String::new()),
+            };
+            (name.clone(), (path, algo, hash))
+        })
+        .collect();
+    BasicDerivation {
+        outputs,
+        input_srcs: inputs.clone(),
+        platform: drv.system.to_string(),
+        builder: drv.builder.to_string(),
+        args: drv.args.iter().map(|a| a.to_string()).collect(),
+        env: drv
+            .env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+/// Sends `paths` (and what they need) to the remote on an open session:
+/// one query for what is there, one stream for the rest.
+fn upload<R: std::io::Read, W: std::io::Write>(
+    client: &mut ServeClient<R, W>,
+    store: &LocalStore,
+    paths: &StorePathSet,
+    stats: &mut Stats,
+) -> Result<(), ServeClientError> {
+    // `lock`: the remote holds them (and what we add) as temporary roots
+    // for as long as this session lives, i.e. until the build is done.
+    let present = client.query_valid_paths(paths, true)?;
+    let missing: StorePathSet = paths.difference(&present).cloned().collect();
+    stats.already_there = present.len();
+    stats.sent_paths = missing.len();
+    for p in &missing {
+        stats.sent_bytes += store.path_info_or_error(p)?.nar_size;
+    }
+    if !missing.is_empty() {
+        client.import_paths(store, &missing)?;
+    }
+    Ok(())
+}
+
+/// Copies `paths` from this store to the machine (for `test` and the
+/// benchmark: the same path a build's inputs take).
+pub fn copy_to(
+    target: &SshTarget,
+    store: &LocalStore,
+    paths: &StorePathSet,
+    log: LogSink,
+) -> Result<Stats, Failure> {
+    let closure = compute_closure(store, paths, false, false, false)
+        .map_err(|e| Failure::Transient(e.to_string()))?;
+    let mut session = target
+        .open_session(log)
+        .map_err(|e| Failure::Transient(e.to_string()))?;
+    let (r, w) = session.take_streams();
+    let mut stats = Stats::default();
+    let t = Instant::now();
+    let res = ServeClient::handshake(r, w, store.store_dir().clone())
+        .and_then(|mut c| upload(&mut c, store, &closure, &mut stats));
+    stats.upload = t.elapsed();
+    let tail = session.stderr_tail();
+    session.finish();
+    res.map_err(|e| transient(target, "copying paths", e, &tail))?;
+    Ok(stats)
+}
+
+/// Copies `paths` (with their closure) from the machine into this store.
+pub fn copy_from(
+    target: &SshTarget,
+    store: &LocalStore,
+    paths: &StorePathSet,
+    log: LogSink,
+) -> Result<Stats, Failure> {
+    let mut session = target
+        .open_session(log)
+        .map_err(|e| Failure::Transient(e.to_string()))?;
+    let (r, w) = session.take_streams();
+    let mut stats = Stats::default();
+    let t = Instant::now();
+    let res = (|| {
+        let mut c = ServeClient::handshake(r, w, store.store_dir().clone())?;
+        // Follow references on the remote until closed.
+        let mut infos: BTreeMap<StorePath, kiln_store::PathInfo> = BTreeMap::new();
+        let mut frontier: StorePathSet = paths.clone();
+        while !frontier.is_empty() {
+            let local = store.query_valid_paths(&frontier)?;
+            let ask: StorePathSet = frontier.difference(&local).cloned().collect();
+            frontier.clear();
+            for info in c.query_path_infos(&ask)? {
+                for r in &info.references {
+                    if !infos.contains_key(r) && !ask.contains(r) {
+                        frontier.insert(r.clone());
+                    }
+                }
+                infos.insert(info.path.clone(), info);
+            }
+        }
+        fetch_infos(&mut c, store, infos, &mut stats)
+    })();
+    stats.download = t.elapsed();
+    let tail = session.stderr_tail();
+    session.finish();
+    res.map_err(|e| transient(target, "copying paths back", e, &tail))?;
+    Ok(stats)
+}
+
+/// Fetches the NARs of `infos`, dependencies first, into `store`; each is
+/// checked against its hash and size by the store before it is registered.
+fn fetch_infos<R: std::io::Read, W: std::io::Write>(
+    c: &mut ServeClient<R, W>,
+    store: &LocalStore,
+    mut infos: BTreeMap<StorePath, kiln_store::PathInfo>,
+    stats: &mut Stats,
+) -> Result<(), ServeClientError> {
+    while !infos.is_empty() {
+        let ready: Vec<StorePath> = infos
+            .iter()
+            .filter(|(p, i)| {
+                i.references
+                    .iter()
+                    .all(|r| r == *p || !infos.contains_key(r))
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        if ready.is_empty() {
+            return Err(ServeClientError::Io(std::io::Error::other(
+                "the remote's references form a cycle",
+            )));
+        }
+        for p in ready {
+            let info = infos.remove(&p).expect("listed");
+            stats.fetched_bytes += info.nar_size;
+            let nar = c.request_dump(&p)?;
+            store.add_nar(&info, nar, AddOptions::default())?;
+        }
+    }
+    Ok(())
+}
+
+/// Builds `job` on `target`, logging the remote's output to `log`.
+pub fn build(target: &SshTarget, job: &Job<'_>, log: LogSink) -> Result<Stats, Failure> {
+    if target.protocol == Protocol::Daemon {
+        return Err(Failure::Transient(format!(
+            "'{}': ssh-ng:// machines are not supported yet; list the machine as ssh:// (serve protocol)",
+            target.uri
+        )));
+    }
+    let store = job.store;
+    let sd = store.store_dir().clone();
+    let mut stats = Stats::default();
+    // The .drv closure goes along so that a remote that builds by path
+    // (rather than from the basic derivation) finds what it needs.
+    let mut send = job.inputs.clone();
+    send.insert(job.drv_path.clone());
+    let send = compute_closure(store, &send, false, false, false)
+        .map_err(|e| Failure::Transient(e.to_string()))?;
+
+    let mut session = target
+        .open_session(log.clone())
+        .map_err(|e| Failure::Transient(e.to_string()))?;
+    let (r, w) = session.take_streams();
+    let pid = session.pid();
+
+    // The local side of timeout and max-silent-time: if the remote does
+    // not stop the build itself, dropping the connection does.
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let activity = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let watchdog = {
+        let (timed_out, done) = (timed_out.clone(), done.clone());
+        let (timeout, max_silent) = (job.timeout, job.max_silent);
+        let tail_activity = session_activity(&session);
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let grace = Duration::from_secs(10);
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let silent = tail_activity().elapsed();
+                let over = timeout.is_some_and(|t| start.elapsed() > t + grace)
+                    || max_silent.is_some_and(|t| silent > t + grace);
+                if over {
+                    timed_out.store(true, Ordering::Relaxed);
+                    // SAFETY: our own ssh child, not yet reaped (we wait below).
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    break;
+                }
+            }
+        })
+    };
+    let _ = activity;
+
+    let outcome = (|| -> Result<Result<(), Failure>, ServeClientError> {
+        let mut c = ServeClient::handshake(r, w, sd.clone())?;
+        let t = Instant::now();
+        upload(&mut c, store, &send, &mut stats)?;
+        stats.upload = t.elapsed();
+        let basic = basic_derivation(store, job.drv, &job.inputs);
+        let options = BuildOptions {
+            max_silent_time: job.max_silent.map_or(0, |d| d.as_secs()),
+            build_timeout: job.timeout.map_or(0, |d| d.as_secs()),
+            max_log_size: job.max_log_size,
+        };
+        let t = Instant::now();
+        let result = c.build_derivation(&job.drv_path, &basic, options)?;
+        stats.build = t.elapsed();
+        if !result.success() {
+            let msg = format!(
+                "build of '{}' on '{}' failed: {}",
+                sd.print_path(&job.drv_path),
+                target.uri,
+                result.error.trim_end()
+            );
+            return Ok(Err(match result.status {
+                8 => Failure::TimedOut(msg),
+                3 | 4 | 5 | 7 | 11 | 12 => Failure::Permanent(msg),
+                _ => Failure::Transient(msg),
+            }));
+        }
+        // Copy the outputs back, checked: the remote must know them, their
+        // references must stay inside what the build could see, and each
+        // NAR must match the hash and size the remote announced.
+        let t = Instant::now();
+        let wanted: StorePathSet = job.wanted.values().cloned().collect();
+        let local = store.query_valid_paths(&wanted)?;
+        let missing: StorePathSet = wanted.difference(&local).cloned().collect();
+        let infos = c.query_path_infos(&missing)?;
+        let got: BTreeSet<&StorePath> = infos.iter().map(|i| &i.path).collect();
+        if let Some(p) = missing.iter().find(|p| !got.contains(p)) {
+            return Ok(Err(Failure::Transient(format!(
+                "'{}' reported a successful build but does not have '{}'",
+                target.uri,
+                sd.print_path(p)
+            ))));
+        }
+        let all_outputs: StorePathSet = job.drv.output_paths().map(|(_, p)| p.clone()).collect();
+        let mut map = BTreeMap::new();
+        for mut info in infos {
+            if let Some(bad) = info
+                .references
+                .iter()
+                .find(|r| !send.contains(*r) && !all_outputs.contains(*r))
+            {
+                return Ok(Err(Failure::Permanent(format!(
+                    "output '{}' built on '{}' refers to '{}', which is not among the build's inputs",
+                    sd.print_path(&info.path),
+                    target.uri,
+                    sd.print_path(bad)
+                ))));
+            }
+            info.deriver = Some(job.drv_path.clone());
+            map.insert(info.path.clone(), info);
+        }
+        fetch_infos(&mut c, store, map, &mut stats)?;
+        stats.download = t.elapsed();
+        Ok(Ok(()))
+    })();
+    done.store(true, Ordering::Relaxed);
+    let _ = watchdog.join();
+    let tail = session.stderr_tail();
+    session.finish();
+    if timed_out.load(Ordering::Relaxed) {
+        return Err(Failure::TimedOut(format!(
+            "build of '{}' on '{}' passed its timeout or max-silent-time; stopped from here",
+            sd.print_path(&job.drv_path),
+            target.uri
+        )));
+    }
+    match outcome {
+        Ok(Ok(())) => Ok(stats),
+        Ok(Err(f)) => Err(f),
+        Err(e) => Err(transient(target, "remote session", e, &tail)),
+    }
+}
+
+fn session_activity(session: &crate::ssh::Session) -> impl Fn() -> Instant + Send + 'static {
+    let a = session.activity_handle();
+    move || *a.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -312,6 +312,43 @@ fn resolve_targets(
     Ok(targets)
 }
 
+/// The outputs `kiln build` shows and links for each successful target,
+/// as nix-build does: `out` (or the first output) unless outputs were
+/// named (`drv!dev,lib`).
+fn shown_outputs<'a>(
+    report: &'a goals::RunReport,
+    wanted: &'a [Wanted],
+) -> Vec<(usize, &'a Wanted, Vec<&'a StorePath>)> {
+    report
+        .targets
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, r))| r.status.is_success())
+        .map(|(i, (_, r))| {
+            let w = &wanted[i];
+            let paths = match w {
+                Wanted::Names(_) => r.outputs.values().collect(),
+                Wanted::All => r
+                    .outputs
+                    .get("out")
+                    .or_else(|| r.outputs.values().next())
+                    .into_iter()
+                    .collect(),
+            };
+            (i, w, paths)
+        })
+        .collect()
+}
+
+fn output_name(report: &goals::RunReport, target: usize, path: &StorePath) -> String {
+    report.targets[target]
+        .1
+        .outputs
+        .iter()
+        .find(|(_, p)| *p == path)
+        .map_or_else(|| "out".to_owned(), |(n, _)| n.clone())
+}
+
 fn out_link_name(base: &Path, index: usize, output: &str) -> PathBuf {
     let mut name = base.as_os_str().to_owned();
     if index > 0 {
@@ -328,6 +365,7 @@ pub fn run(args: BuildArgs) -> Result<ExitCode> {
     let store = Arc::new(open_local_store(args.store.as_deref())?);
     let store_dir = store.store_dir().clone();
     let targets = resolve_targets(&store, &settings, &args.targets)?;
+    let wanted: Vec<Wanted> = targets.iter().map(|(_, w)| w.clone()).collect();
     let rebuild = if args.check {
         Rebuild::Check
     } else if args.repair {
@@ -412,9 +450,10 @@ pub fn run(args: BuildArgs) -> Result<ExitCode> {
             "{}",
             serde_json::json!({ "targets": list, "goals": all })
         )?;
-    } else {
-        for (_, r) in &report.targets {
-            for p in r.outputs.values() {
+    } else if report.targets.iter().all(|(_, r)| r.status.is_success()) {
+        // As nix-build: the shown outputs, once everything succeeded.
+        for (_, _, paths) in shown_outputs(&report, &wanted) {
+            for p in paths {
                 writeln!(stdout, "{}", store_dir.display(p))?;
             }
         }
@@ -424,12 +463,9 @@ pub fn run(args: BuildArgs) -> Result<ExitCode> {
             .out_link
             .clone()
             .unwrap_or_else(|| PathBuf::from("result"));
-        for (i, (_, r)) in report.targets.iter().enumerate() {
-            if !r.status.is_success() {
-                continue;
-            }
-            for (name, path) in &r.outputs {
-                let link = out_link_name(&base, i, name);
+        for (i, _, outputs) in shown_outputs(&report, &wanted) {
+            for (name, path) in outputs.iter().map(|p| (output_name(&report, i, p), p)) {
+                let link = out_link_name(&base, i, &name);
                 store
                     .add_perm_root(path, &link)
                     .with_context(|| format!("cannot create the out link '{}'", link.display()))?;

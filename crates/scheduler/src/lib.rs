@@ -35,6 +35,7 @@ pub mod outputs;
 pub mod recipe;
 pub mod result;
 pub mod settings;
+pub mod synthetic;
 
 use std::sync::Arc;
 

@@ -419,7 +419,16 @@ impl LocalBackend {
             Ok(l) => l,
             Err(e) => return misc(e),
         };
-        let mut child = match Sandbox::spawn(spec) {
+        // One spawn at a time: a sandbox's init is cloned from this
+        // multi-threaded process, and concurrent clones were seen to leave a
+        // child blocked on a lock copied in a held state (reported to the
+        // sandbox crate). Spawning takes milliseconds; builds still overlap.
+        static SPAWN: Mutex<()> = Mutex::new(());
+        let spawned = {
+            let _one_at_a_time = SPAWN.lock().unwrap_or_else(|p| p.into_inner());
+            Sandbox::spawn(spec)
+        };
+        let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 return misc(format!("cannot start the builder of '{drv_shown}': {e}"));

@@ -115,7 +115,7 @@ impl LogSink {
                 std::fs::create_dir_all(parent).map_err(err("create directory for", parent))?;
                 // Written under a temporary name so a reader never sees half
                 // a stream, and two processes never interleave in one file.
-                let tmp = path.with_extension(format!("bz2.tmp-{}", std::process::id()));
+                let tmp = parent.join(format!(".tmp-{}-{}", drv.hash_part(), std::process::id()));
                 let f = File::create(&tmp).map_err(err("create", &tmp))?;
                 Some((
                     BzEncoder::new(BufWriter::new(f), Compression::fast()),
@@ -234,7 +234,7 @@ mod tests {
         sink.write(b"one\ntwo\nthr").unwrap();
         sink.write(b"ee\nfour").unwrap();
         assert_eq!(sink.tail(), ["three", "four"]);
-        assert_eq!(sink.len(), 19);
+        assert_eq!(sink.len(), 18);
         sink.finish().unwrap();
         assert!(
             dir.path()

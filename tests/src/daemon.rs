@@ -15,6 +15,7 @@ use crate::bins::workspace_bin;
 pub struct KilnDaemon {
     dir: TempDir,
     child: Child,
+    options: Vec<(String, String)>,
 }
 
 impl KilnDaemon {
@@ -25,33 +26,27 @@ impl KilnDaemon {
             .prefix("kiln-daemon-")
             .tempdir()
             .expect("cannot create a temporary directory for the daemon");
-        let root = dir.path().join("root");
-        let socket = dir.path().join("socket");
-        let mut cmd = Command::new(workspace_bin("store-daemon", "store-daemon"));
-        cmd.arg("--store")
-            .arg(format!("local?root={}", root.display()))
-            .arg("--socket")
-            .arg(&socket)
-            .env("NIX_CONF_DIR", dir.path())
-            .env("KILN_LOG", "warn")
-            .stdin(Stdio::null());
-        for (name, value) in options {
-            cmd.args(["--option", name, value]);
+        let options: Vec<(String, String)> = options
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        let child = spawn(dir.path(), &options);
+        KilnDaemon {
+            dir,
+            child,
+            options,
         }
-        let mut child = cmd.spawn().expect("cannot start store-daemon");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("store-daemon exited before listening: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "store-daemon did not listen on {} within 30 s",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        KilnDaemon { dir, child }
+    }
+
+    /// Stops the daemon (SIGTERM) and starts it again on the same store,
+    /// as an operator restarting the service would.
+    pub fn restart(&mut self) {
+        let status = self.terminate();
+        assert!(
+            status.success(),
+            "store-daemon exited with {status} on SIGTERM"
+        );
+        self.child = spawn(self.dir.path(), &self.options);
     }
 
     /// The store's physical root (`local?root=`).
@@ -63,9 +58,16 @@ impl KilnDaemon {
         self.dir.path().join("socket")
     }
 
-    /// The store URL a Nix client uses: `unix://<socket>`.
+    /// The store URL a Nix client uses: `unix://<socket>?root=<root>`. Nix
+    /// 2.8's daemon client reads store files (NARs, `.drv`s, logs) straight
+    /// from the file system, so it is told where the store physically is,
+    /// exactly as with Nix's own daemon on a chroot store.
     pub fn url(&self) -> String {
-        format!("unix://{}", self.socket().display())
+        format!(
+            "unix://{}?root={}",
+            self.socket().display(),
+            self.root().display()
+        )
     }
 
     /// Where a logical store path is on disk.
@@ -115,4 +117,34 @@ impl Drop for KilnDaemon {
 /// directory goes.
 fn make_writable(dir: &Path) {
     let _ = Command::new("chmod").args(["-R", "u+w"]).arg(dir).status();
+}
+
+fn spawn(dir: &Path, options: &[(String, String)]) -> Child {
+    let root = dir.join("root");
+    let socket = dir.join("socket");
+    let mut cmd = Command::new(workspace_bin("store-daemon", "store-daemon"));
+    cmd.arg("--store")
+        .arg(format!("local?root={}", root.display()))
+        .arg("--socket")
+        .arg(&socket)
+        .env("NIX_CONF_DIR", dir)
+        .env("KILN_LOG", "warn")
+        .stdin(Stdio::null());
+    for (name, value) in options {
+        cmd.args(["--option", name, value]);
+    }
+    let mut child = cmd.spawn().expect("cannot start store-daemon");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("store-daemon exited before listening: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "store-daemon did not listen on {} within 30 s",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }

@@ -14,6 +14,7 @@ mod fuzz;
 mod peers;
 mod process;
 mod test;
+mod vm_image;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +43,8 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Run a benchmark (`benches/src/bin/bench-NAME.rs`), or all of them when no name is given.
     Bench(bench::BenchArgs),
+    /// Build the build agent's test machine from Debian packages.
+    VmImage(vm_image::VmImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
             }
             Command::Fuzz(args) => fuzz::run(&root, args),
             Command::Bench(args) => bench::run(&root, args),
+            Command::VmImage(args) => vm_image::run(&root, args).map(|()| ExitCode::SUCCESS),
         }
     })();
     match result {

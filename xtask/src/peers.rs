@@ -27,17 +27,29 @@ pub struct Peer {
 /// Every peer the test suite needs. Later issues add rows here, for example
 /// `openssh-server` (`sshd`, `ssh`), `qemu-system-x86` (`qemu-system-x86_64`),
 /// `postgresql` (`pg_ctlcluster`), `chromium` (`chromium`).
-pub const PEERS: &[Peer] = &[Peer {
-    package: "nix-bin",
-    commands: &[
-        "nix",
-        "nix-store",
-        "nix-instantiate",
-        "nix-hash",
-        "nix-build",
-    ],
-    used_for: "Nix 2.8, the reference every differential test compares against",
-}];
+pub const PEERS: &[Peer] = &[
+    Peer {
+        package: "nix-bin",
+        commands: &[
+            "nix",
+            "nix-store",
+            "nix-instantiate",
+            "nix-hash",
+            "nix-build",
+        ],
+        used_for: "Nix 2.8, the reference every differential test compares against",
+    },
+    Peer {
+        package: "qemu-system-x86",
+        commands: &["qemu-system-x86_64"],
+        used_for: "the build agent's VMs (tests/tests/agent_*.rs)",
+    },
+    Peer {
+        package: "qemu-utils",
+        commands: &["qemu-img"],
+        used_for: "the build agent's overlays (tests/tests/agent_*.rs)",
+    },
+];
 
 /// Directories searched besides `PATH`: daemons such as `sshd` live in sbin, which an
 /// ordinary user's `PATH` often lacks.

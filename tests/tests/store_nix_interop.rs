@@ -12,34 +12,15 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use kiln_e2e::NixStore;
 
-fn kiln_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let profile = profile_dir
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "-p", "kiln", "--bin", "kiln"]);
-    if profile == "release" {
-        build.arg("--release");
-    }
-    let status = build.status().expect("cannot run cargo to build kiln");
-    assert!(status.success(), "building the kiln binary failed");
-    profile_dir.join("kiln")
-}
 
 /// Runs `kiln store --store URL ARGS…` with `stdin`; its stdout.
 fn kiln(url: &str, args: &[&str], stdin: &[u8]) -> Vec<u8> {
-    let mut child = Command::new(kiln_bin())
+    let mut child = Command::new(kiln_e2e::kiln_bin())
         .arg("store")
         .arg("--store")
         .arg(url)

@@ -328,9 +328,11 @@ pub fn run(args: StoreArgs) -> anyhow::Result<ExitCode> {
                 max_freed: max_freed.unwrap_or(u64::MAX),
             })?;
             if deleting {
+                let mut err = io::BufWriter::new(io::stderr().lock());
                 for p in &results.paths {
-                    eprintln!("deleting '{}'", store.store_dir().print_path(p));
+                    writeln!(err, "deleting '{}'", store.store_dir().print_path(p))?;
                 }
+                err.flush()?;
                 writeln!(
                     out,
                     "{} store paths deleted, {:.2} MiB freed",

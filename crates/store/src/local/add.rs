@@ -27,7 +27,7 @@ use kiln_formats::store_path::{FileIngestionMethod, StorePath, StorePathSet};
 
 use super::fsutil::{self, set_canonical_times, set_canonical_times_fd};
 use super::lock::PathLock;
-use super::{LocalStore, drv};
+use super::{LocalStore, drv, par};
 use crate::store::text_path_info;
 use crate::{AddOptions, PathInfo, Store, StoreError};
 
@@ -359,16 +359,15 @@ impl LocalStore {
         tx.register(&infos, &outputs)?;
         tx.commit()?;
         drop(db);
-        drop(ready); // releases the path locks only now
+        // Release the path locks only now (deleting each lock file also
+        // waits on the journal, so in parallel).
+        par::map(ready, drop);
         Ok(infos)
     }
 
     /// Takes the lock of `path` after making it a temporary root.
     pub(crate) fn lock_path(&self, path: &StorePath) -> Result<PathLock, StoreError> {
         self.add_temp_root(path)?;
-        if self.locks_held_by_parent.lock().unwrap_or_else(|p| p.into_inner()).contains(path) {
-            return Ok(PathLock::held_by_parent(&PathLock::lock_path_for(&self.real_store, path)));
-        }
         if self
             .locks_held_by_parent
             .lock()
@@ -523,28 +522,90 @@ impl LocalStore {
         for chunk in items.chunks(BATCH) {
             let mut ready = Vec::new();
             let mut order = Vec::new(); // Ok(index into ready) or Err(existing info)
-            for item in chunk {
-                let (info, temp) = self.stage_item(item, durability)?;
-                if let Some(i) = ready.iter().position(|r: &Ready| r.info.path == info.path) {
-                    // The same contents twice in one batch (locking the
-                    // path again would wait on ourselves).
+            // Restoring and locking many small paths waits on the journal
+            // for every file created: do it on several threads at once.
+            let results = par::map(chunk.iter().collect(), |item| {
+                self.stage_item(item, durability)
+            });
+            let mut staged = Vec::with_capacity(chunk.len());
+            let mut failure = None;
+            for r in results {
+                match r {
+                    Ok(s) => staged.push(s),
+                    Err(e) => failure = failure.or(Some(e)),
+                }
+            }
+            if let Some(e) = failure {
+                par::map(staged, |(_, temp)| fsutil::remove_tree(&temp));
+                return Err(e);
+            }
+            // One write to the temp-roots file for the whole chunk.
+            let roots: Vec<&StorePath> = staged.iter().map(|(info, _)| &info.path).collect();
+            self.add_temp_roots(&roots)?;
+            // Duplicates in one batch are added once (locking a path twice
+            // would wait on ourselves).
+            let mut unique: Vec<(PathInfo, PathBuf)> = Vec::with_capacity(staged.len());
+            let mut slot = Vec::with_capacity(staged.len());
+            for (info, temp) in staged {
+                match unique.iter().position(|(u, _)| u.path == info.path) {
+                    Some(i) => {
+                        let _ = fsutil::remove_tree(&temp);
+                        slot.push(i);
+                    }
+                    None => {
+                        slot.push(unique.len());
+                        unique.push((info, temp));
+                    }
+                }
+            }
+            let real_store = &self.real_store;
+            let locked = par::map(unique, |(info, temp)| {
+                PathLock::acquire(&PathLock::lock_path_for(real_store, &info.path), true).map(|l| {
+                    (
+                        info,
+                        temp,
+                        l.expect("waiting lock acquisition always succeeds"),
+                    )
+                })
+            });
+            let mut index_in_ready = Vec::with_capacity(locked.len());
+            let mut existing_infos = Vec::new();
+            let mut failure = None;
+            for l in locked {
+                let (info, temp, lock) = match l {
+                    Ok(x) => x,
+                    Err(e) => {
+                        failure = failure.or(Some(e));
+                        continue;
+                    }
+                };
+                if failure.is_some() {
                     let _ = fsutil::remove_tree(&temp);
-                    order.push(Ok(i));
                     continue;
                 }
-                let lock = self.lock_path(&info.path)?;
                 if !options.repair {
                     if let Some(existing) = self.query_path_info(&info.path)? {
                         let _ = fsutil::remove_tree(&temp);
-                        order.push(Err(existing));
+                        index_in_ready.push(Err(existing_infos.len()));
+                        existing_infos.push(existing);
                         continue;
                     }
                 }
-                order.push(Ok(ready.len()));
+                index_in_ready.push(Ok(ready.len()));
                 ready.push(Ready {
                     info,
                     temp,
                     _lock: lock,
+                });
+            }
+            if let Some(e) = failure {
+                par::map(ready, |r| fsutil::remove_tree(&r.temp));
+                return Err(e);
+            }
+            for i in slot {
+                order.push(match index_in_ready[i] {
+                    Ok(r) => Ok(r),
+                    Err(e) => Err(existing_infos[e].clone()),
                 });
             }
             let committed = self.commit(ready, durability)?;

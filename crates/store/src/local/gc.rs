@@ -22,8 +22,8 @@ use kiln_formats::nixbase32;
 use kiln_formats::store_path::{StorePath, StorePathSet};
 
 use super::LocalStore;
-use super::fsutil;
 use super::lock::{self, FileLock, LockKind};
+use super::{fsutil, par};
 use crate::{Store, StoreError};
 
 /// What a collection does.
@@ -315,13 +315,15 @@ impl LocalStore {
                 }
                 tx.commit()?;
             }
-            for &i in batch {
-                let path = &graph.paths[i];
-                let real = self.real_path(path);
-                tracing::debug!(path = %self.config.store_dir.display(path), "deleting");
-                results.bytes_freed +=
-                    fsutil::remove_tree(&real).map_err(|e| StoreError::io("delete", &real, e))?;
-                results.paths.push(path.clone());
+            // Deleting waits on the journal for every file: several at once.
+            let freed = par::map(batch.to_vec(), |i| {
+                let real = self.real_path(&graph.paths[i]);
+                tracing::debug!(path = %real.display(), "deleting");
+                fsutil::remove_tree(&real).map_err(|e| StoreError::io("delete", &real, e))
+            });
+            for (&i, f) in batch.iter().zip(freed) {
+                results.bytes_freed += f?;
+                results.paths.push(graph.paths[i].clone());
             }
         }
 

@@ -26,6 +26,7 @@ pub mod fsutil;
 pub mod gc;
 pub mod lock;
 pub mod optimise;
+mod par;
 pub mod verify;
 
 pub use add::{BatchItem, Durability};

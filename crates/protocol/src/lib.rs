@@ -26,6 +26,7 @@
 //! Invariant: nothing a peer sends can make the daemon panic or allocate
 //! without bound; every length from the wire is checked first.
 
+pub mod client;
 pub mod serve;
 pub mod serve_client;
 pub mod server;

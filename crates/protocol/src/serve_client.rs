@@ -203,7 +203,8 @@ impl<R: Read, W: Write> ServeClient<R, W> {
             wire::write_u64(&mut self.w, options.max_log_size)?;
         }
         if minor >= 3 {
-            wire::write_u64(&mut self.w, 1)?; // nrRepeats
+            // Extra rounds, not rounds: 1 would build twice and compare.
+            wire::write_u64(&mut self.w, 0)?; // nrRepeats
             wire::write_bool(&mut self.w, false)?; // enforceDeterminism
         }
         self.w.flush()?;

@@ -1,0 +1,530 @@
+//! A [`Store`] that talks to a daemon over its Unix socket (`daemon`,
+//! `unix://PATH`): Kiln's `store-daemon` or Nix's `nix-daemon`.
+//!
+//! Connections are pooled: each call takes an idle connection (or opens
+//! one), so the store can be shared between threads and calls from many
+//! threads run concurrently, one connection each.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use kiln_formats::hash::{HashAlgo, HashingWriter};
+use kiln_formats::store_path::{StoreDir, StorePath, StorePathSet};
+use kiln_store::{AddOptions, PathInfo, Store, StoreError};
+
+use crate::wire::{self, FramedWriter};
+use crate::worker::{self, DecodeError, LogMessage, Op, Version, minor};
+
+/// The socket of the machine's daemon.
+pub const DEFAULT_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
+
+/// A store served by a daemon.
+#[derive(Debug)]
+pub struct DaemonStore {
+    socket: PathBuf,
+    store_dir: StoreDir,
+    idle: Mutex<Vec<Connection>>,
+}
+
+/// One handshaken connection.
+#[derive(Debug)]
+pub struct Connection {
+    r: BufReader<UnixStream>,
+    w: BufWriter<UnixStream>,
+    version: Version,
+    /// The daemon's version string (from 1.33).
+    pub daemon_version: Option<String>,
+    /// Whether the daemon trusts us (from 1.35).
+    pub trusted: Option<bool>,
+}
+
+fn stream_err(action: &'static str) -> impl FnOnce(io::Error) -> StoreError {
+    move |source| StoreError::Stream { action, source }
+}
+
+fn decode_err(e: DecodeError) -> StoreError {
+    StoreError::Stream {
+        action: "read the daemon's answer",
+        source: io::Error::new(io::ErrorKind::InvalidData, e),
+    }
+}
+
+/// The daemon reported a failure.
+fn remote_err(message: String) -> StoreError {
+    StoreError::Stream {
+        action: "complete the operation in the daemon",
+        source: io::Error::other(message),
+    }
+}
+
+impl Connection {
+    /// Connects to `socket` and does the handshake.
+    pub fn open(socket: &Path) -> Result<Connection, StoreError> {
+        let stream = UnixStream::connect(socket).map_err(|source| StoreError::Io {
+            action: "connect to the daemon socket",
+            path: socket.to_path_buf(),
+            source,
+        })?;
+        let w = BufWriter::new(
+            stream
+                .try_clone()
+                .map_err(stream_err("clone the connection"))?,
+        );
+        let mut conn = Connection {
+            r: BufReader::new(stream),
+            w,
+            version: worker::PROTOCOL_VERSION,
+            daemon_version: None,
+            trusted: None,
+        };
+        conn.handshake()?;
+        Ok(conn)
+    }
+
+    fn handshake(&mut self) -> Result<(), StoreError> {
+        let e = stream_err("do the daemon handshake");
+        wire::write_u64(&mut self.w, worker::WORKER_MAGIC_1)
+            .map_err(stream_err("do the daemon handshake"))?;
+        self.w
+            .flush()
+            .map_err(stream_err("do the daemon handshake"))?;
+        let magic = wire::read_u64(&mut self.r).map_err(|e| decode_err(e.into()))?;
+        if magic != worker::WORKER_MAGIC_2 {
+            return Err(e(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the socket answered magic {magic:#x}, not a Nix daemon's"),
+            )));
+        }
+        let server = wire::read_u64(&mut self.r).map_err(|e| decode_err(e.into()))?;
+        if server >> 8 != 1 || server < worker::MIN_PROTOCOL_VERSION {
+            return Err(e(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the daemon speaks protocol {}.{}, Kiln needs 1.21 or newer",
+                    server >> 8,
+                    server & 0xff
+                ),
+            )));
+        }
+        self.version = server.min(worker::PROTOCOL_VERSION);
+        let w = &mut self.w;
+        let io_res = (|| -> io::Result<()> {
+            wire::write_u64(w, worker::PROTOCOL_VERSION)?;
+            Ok(())
+        })();
+        io_res.map_err(stream_err("do the daemon handshake"))?;
+        if minor(self.version) >= 38 {
+            wire::write_strings(&mut self.w, worker::FEATURES)
+                .map_err(stream_err("do the daemon handshake"))?;
+            self.w
+                .flush()
+                .map_err(stream_err("do the daemon handshake"))?;
+            wire::read_strings(&mut self.r).map_err(|e| decode_err(e.into()))?;
+        }
+        wire::write_u64(&mut self.w, 0).map_err(stream_err("do the daemon handshake"))?; // no CPU affinity
+        wire::write_u64(&mut self.w, 0).map_err(stream_err("do the daemon handshake"))?; // reserveSpace
+        self.w
+            .flush()
+            .map_err(stream_err("do the daemon handshake"))?;
+        if minor(self.version) >= 33 {
+            self.daemon_version =
+                Some(wire::read_string(&mut self.r).map_err(|e| decode_err(e.into()))?);
+        }
+        if minor(self.version) >= 35 {
+            self.trusted = match wire::read_u64(&mut self.r).map_err(|e| decode_err(e.into()))? {
+                1 => Some(true),
+                2 => Some(false),
+                _ => None,
+            };
+        }
+        self.process_log(None)
+    }
+
+    /// The negotiated protocol version.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// Reads log messages until `STDERR_LAST`; log lines go to tracing,
+    /// a daemon error becomes the result. `source` answers `STDERR_READ`.
+    fn process_log(&mut self, mut source: Option<&mut dyn Read>) -> Result<(), StoreError> {
+        loop {
+            match worker::read_log_message(&mut self.r, self.version).map_err(decode_err)? {
+                LogMessage::Last => return Ok(()),
+                LogMessage::Error { message, .. } => return Err(remote_err(message)),
+                LogMessage::Next(line) => tracing::info!(target: "daemon", "{line}"),
+                LogMessage::Read(n) => {
+                    let mut buf = vec![0u8; n.min(1 << 20) as usize];
+                    let got = match source.as_deref_mut() {
+                        Some(s) => s
+                            .read(&mut buf)
+                            .map_err(stream_err("read data the daemon asked for"))?,
+                        None => 0,
+                    };
+                    wire::write_bytes(&mut self.w, &buf[..got])
+                        .map_err(stream_err("send data to the daemon"))?;
+                    self.w
+                        .flush()
+                        .map_err(stream_err("send data to the daemon"))?;
+                }
+                LogMessage::Write(data) => {
+                    tracing::debug!(target: "daemon", bytes = data.len(), "daemon wrote data")
+                }
+                LogMessage::StartActivity { text, .. } if !text.is_empty() => {
+                    tracing::info!(target: "daemon", "{text}")
+                }
+                LogMessage::Result { fields, .. } => {
+                    for f in fields {
+                        if let worker::Field::Str(s) = f {
+                            tracing::info!(target: "daemon", "{s}");
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn send_op(
+        &mut self,
+        op: Op,
+        args: impl FnOnce(&mut BufWriter<UnixStream>) -> io::Result<()>,
+    ) -> Result<(), StoreError> {
+        wire::write_u64(&mut self.w, op as u64)
+            .map_err(stream_err("send a request to the daemon"))?;
+        args(&mut self.w).map_err(stream_err("send a request to the daemon"))?;
+        self.w
+            .flush()
+            .map_err(stream_err("send a request to the daemon"))?;
+        Ok(())
+    }
+
+    /// Sends `op`, processes the log, and reads the answer with `answer`.
+    fn call<T>(
+        &mut self,
+        op: Op,
+        args: impl FnOnce(&mut BufWriter<UnixStream>) -> io::Result<()>,
+        answer: impl FnOnce(&mut BufReader<UnixStream>, Version) -> Result<T, DecodeError>,
+    ) -> Result<T, StoreError> {
+        self.send_op(op, args)?;
+        self.process_log(None)?;
+        answer(&mut self.r, self.version).map_err(decode_err)
+    }
+}
+
+impl DaemonStore {
+    /// A store served on `socket` (nothing is connected until first use).
+    pub fn new(socket: impl Into<PathBuf>) -> DaemonStore {
+        DaemonStore {
+            socket: socket.into(),
+            store_dir: StoreDir::default(),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Opens a connection now, to check the daemon is there; it is kept
+    /// for later calls. Returns the daemon's version string, if it sent one.
+    pub fn ping(&self) -> Result<Option<String>, StoreError> {
+        let conn = Connection::open(&self.socket)?;
+        let version = conn.daemon_version.clone();
+        self.put(conn);
+        Ok(version)
+    }
+
+    fn take(&self) -> Result<Connection, StoreError> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match idle {
+            Some(c) => Ok(c),
+            None => Connection::open(&self.socket),
+        }
+    }
+
+    fn put(&self, conn: Connection) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+    }
+
+    /// Runs `f` on a connection; a connection that failed at the transport
+    /// level is dropped, one that only got an error answer is reused.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.take()?;
+        let result = f(&mut conn);
+        let reusable = match &result {
+            Ok(_) => true,
+            Err(StoreError::Stream { action, .. }) => {
+                *action == "complete the operation in the daemon"
+            }
+            Err(_) => false,
+        };
+        if reusable {
+            self.put(conn);
+        }
+        result
+    }
+}
+
+impl Store for DaemonStore {
+    fn store_dir(&self) -> &StoreDir {
+        &self.store_dir
+    }
+
+    fn url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    fn query_path_info(&self, path: &StorePath) -> Result<Option<PathInfo>, StoreError> {
+        let sd = self.store_dir.clone();
+        self.with(|c| {
+            c.call(
+                Op::QueryPathInfo,
+                |w| worker::write_path(w, &sd, path),
+                |r, v| {
+                    if minor(v) >= 17 && !wire::read_bool(r)? {
+                        return Ok(None);
+                    }
+                    worker::read_path_info_unkeyed(r, &sd, path.clone(), v).map(Some)
+                },
+            )
+        })
+    }
+
+    fn is_valid_path(&self, path: &StorePath) -> Result<bool, StoreError> {
+        let sd = self.store_dir.clone();
+        self.with(|c| {
+            c.call(
+                Op::IsValidPath,
+                |w| worker::write_path(w, &sd, path),
+                |r, _| Ok(wire::read_bool(r)?),
+            )
+        })
+    }
+
+    fn query_valid_paths(&self, paths: &StorePathSet) -> Result<StorePathSet, StoreError> {
+        let sd = self.store_dir.clone();
+        self.with(|c| {
+            c.call(
+                Op::QueryValidPaths,
+                |w| {
+                    worker::write_paths(w, &sd, paths)?;
+                    wire::write_bool(w, false)
+                },
+                |r, _| worker::read_paths(r, &sd),
+            )
+        })
+    }
+
+    fn query_all_valid_paths(&self) -> Result<StorePathSet, StoreError> {
+        let sd = self.store_dir.clone();
+        self.with(|c| {
+            c.call(
+                Op::QueryAllValidPaths,
+                |_| Ok(()),
+                |r, _| worker::read_paths(r, &sd),
+            )
+        })
+    }
+
+    fn query_referrers(&self, path: &StorePath) -> Result<StorePathSet, StoreError> {
+        let sd = self.store_dir.clone();
+        self.with(|c| {
+            c.call(
+                Op::QueryReferrers,
+                |w| worker::write_path(w, &sd, path),
+                |r, _| worker::read_paths(r, &sd),
+            )
+        })
+    }
+
+    fn query_path_from_hash_part(&self, hash_part: &str) -> Result<Option<StorePath>, StoreError> {
+        let sd = self.store_dir.clone();
+        self.with(|c| {
+            c.call(
+                Op::QueryPathFromHashPart,
+                |w| wire::write_bytes(w, hash_part.as_bytes()),
+                |r, _| worker::read_opt_path(r, &sd),
+            )
+        })
+    }
+
+    fn query_derivation_outputs(
+        &self,
+        drv: &StorePath,
+    ) -> Result<BTreeMap<String, StorePath>, StoreError> {
+        let sd = self.store_dir.clone();
+        self.with(|c| {
+            c.call(
+                Op::QueryDerivationOutputMap,
+                |w| worker::write_path(w, &sd, drv),
+                |r, _| {
+                    let mut out = BTreeMap::new();
+                    for (name, path) in wire::read_string_pairs(r)? {
+                        if !path.is_empty() {
+                            out.insert(name, worker::parse_path(&sd, &path)?);
+                        }
+                    }
+                    Ok(out)
+                },
+            )
+        })
+    }
+
+    fn add_nar(
+        &self,
+        info: &PathInfo,
+        nar: &mut dyn BufRead,
+        options: AddOptions,
+    ) -> Result<(), StoreError> {
+        let sd = self.store_dir.clone();
+        let printed = sd.print_path(&info.path);
+        // Spool and check the NAR first: the daemon's refusal would come back
+        // as text, while the caller deserves the precise error.
+        let spool = tempfile::tempfile().map_err(|source| StoreError::Io {
+            action: "create a temporary file in",
+            path: std::env::temp_dir(),
+            source,
+        })?;
+        let mut hashing = HashingWriter::new(HashAlgo::Sha256, BufWriter::new(spool));
+        let mut partial = Vec::new();
+        let copied = {
+            let mut tee = TeeFirst {
+                inner: &mut hashing,
+                head: &mut partial,
+                limit: 1 << 20,
+            };
+            wire::copy_nar(nar, &mut tee)
+        };
+        if let Err(e) = copied {
+            // Let the NAR reader say precisely what is wrong with it.
+            let source = match kiln_formats::nar::list(&partial[..]) {
+                Err(read_error) => read_error,
+                Ok(_) => {
+                    return Err(StoreError::Stream {
+                        action: "read the NAR to add",
+                        source: e.into(),
+                    });
+                }
+            };
+            return Err(StoreError::BadNar {
+                path: printed,
+                source,
+            });
+        }
+        let (buffered, hash, size) = hashing.finish();
+        if size != info.nar_size {
+            return Err(StoreError::NarSizeMismatch {
+                path: printed,
+                expected: info.nar_size,
+                actual: size,
+            });
+        }
+        if hash != info.nar_hash {
+            return Err(StoreError::NarHashMismatch {
+                path: printed,
+                expected: info.nar_hash,
+                actual: hash,
+            });
+        }
+        let mut spool = buffered.into_inner().map_err(|e| StoreError::Stream {
+            action: "spool the NAR",
+            source: e.into_error(),
+        })?;
+        spool
+            .rewind()
+            .map_err(stream_err("rewind the spooled NAR"))?;
+        self.with(|c| {
+            let version = c.version;
+            c.send_op(Op::AddToStoreNar, |w| {
+                worker::write_path_info(w, &sd, info, version)?;
+                wire::write_bool(w, options.repair)?;
+                wire::write_bool(w, !options.check_sigs)
+            })?;
+            if minor(version) >= 23 {
+                let mut framed = FramedWriter::new(&mut c.w);
+                io::copy(&mut spool, &mut framed)
+                    .map_err(stream_err("send a NAR to the daemon"))?;
+                framed
+                    .finish()
+                    .map_err(stream_err("send a NAR to the daemon"))?;
+                c.w.flush()
+                    .map_err(stream_err("send a NAR to the daemon"))?;
+                c.process_log(None)
+            } else {
+                c.process_log(Some(&mut spool))
+            }
+        })
+    }
+
+    fn add_text(
+        &self,
+        name: &str,
+        contents: &[u8],
+        references: &StorePathSet,
+    ) -> Result<PathInfo, StoreError> {
+        let sd = self.store_dir.clone();
+        let path = self.with(|c| {
+            c.call(
+                Op::AddTextToStore,
+                |w| {
+                    wire::write_bytes(w, name.as_bytes())?;
+                    wire::write_bytes(w, contents)?;
+                    worker::write_paths(w, &sd, references)
+                },
+                |r, _| worker::read_path(r, &sd),
+            )
+        })?;
+        self.path_info_or_error(&path)
+    }
+
+    fn nar_from_path(&self, path: &StorePath, out: &mut dyn Write) -> Result<(), StoreError> {
+        let sd = self.store_dir.clone();
+        self.with(|c| {
+            c.send_op(Op::NarFromPath, |w| worker::write_path(w, &sd, path))?;
+            c.process_log(None)?;
+            wire::copy_nar(&mut c.r, out).map_err(|e| StoreError::Stream {
+                action: "receive a NAR from the daemon",
+                source: e.into(),
+            })?;
+            Ok(())
+        })
+    }
+
+    fn add_temp_root(&self, path: &StorePath) -> Result<(), StoreError> {
+        let sd = self.store_dir.clone();
+        self.with(|c| {
+            c.call(
+                Op::AddTempRoot,
+                |w| worker::write_path(w, &sd, path),
+                |r, _| Ok(wire::read_u64(r)?),
+            )
+        })
+        .map(drop)
+    }
+}
+
+/// A writer that also keeps the first `limit` bytes (to diagnose a
+/// malformed NAR).
+struct TeeFirst<'a, W> {
+    inner: &'a mut W,
+    head: &'a mut Vec<u8>,
+    limit: usize,
+}
+
+impl<W: Write> Write for TeeFirst<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        let room = self.limit.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&buf[..n.min(room)]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}

@@ -1,0 +1,112 @@
+//! The daemon client against Kiln's own daemon, in process: the shared
+//! store behaviour tests pass through the wire exactly as on the local
+//! store, and malformed input leaves the daemon serving.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+
+use kiln_protocol::client::DaemonStore;
+use kiln_protocol::server::Daemon;
+use kiln_protocol::wire;
+use kiln_protocol::worker;
+use kiln_store::Store;
+use kiln_store::local::LocalStore;
+
+struct Served {
+    _dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+    _runtime: tokio::runtime::Runtime,
+}
+
+fn serve() -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalStore::open_root(dir.path().join("root")).unwrap());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let daemon = Arc::new(Daemon::new(
+        store,
+        Default::default(),
+        runtime.handle().clone(),
+    ));
+    let socket = dir.path().join("socket");
+    let listener = UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let daemon = daemon.clone();
+            std::thread::spawn(move || {
+                let input = stream.try_clone().unwrap();
+                let _ = daemon.serve_connection(true, input, &stream);
+            });
+        }
+    });
+    Served {
+        _dir: dir,
+        socket,
+        _runtime: runtime,
+    }
+}
+
+#[test]
+fn shared_store_behaviour_through_the_daemon() {
+    let served = serve();
+    let store = DaemonStore::new(&served.socket);
+    let version = store.ping().unwrap().unwrap();
+    assert!(version.contains("Kiln"), "{version}");
+    let scratch = tempfile::tempdir().unwrap();
+    kiln_store::testing::run_behaviour_tests(&store, scratch.path());
+}
+
+fn handshake(stream: &mut UnixStream) {
+    wire::write_u64(stream, worker::WORKER_MAGIC_1).unwrap();
+    wire::write_u64(stream, (1 << 8) | 34).unwrap();
+    wire::write_u64(stream, 0).unwrap();
+    wire::write_u64(stream, 0).unwrap();
+    assert_eq!(wire::read_u64(stream).unwrap(), worker::WORKER_MAGIC_2);
+    wire::read_u64(stream).unwrap();
+    wire::read_string(stream).unwrap();
+    assert_eq!(wire::read_u64(stream).unwrap(), worker::STDERR_LAST);
+}
+
+#[test]
+fn unknown_and_malformed_requests_get_errors_and_the_daemon_goes_on() {
+    let served = serve();
+    // An unknown operation: an error, then the connection closes.
+    let mut s = UnixStream::connect(&served.socket).unwrap();
+    handshake(&mut s);
+    wire::write_u64(&mut s, 999).unwrap();
+    match worker::read_log_message(&mut s, (1 << 8) | 34).unwrap() {
+        worker::LogMessage::Error { message, .. } => assert!(message.contains("999"), "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    // A request that cannot be decoded (not a store path): an error, and
+    // the connection closes, since its arguments may be out of step.
+    let mut s = UnixStream::connect(&served.socket).unwrap();
+    handshake(&mut s);
+    wire::write_u64(&mut s, 1).unwrap();
+    wire::write_bytes(&mut s, b"/tmp/not-a-store-path").unwrap();
+    s.flush().unwrap();
+    assert!(matches!(
+        worker::read_log_message(&mut s, (1 << 8) | 34).unwrap(),
+        worker::LogMessage::Error { .. }
+    ));
+    // An operation that fails (the NAR of an invalid path): an error, and
+    // the connection goes on.
+    let store = DaemonStore::new(&served.socket);
+    let missing = store
+        .store_dir()
+        .parse_path("/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-missing")
+        .unwrap();
+    assert!(store.query_path_info(&missing).unwrap().is_none());
+    assert!(store.nar_from_path(&missing, &mut Vec::new()).is_err());
+    // The same pooled connection still answers after the error.
+    assert!(!store.is_valid_path(&missing).unwrap());
+    // A garbage client: the daemon survives it.
+    let mut s = UnixStream::connect(&served.socket).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    drop(s);
+    assert!(!store.is_valid_path(&missing).unwrap());
+}

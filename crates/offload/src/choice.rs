@@ -47,7 +47,10 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Choic
 /// Tunables of the choice.
 #[derive(Debug, Clone)]
 pub struct ChoiceSettings {
-    /// Load average per core above which a machine takes no more builds.
+    /// Load average per core above which a machine takes no more builds
+    /// (infinite by default: on a machine shared with other work the load
+    /// says little about what a build will get; farms set it, e.g. 0.8 as
+    /// `guix offload` does).
     pub overload_per_core: f64,
     /// Free disk a machine must have for its store.
     pub min_free_bytes: u64,
@@ -61,7 +64,7 @@ pub struct ChoiceSettings {
 impl Default for ChoiceSettings {
     fn default() -> Self {
         ChoiceSettings {
-            overload_per_core: 4.0,
+            overload_per_core: f64::INFINITY,
             min_free_bytes: 64 << 20,
             load_ttl: Duration::from_secs(5),
             backoff: Duration::from_secs(10),

@@ -61,6 +61,8 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /tmp /nix /sys/fs/cgroup /dev/pts /dev/shm
 mount -t tmpfs -o mode=1777 tmp /tmp
+mkdir -p /run
+mount -t tmpfs -o mode=0755 run /run
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 for m in $(cat /mods/order); do insmod /mods/$m.ko; done
 ip link set lo up

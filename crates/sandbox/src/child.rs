@@ -168,6 +168,7 @@ pub(crate) fn init_entry(a: &mut ChildArgs) -> ! {
     close_all_but(a.keep_fds);
     // SAFETY: plain system calls on prepared data throughout.
     unsafe {
+        libc::umask(0);
         if let Some(lim) = a.nofile_needed {
             check!(
                 a,
@@ -286,12 +287,8 @@ fn run_step(a: &ChildArgs, step: &Step) -> i32 {
                 libc::MS_REC | libc::MS_PRIVATE,
                 ptr::null(),
             ),
-            Step::Mkdir { path, mode } => {
-                if libc::mkdir(path.as_ptr(), *mode) < 0 {
-                    return -1;
-                }
-                libc::chmod(path.as_ptr(), *mode)
-            }
+            // init runs with umask 0, so the mode is exact.
+            Step::Mkdir { path, mode } => libc::mkdir(path.as_ptr(), *mode),
             Step::Touch { path } => {
                 let fd = libc::open(
                     path.as_ptr(),
@@ -335,12 +332,17 @@ fn run_step(a: &ChildArgs, step: &Step) -> i32 {
                 {
                     return -1;
                 }
-                if let Source::Opened(i) = source {
-                    libc::close(a.source_fds[*i]);
+                // (The source descriptors are closed all at once after setup.)
+                if *attrs == 0 {
+                    return 0;
                 }
                 set_attrs(path, *attrs, true)
             }
-            Step::SetAttrs { path, attrs } => set_attrs(path, *attrs, false),
+            Step::SetAttrs {
+                path,
+                attrs,
+                recursive,
+            } => set_attrs(path, *attrs, *recursive),
             Step::Symlink { target, link } => libc::symlink(target.as_ptr(), link.as_ptr()),
             Step::WriteFile { path, contents } => {
                 let fd = libc::open(

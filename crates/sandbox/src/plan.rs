@@ -52,6 +52,7 @@ pub(crate) enum Step {
     SetAttrs {
         path: CString,
         attrs: u64,
+        recursive: bool,
     },
     Symlink {
         target: CString,
@@ -147,15 +148,27 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn mount(
+    /// Where a bind lands: a directory, or an empty file for a file source.
+    fn mount_point(&mut self, rel: &Path, is_dir: bool) -> Result<(), PlanError> {
+        if is_dir {
+            return self.mkdirs(rel, 0o755);
+        }
+        if let Some(parent) = rel.parent() {
+            self.mkdirs(parent, 0o755)?;
+        }
+        let path = self.host(rel)?;
+        self.steps.push(Step::Touch { path });
+        Ok(())
+    }
+
+    /// Mounts a file system on an existing directory.
+    fn mount_here(
         &mut self,
         rel: &str,
         fstype: &'static std::ffi::CStr,
         flags: u64,
         data: &str,
-        mode: u32,
     ) -> Result<(), PlanError> {
-        self.mkdirs(Path::new(rel), mode)?;
         let path = self.host(Path::new(rel))?;
         self.steps.push(Step::Mount {
             fstype,
@@ -200,40 +213,43 @@ pub(crate) fn make_plan(spec: &SandboxSpec, staging: &Path) -> Result<Plan, Plan
         data: CString::new("mode=0755").unwrap(),
     });
 
-    b.mount("proc", c"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "", 0o555)?;
+    // The order keeps the number of mount operations low (they dominate the cost
+    // of a sandbox): first every directory and file on the root tmpfs, then the
+    // read-only binds, then one recursive `mount_setattr` that makes the root and
+    // all of those read-only at once, then the writable mounts.
 
-    b.mount("dev", c"tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755", 0o755)?;
-    for node in ["null", "zero", "full", "random", "urandom", "tty"] {
-        let path = b.host(&Path::new("dev").join(node))?;
-        b.steps.push(Step::Touch { path: path.clone() });
-        b.steps.push(Step::Bind {
-            source: Source::Path(CString::new(format!("/dev/{node}")).unwrap()),
-            path,
-            attrs: ATTR_NOSUID | ATTR_NOEXEC,
-        });
+    // Binds below a writable mount (or /dev, /tmp, /proc) are made after it.
+    let mut binds: Vec<_> = spec.binds.iter().collect();
+    binds.sort_by(|x, y| x.target.components().cmp(y.target.components()));
+    let mut late_roots: Vec<PathBuf> = ["dev", "tmp", "proc"].map(PathBuf::from).to_vec();
+    let mut early = Vec::new();
+    let mut late = Vec::new();
+    for bind in binds {
+        let rel = relative("bind target", &bind.target)?;
+        let meta = match std::fs::metadata(&bind.source) {
+            Ok(m) => m,
+            Err(_) if bind.optional || spec.mode == SandboxMode::Relaxed => continue,
+            Err(source) => {
+                return Err(PlanError::MissingSource {
+                    path: bind.source.clone(),
+                    source,
+                });
+            }
+        };
+        let nested = late_roots.iter().any(|r| rel.starts_with(r));
+        if bind.writable || nested {
+            if !nested {
+                late_roots.push(rel.clone());
+            }
+            late.push((bind, rel, meta.is_dir(), nested));
+        } else {
+            early.push((bind, rel, meta.is_dir()));
+        }
     }
-    b.mount(
-        "dev/shm",
-        c"tmpfs",
-        MS_NOSUID | MS_NODEV,
-        "mode=1777,size=50%",
-        0o755,
-    )?;
-    b.mount(
-        "dev/pts",
-        c"devpts",
-        MS_NOSUID | MS_NOEXEC,
-        "newinstance,ptmxmode=0666,mode=0620",
-        0o755,
-    )?;
-    b.symlink("pts/ptmx", "dev/ptmx")?;
-    b.symlink("/proc/self/fd", "dev/fd")?;
-    b.symlink("/proc/self/fd/0", "dev/stdin")?;
-    b.symlink("/proc/self/fd/1", "dev/stdout")?;
-    b.symlink("/proc/self/fd/2", "dev/stderr")?;
 
-    b.mount("tmp", c"tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", 0o755)?;
-
+    b.mkdirs(Path::new("proc"), 0o555)?;
+    b.mkdirs(Path::new("dev"), 0o755)?;
+    b.mkdirs(Path::new("tmp"), 0o755)?;
     b.mkdirs(Path::new("etc"), 0o755)?;
     let home = spec.home.to_string_lossy();
     b.write(
@@ -273,53 +289,17 @@ pub(crate) fn make_plan(spec: &SandboxSpec, staging: &Path) -> Result<Plan, Plan
             b"hosts: files dns\nservices: files\n".to_vec(),
         )?;
     }
-
-    // Parents before children, so that a bind below another bind lands inside it.
-    let mut binds: Vec<_> = spec.binds.iter().collect();
-    binds.sort_by(|x, y| x.target.components().cmp(y.target.components()));
-    let mut sources = Vec::new();
-    for bind in binds {
-        let rel = relative("bind target", &bind.target)?;
-        let meta = match std::fs::metadata(&bind.source) {
-            Ok(m) => m,
-            Err(e) if bind.optional || spec.mode == SandboxMode::Relaxed => {
-                let _ = e;
-                continue;
-            }
-            Err(source) => {
-                return Err(PlanError::MissingSource {
-                    path: bind.source.clone(),
-                    source,
-                });
-            }
-        };
-        if meta.is_dir() {
-            b.mkdirs(&rel, 0o755)?;
-        } else {
-            if let Some(parent) = rel.parent() {
-                b.mkdirs(parent, 0o755)?;
-            }
-            let path = b.host(&rel)?;
-            b.steps.push(Step::Touch { path });
-        }
-        sources.push(cstr("bind source", bind.source.as_os_str())?);
-        let path = b.host(&rel)?;
-        // Device nodes asked for under /dev (e.g. /dev/kvm) must stay usable.
-        let mut attrs = if rel.starts_with("dev") {
-            ATTR_NOSUID
-        } else {
-            ATTR_NOSUID | ATTR_NODEV
-        };
-        if !bind.writable {
-            attrs |= ATTR_RDONLY;
-        }
-        b.steps.push(Step::Bind {
-            source: Source::Opened(sources.len() - 1),
-            path,
-            attrs,
-        });
+    // Mount points on the root for everything not nested in a later mount.
+    for (_, rel, is_dir) in &early {
+        b.mount_point(rel, *is_dir)?;
     }
-
+    for (_, rel, is_dir, nested) in &late {
+        if !nested {
+            b.mount_point(rel, *is_dir)?;
+        }
+    }
+    // Symlinks last on the root: every directory a bind needs exists by now, so
+    // a symlink can never redirect where a bind lands.
     for (link, target) in &spec.symlinks {
         let rel = relative("symlink", link)?;
         if let Some(parent) = rel.parent() {
@@ -332,15 +312,80 @@ pub(crate) fn make_plan(spec: &SandboxSpec, staging: &Path) -> Result<Plan, Plan
         });
     }
 
-    // Nothing may be created in / or /dev by the builder.
+    let mut sources = Vec::new();
+    let mut bind_step = |b: &mut Builder, bind: &crate::spec::Bind, rel: &Path, attrs: u64| {
+        sources.push(cstr("bind source", bind.source.as_os_str())?);
+        let path = b.host(rel)?;
+        b.steps.push(Step::Bind {
+            source: Source::Opened(sources.len() - 1),
+            path,
+            attrs,
+        });
+        Ok::<(), PlanError>(())
+    };
+    for (bind, rel, _) in &early {
+        bind_step(&mut b, bind, rel, 0)?;
+    }
+    b.steps.push(Step::SetAttrs {
+        path: root.clone(),
+        attrs: ATTR_RDONLY | ATTR_NOSUID | ATTR_NODEV,
+        recursive: true,
+    });
+
+    b.mount_here("proc", c"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "")?;
+    b.mount_here("dev", c"tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755")?;
+    for node in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let path = b.host(&Path::new("dev").join(node))?;
+        b.steps.push(Step::Touch { path: path.clone() });
+        b.steps.push(Step::Bind {
+            source: Source::Path(CString::new(format!("/dev/{node}")).unwrap()),
+            path,
+            attrs: ATTR_NOSUID | ATTR_NOEXEC,
+        });
+    }
+    b.mkdirs(Path::new("dev/shm"), 0o755)?;
+    b.mount_here(
+        "dev/shm",
+        c"tmpfs",
+        MS_NOSUID | MS_NODEV,
+        "mode=1777,size=50%",
+    )?;
+    b.mkdirs(Path::new("dev/pts"), 0o755)?;
+    b.mount_here(
+        "dev/pts",
+        c"devpts",
+        MS_NOSUID | MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )?;
+    b.symlink("pts/ptmx", "dev/ptmx")?;
+    b.symlink("/proc/self/fd", "dev/fd")?;
+    b.symlink("/proc/self/fd/0", "dev/stdin")?;
+    b.symlink("/proc/self/fd/1", "dev/stdout")?;
+    b.symlink("/proc/self/fd/2", "dev/stderr")?;
+    b.mount_here("tmp", c"tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")?;
+
+    for (bind, rel, is_dir, nested) in &late {
+        if *nested {
+            b.mount_point(rel, *is_dir)?;
+        }
+        // Device nodes asked for under /dev (e.g. /dev/kvm) must stay usable.
+        let mut attrs = if rel.starts_with("dev") {
+            ATTR_NOSUID
+        } else {
+            ATTR_NOSUID | ATTR_NODEV
+        };
+        if !bind.writable {
+            attrs |= ATTR_RDONLY;
+        }
+        bind_step(&mut b, bind, rel, attrs)?;
+    }
+
+    // Nothing may be created in /dev by the builder.
     let dev = b.host(Path::new("dev"))?;
     b.steps.push(Step::SetAttrs {
         path: dev,
         attrs: ATTR_RDONLY,
-    });
-    b.steps.push(Step::SetAttrs {
-        path: root.clone(),
-        attrs: ATTR_RDONLY,
+        recursive: false,
     });
 
     let program = cstr("program", spec.program.as_os_str())?;

@@ -150,6 +150,9 @@ pub fn as_caller(caller: Caller, f: impl FnOnce() -> Result<(), String>) -> Resu
     }
     // Prepared while still root: the forked child could not reach the original.
     probe_path();
+    // A forked child would wait forever on a OnceLock that another test thread was
+    // initialising at the moment of the fork.
+    kiln_sandbox::seccomp::filters().expect("seccomp filters");
     let mut fds = [0; 2];
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };

@@ -39,7 +39,7 @@ pub struct CopyOptions {
     /// Refuse paths not signed by one of these keys (content-addressed
     /// paths excepted); `None` copies without checking.
     pub trusted_keys: Option<TrustedKeys>,
-    /// Paths copied at once; 0 picks one per CPU (at least 4 when either
+    /// Paths copied at once; 0 picks one per CPU (at least 8 when either
     /// store is remote).
     pub jobs: usize,
     /// Copy only the paths given, not their closure (their references
@@ -86,6 +86,7 @@ pub fn copy_paths(
     let jobs = match options.jobs {
         0 => {
             let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+            // Round trips to a server are waiting, not computing.
             if is_remote(&src.url()) || is_remote(&dst.url()) {
                 cpus.max(8)
             } else {

@@ -536,11 +536,6 @@ impl<B: Backend> Run<B> {
                 });
                 continue;
             }
-            if !slot_free {
-                // The hook declined and no local slot is free: wait for one.
-                ready.push_front(i);
-                break;
-            }
             if self.options.max_jobs == 0 {
                 self.finish(
                     i,
@@ -554,6 +549,11 @@ impl<B: Backend> Run<B> {
                     ready,
                 );
                 continue;
+            }
+            if !slot_free {
+                // The hook declined and no local slot is free: wait for one.
+                ready.push_front(i);
+                break;
             }
             self.goals[i].state = State::Running;
             self.running_local += 1;

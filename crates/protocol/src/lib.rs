@@ -33,3 +33,28 @@ pub mod server;
 pub mod trust;
 pub mod wire;
 pub mod worker;
+
+use kiln_store::{Store, StoreError};
+
+/// Opens the store a URL names, as [`kiln_store::open_store`] does, and
+/// also daemon stores (`daemon`, `unix://PATH`), which `kiln-store` cannot
+/// open itself (the protocol sits above it). `daemon` means the machine's
+/// socket, or `$NIX_DAEMON_SOCKET_PATH` when set, as in Nix.
+pub fn open_store(url: &str) -> Result<Box<dyn Store>, StoreError> {
+    // Validates the URL and its parameters the one way the project has.
+    let _: kiln_store::StoreUrl = url.parse()?;
+    let base = url.split_once('?').map_or(url, |(b, _)| b);
+    let socket = if base == "daemon" {
+        Some(
+            std::env::var_os("NIX_DAEMON_SOCKET_PATH")
+                .map(Into::into)
+                .unwrap_or_else(|| std::path::PathBuf::from(client::DEFAULT_SOCKET)),
+        )
+    } else {
+        base.strip_prefix("unix://").map(std::path::PathBuf::from)
+    };
+    match socket {
+        Some(socket) => Ok(Box::new(client::DaemonStore::new(socket))),
+        None => kiln_store::open_store(url),
+    }
+}

@@ -60,7 +60,11 @@ fn overlapping_builds_build_each_derivation_once() {
     backward.reverse();
 
     let started = Instant::now();
-    let spawn = |targets: &[String]| {
+    // Output goes to files, not pipes: a process stuck in a sandbox must make
+    // this test fail with a message, never hang it.
+    let spawn = |targets: &[String], name: &str| {
+        let out = std::fs::File::create(dir.path().join(format!("{name}.out"))).unwrap();
+        let err = std::fs::File::create(dir.path().join(format!("{name}.err"))).unwrap();
         Command::new(&kiln)
             .args([
                 "build",
@@ -74,26 +78,48 @@ fn overlapping_builds_build_each_derivation_once() {
             ])
             .args(["--option", "sandbox-paths", "/bin /usr /lib /lib64?"])
             .args(targets)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
             .spawn()
             .unwrap()
     };
-    let a = spawn(&forward);
-    let b = spawn(&backward);
-    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let mut children = [spawn(&forward, "first"), spawn(&backward, "second")];
+    let deadline = started + Duration::from_secs(120);
+    let mut statuses = [None, None];
+    while statuses.iter().any(Option::is_none) {
+        for (child, status) in children.iter_mut().zip(statuses.iter_mut()) {
+            if status.is_none() {
+                *status = child.try_wait().unwrap();
+            }
+        }
+        if Instant::now() > deadline {
+            for child in &mut children {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            panic!(
+                "the two kiln build processes did not finish within 120 s (deadlock?): {statuses:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let elapsed = started.elapsed();
-    for (name, out) in [("first", &a), ("second", &b)] {
+    let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+    let outputs = [
+        ("first", read("first.out"), read("first.err")),
+        ("second", read("second.out"), read("second.err")),
+    ];
+    for ((name, _, err), status) in outputs.iter().zip(statuses.iter()) {
+        let status = status.unwrap();
         assert!(
-            out.status.success(),
-            "the {name} process failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+            status.success(),
+            "the {name} process failed ({status}):\n{}",
+            String::from_utf8_lossy(err)
         );
     }
     let mut built: BTreeMap<String, usize> = BTreeMap::new();
-    for out in [&a, &b] {
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (_, stdout, _) in &outputs {
+        let json: serde_json::Value = serde_json::from_slice(stdout).unwrap();
         let goals = json["goals"].as_object().expect("a goals object");
         assert_eq!(goals.len(), PACKAGES + 1, "{json}");
         for (drv, status) in goals {

@@ -1,0 +1,670 @@
+//! Offloading over real OpenSSH servers: each test starts `sshd`s on
+//! loopback ports (throwaway host keys, its own authorized_keys), each
+//! machine with its own store behind `store-daemon --serve --write` (or
+//! Nix 2.8's `nix-store --serve --write`), and builds through
+//! `offload-hook` from Kiln's scheduler and from Nix 2.8's daemon.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_e2e::{kiln_bin, nix, workspace_bin};
+
+fn sshd() -> PathBuf {
+    for p in ["/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd"] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    panic!(
+        "sshd is not installed: these tests need OpenSSH's server (run `cargo xtask setup`, or apt-get install openssh-server)"
+    );
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A free TCP port on 127.0.0.1.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Which store the machine serves.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Kiln,
+    Nix,
+}
+
+/// One build machine: an sshd and a store.
+#[derive(Debug)]
+struct Machine {
+    dir: PathBuf,
+    kind: Kind,
+    port: u16,
+    sshd: Option<Child>,
+    line: String,
+}
+
+impl Machine {
+    fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    fn uri(&self) -> &str {
+        self.line.split_whitespace().next().unwrap()
+    }
+
+    /// Kills the sshd and every session it forked, as a machine that
+    /// drops off the network.
+    fn kill(&mut self) {
+        let Some(mut child) = self.sshd.take() else {
+            return;
+        };
+        let mut pids = vec![child.id() as i32];
+        let mut i = 0;
+        while i < pids.len() {
+            let parent = pids[i];
+            for e in std::fs::read_dir("/proc").unwrap().flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                    continue;
+                };
+                let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+                let ppid: i32 = after
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(0);
+                if ppid == parent && !pids.contains(&pid) {
+                    pids.push(pid);
+                }
+            }
+            i += 1;
+        }
+        for p in &pids {
+            // SAFETY: signalling processes of the tree this test started.
+            unsafe { libc::kill(*p, libc::SIGKILL) };
+        }
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The machines of one test and the client key that reaches them.
+#[derive(Debug)]
+struct Farm {
+    dir: tempfile::TempDir,
+    machines: Vec<Machine>,
+}
+
+impl Farm {
+    fn new() -> Farm {
+        sshd();
+        std::fs::create_dir_all("/run/sshd").expect("cannot create /run/sshd (sshd's privilege separation directory): run the tests as root");
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-offload-")
+            .tempdir()
+            .unwrap();
+        run_ok(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(dir.path().join("client_key")),
+        );
+        Farm {
+            dir,
+            machines: Vec::new(),
+        }
+    }
+
+    /// Starts a machine; `max_jobs` and `speed` go into its machines line.
+    fn add(&mut self, kind: Kind, max_jobs: u32, speed: u32) -> usize {
+        let n = self.machines.len();
+        let dir = self.dir.path().join(format!("m{n}"));
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+        run_ok(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(dir.join("host_key")),
+        );
+        std::fs::copy(
+            self.dir.path().join("client_key.pub"),
+            dir.join("authorized_keys"),
+        )
+        .unwrap();
+        let program = match kind {
+            Kind::Kiln => {
+                let daemon = workspace_bin("store-daemon", "store-daemon");
+                let script = dir.join("bin/store-daemon");
+                std::fs::write(
+                    &script,
+                    format!(
+                        "#!/bin/sh\nexec {} --store 'local?root={}' --option sandbox-paths '/bin /usr /lib /lib64?' \"$@\"\n",
+                        daemon.display(),
+                        dir.join("root").display()
+                    ),
+                )
+                .unwrap();
+                script
+            }
+            Kind::Nix => {
+                std::fs::create_dir_all(dir.join("etc")).unwrap();
+                std::fs::write(
+                    dir.join("etc/nix.conf"),
+                    format!(
+                        "store = local?root={}\nsandbox = false\nsandbox-paths = /bin /usr /lib /lib64\nsubstituters =\nbuild-users-group =\nfsync-metadata = false\n",
+                        dir.join("root").display()
+                    ),
+                )
+                .unwrap();
+                let script = dir.join("bin/nix-store");
+                std::fs::write(
+                    &script,
+                    format!(
+                        "#!/bin/sh\nexport NIX_CONF_DIR={}\nexec {} \"$@\"\n",
+                        dir.join("etc").display(),
+                        nix().program("nix-store").display()
+                    ),
+                )
+                .unwrap();
+                script
+            }
+        };
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let port = free_port();
+        std::fs::write(
+            dir.join("sshd_config"),
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\nAuthorizedKeysFile {d}/authorized_keys\n\
+                 UsePAM no\nPermitRootLogin yes\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("sshd.log")).unwrap();
+        let child = Command::new(sshd())
+            .args(["-D", "-e", "-f"])
+            .arg(dir.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start sshd");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "sshd on port {port} did not start: {}",
+                std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let host_pub = std::fs::read_to_string(dir.join("host_key.pub")).unwrap();
+        let host_key = host_pub
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let line = format!(
+            "ssh://root@127.0.0.1:{port}?remote-program={} x86_64-linux {} {max_jobs} {speed} - - {}",
+            program.display(),
+            self.dir.path().join("client_key").display(),
+            base64(&host_key)
+        );
+        self.machines.push(Machine {
+            dir,
+            kind,
+            port,
+            sshd: Some(child),
+            line,
+        });
+        n
+    }
+
+    fn machines_file(&self) -> PathBuf {
+        let path = self.dir.path().join("machines");
+        let text: Vec<&str> = self.machines.iter().map(|m| m.line.as_str()).collect();
+        std::fs::write(&path, text.join("\n") + "\n").unwrap();
+        path
+    }
+
+    fn local_root(&self) -> PathBuf {
+        self.dir.path().join("local")
+    }
+
+    fn ssh_dir(&self) -> PathBuf {
+        // Control sockets need a short path.
+        let d = PathBuf::from(format!(
+            "/tmp/kos-{}",
+            self.machines.first().map_or(0, |m| m.port)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn choices(&self) -> String {
+        std::fs::read_to_string(self.local_root().join("nix/var/nix/offload/choices.log"))
+            .unwrap_or_default()
+    }
+
+    /// `kiln build -j 0` of `targets` through offload-hook.
+    fn kiln_build(&self, targets: &[String]) -> Output {
+        let store = format!("local?root={}", self.local_root().display());
+        Command::new(kiln_bin())
+            .args(["build", "--store", &store, "--no-out-link", "-j", "0"])
+            .args(["--option", "store", &store])
+            .args(["--option", "build-hook"])
+            .arg(workspace_bin("offload-hook", "offload-hook"))
+            .args(["--option", "builders"])
+            .arg(format!("@{}", self.machines_file().display()))
+            .args(targets)
+            .env("KILN_OFFLOAD_SSH_DIR", self.ssh_dir())
+            .env("KILN_OFFLOAD_BACKOFF", "2")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Every machine's store and the local one check clean.
+    fn verify_everywhere(&self) {
+        let kiln_verify = |root: &Path| {
+            run_ok(
+                Command::new(kiln_bin())
+                    .args(["store", "--store"])
+                    .arg(format!("local?root={}", root.display()))
+                    .args(["verify", "--check-contents"]),
+            );
+        };
+        kiln_verify(&self.local_root());
+        for m in &self.machines {
+            match m.kind {
+                Kind::Kiln => kiln_verify(&m.root()),
+                Kind::Nix => {
+                    let out = run_ok(
+                        Command::new(nix().program("nix-store"))
+                            .env("NIX_CONF_DIR", m.dir.join("etc"))
+                            .args(["--verify", "--check-contents"]),
+                    );
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    assert!(
+                        !err.contains("was modified") && !err.contains("disappeared"),
+                        "{err}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn base64(text: &str) -> String {
+    let mut child = Command::new("base64")
+        .arg("-w0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("base64 (coreutils)");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+}
+
+fn recipe(dir: &Path, leaves: usize, leaf_cmd: &str) -> PathBuf {
+    let mut t = String::new();
+    for i in 0..leaves {
+        t.push_str(&format!(
+            "[packages.p{i}]\nbuilder = \"/bin/sh\"\nargs = [\"-c\", \"{}\"]\nenv = {{ PATH = \"/usr/bin:/bin\" }}\n\n",
+            leaf_cmd.replace("{i}", &i.to_string())
+        ));
+    }
+    let inputs: Vec<String> = (0..leaves).map(|i| format!("\"p{i}\"")).collect();
+    let cats: Vec<String> = (0..leaves).map(|i| format!("$p{i}")).collect();
+    t.push_str(&format!(
+        "[packages.top]\nbuilder = \"/bin/sh\"\nargs = [\"-c\", \"cat {} > $out\"]\ninputs = [{}]\nenv = {{ PATH = \"/usr/bin:/bin\" }}\n",
+        cats.join(" "),
+        inputs.join(", ")
+    ));
+    let path = dir.join("kiln.toml");
+    std::fs::write(&path, t).unwrap();
+    path
+}
+
+fn built_on(choices: &str) -> BTreeSet<String> {
+    choices
+        .lines()
+        .filter_map(|l| {
+            l.split_once(" built ")?
+                .1
+                .split(" on ")
+                .nth(1)?
+                .split(": sent")
+                .next()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[test]
+fn kiln_builds_a_wide_graph_on_kiln_and_nix_machines() {
+    let mut farm = Farm::new();
+    farm.add(Kind::Kiln, 3, 2);
+    farm.add(Kind::Kiln, 2, 1);
+    farm.add(Kind::Kiln, 2, 1);
+    farm.add(Kind::Nix, 2, 1);
+    let leaves = 120;
+    let recipe = recipe(farm.dir.path(), leaves, "echo leaf {i} > $out");
+    let out = farm.kiln_build(&[format!("{}#top", recipe.display())]);
+    let choices = farm.choices();
+    assert!(
+        out.status.success(),
+        "kiln build failed:\n{}\n{choices}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let top = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let content =
+        std::fs::read_to_string(farm.local_root().join(top.trim_start_matches('/'))).unwrap();
+    let expected: String = (0..leaves).map(|i| format!("leaf {i}\n")).collect();
+    assert_eq!(content, expected);
+    let machines = built_on(&choices);
+    for m in &farm.machines {
+        assert!(
+            machines.contains(m.uri()),
+            "nothing was built on {} (built on {machines:?})",
+            m.uri()
+        );
+    }
+    let builds = choices.lines().filter(|l| l.contains(" built ")).count();
+    assert_eq!(
+        builds,
+        leaves + 1,
+        "every derivation was built remotely, once"
+    );
+    assert!(
+        choices.contains("considered:"),
+        "choices carry their reasons"
+    );
+    farm.verify_everywhere();
+}
+
+#[test]
+fn nix_daemon_offloads_through_offload_hook() {
+    let mut farm = Farm::new();
+    farm.add(Kind::Kiln, 2, 1);
+    farm.add(Kind::Kiln, 2, 1);
+    let nixd = farm.dir.path().join("nixd");
+    for d in ["etc", "cetc", "home", "root"] {
+        std::fs::create_dir_all(nixd.join(d)).unwrap();
+    }
+    std::fs::write(
+        nixd.join("etc/nix.conf"),
+        format!(
+            "store = local?root={}\nsandbox = false\nsandbox-paths = /bin /usr /lib /lib64\nsubstituters =\nbuild-users-group =\nmax-jobs = 0\nbuild-hook = {}\nbuilders = @{}\nfsync-metadata = false\n",
+            nixd.join("root").display(),
+            workspace_bin("offload-hook", "offload-hook").display(),
+            farm.machines_file().display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(nixd.join("cetc/nix.conf"), "substituters =\n").unwrap();
+    let socket = nixd.join("socket");
+    let mut daemon = Command::new(nix().program("nix-daemon"))
+        .env("NIX_CONF_DIR", nixd.join("etc"))
+        .env("NIX_DAEMON_SOCKET_PATH", &socket)
+        .env("KILN_OFFLOAD_SSH_DIR", farm.ssh_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(nixd.join("daemon.log")).unwrap())
+        .spawn()
+        .expect("cannot start nix-daemon");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "nix-daemon did not create its socket"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let expr = nixd.join("x.nix");
+    std::fs::write(
+        &expr,
+        r#"let mk = i: derivation { name = "nx${toString i}"; system = "x86_64-linux"; builder = "/bin/sh"; args = ["-c" "echo nix ${toString i} > $out"]; };
+in derivation { name = "nxtop"; system = "x86_64-linux"; builder = "/bin/sh"; PATH = "/usr/bin:/bin"; args = ["-c" "cat ${mk 1} ${mk 2} ${mk 3} ${mk 4} > $out"]; }"#,
+    )
+    .unwrap();
+    let out = Command::new(nix().program("nix-build"))
+        .arg("--no-out-link")
+        .arg(&expr)
+        .env("HOME", nixd.join("home"))
+        .env("NIX_CONF_DIR", nixd.join("cetc"))
+        .env("NIX_REMOTE", format!("unix://{}", socket.display()))
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(nixd.join("daemon.log")).unwrap_or_default();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(
+        out.status.success(),
+        "nix-build through the daemon failed:\n{}\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("on 'ssh://root@127.0.0.1"),
+        "Nix says where it built:\n{err}"
+    );
+    let top = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let content =
+        std::fs::read_to_string(nixd.join("root").join(top.trim_start_matches('/'))).unwrap();
+    assert_eq!(content, "nix 1\nnix 2\nnix 3\nnix 4\n");
+    // Nix itself finds the outputs valid and intact.
+    let verify = Command::new(nix().program("nix-store"))
+        .env("NIX_CONF_DIR", nixd.join("etc"))
+        .args(["--verify-path", &top])
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    farm.verify_everywhere();
+}
+
+#[test]
+fn a_machine_killed_mid_build_moves_the_build() {
+    let mut farm = Farm::new();
+    farm.add(Kind::Kiln, 1, 1);
+    farm.add(Kind::Kiln, 1, 1);
+    let recipe = recipe(farm.dir.path(), 1, "sleep 4; echo slow {i} > $out");
+    let target = format!("{}#p0", recipe.display());
+    let handle = {
+        let store = format!("local?root={}", farm.local_root().display());
+        let mut cmd = Command::new(kiln_bin());
+        cmd.args(["build", "--store", &store, "--no-out-link", "-j", "0"])
+            .args(["--option", "store", &store])
+            .args(["--option", "build-hook"])
+            .arg(workspace_bin("offload-hook", "offload-hook"))
+            .args(["--option", "builders"])
+            .arg(format!("@{}", farm.machines_file().display()))
+            .arg(&target)
+            .env("KILN_OFFLOAD_SSH_DIR", farm.ssh_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    // Wait until the build runs somewhere, then take that machine away.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let victim = loop {
+        let choices = farm.choices();
+        if let Some(i) = farm.machines.iter().position(|m| {
+            choices
+                .lines()
+                .any(|l| l.contains("building") && l.contains(m.uri()))
+        }) {
+            break i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the build never started remotely:\n{choices}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    farm.machines[victim].kill();
+    let out = handle.wait_with_output().unwrap();
+    let choices = farm.choices();
+    assert!(
+        out.status.success(),
+        "the build did not survive the loss of a machine:\n{}\n{choices}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let other = farm.machines[1 - victim].uri().to_owned();
+    assert!(choices.contains("moving it"), "{choices}");
+    assert!(
+        built_on(&choices).contains(&other),
+        "not rebuilt on the other machine:\n{choices}"
+    );
+    let top = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let content =
+        std::fs::read_to_string(farm.local_root().join(top.trim_start_matches('/'))).unwrap();
+    assert_eq!(content, "slow 0\n");
+    farm.machines.remove(victim);
+    farm.verify_everywhere();
+}
+
+#[test]
+fn a_permanent_remote_failure_is_a_build_failure_with_the_remote_log() {
+    let mut farm = Farm::new();
+    farm.add(Kind::Kiln, 1, 1);
+    farm.add(Kind::Nix, 1, 1);
+    let recipe = recipe(farm.dir.path(), 2, "echo remote-says-boom-{i} >&2; exit 3");
+    let out = farm.kiln_build(&[
+        format!("{}#p0", recipe.display()),
+        format!("{}#p1", recipe.display()),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a failing builder must fail the build:\n{err}"
+    );
+    for i in 0..2 {
+        assert!(
+            err.contains(&format!("remote-says-boom-{i}")),
+            "the remote log of p{i} must reach the user:\n{err}"
+        );
+    }
+    let choices = farm.choices();
+    assert!(
+        !choices.contains("moving it"),
+        "a permanent failure is not retried elsewhere:\n{choices}"
+    );
+}
+
+#[test]
+fn test_and_status_print_tables() {
+    let mut farm = Farm::new();
+    farm.add(Kind::Kiln, 2, 1);
+    farm.add(Kind::Nix, 1, 1);
+    let hook = workspace_bin("offload-hook", "offload-hook");
+    let store = format!("local?root={}", farm.local_root().display());
+    let out = run_ok(
+        Command::new(&hook)
+            .args(["test", "--machines"])
+            .arg(farm.machines_file())
+            .env("KILN_OFFLOAD_SSH_DIR", farm.ssh_dir()),
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("MACHINE"), "{table}");
+    for m in &farm.machines {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(m.uri()))
+            .unwrap_or_else(|| panic!("no row for {}:\n{table}", m.uri()));
+        assert!(row.trim_end().ends_with("ok"), "{row}");
+    }
+    let out = run_ok(
+        Command::new(&hook)
+            .args(["status", "--machines"])
+            .arg(farm.machines_file())
+            .args(["--store", &store])
+            .env("KILN_OFFLOAD_SSH_DIR", farm.ssh_dir()),
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    let kiln_row = table
+        .lines()
+        .find(|l| l.starts_with(farm.machines[0].uri()))
+        .unwrap();
+    assert!(
+        kiln_row.contains("0/2") && kiln_row.ends_with("up"),
+        "{table}"
+    );
+    // A dead machine: test fails for it, status shows it unreachable.
+    farm.machines[1].kill();
+    let out = Command::new(&hook)
+        .args(["test", "--machines"])
+        .arg(farm.machines_file())
+        .env("KILN_OFFLOAD_SSH_DIR", farm.ssh_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    let dead = table
+        .lines()
+        .find(|l| l.starts_with(farm.machines[1].uri()))
+        .unwrap();
+    assert!(dead.contains("FAILED"), "{table}");
+}
+
+#[test]
+fn a_bad_machines_file_names_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("machines");
+    std::fs::write(
+        &file,
+        "ssh://a x86_64-linux - 2\nssh://b x86_64-linux - two\n",
+    )
+    .unwrap();
+    let out = Command::new(workspace_bin("offload-hook", "offload-hook"))
+        .args(["status", "--machines"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("machines:2: field 4 (max jobs) is 'two'"),
+        "{err}"
+    );
+}

@@ -49,6 +49,16 @@ pub const PEERS: &[Peer] = &[
         commands: &["qemu-img"],
         used_for: "the build agent's overlays (tests/tests/agent_*.rs)",
     },
+    Peer {
+        package: "openssh-server",
+        commands: &["sshd"],
+        used_for: "the offload machines of tests/tests/offload_ssh.rs and bench-offload",
+    },
+    Peer {
+        package: "openssh-client",
+        commands: &["ssh", "ssh-keygen"],
+        used_for: "offload-hook's transport (ssh with ControlMaster) and the offload tests' keys",
+    },
 ];
 
 /// Directories searched besides `PATH`: daemons such as `sshd` live in sbin, which an

@@ -61,3 +61,201 @@ fn contents_are_canonical() {
         [info.path].into_iter().collect::<StorePathSet>()
     );
 }
+
+mod gc_verify_optimise {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::PermissionsExt;
+
+    use kiln_formats::store_path::StorePathSet;
+    use kiln_store::local::LocalStore;
+    use kiln_store::local::gc::{GcAction, GcOptions};
+    use kiln_store::local::verify::Problem;
+    use kiln_store::{Store, StoreError};
+
+    fn set(paths: &[&kiln_formats::store_path::StorePath]) -> StorePathSet {
+        paths.iter().map(|p| (*p).clone()).collect()
+    }
+
+    #[test]
+    fn roots_liveness_and_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open_root(dir.path().join("root")).unwrap();
+        let dep = store
+            .add_text("dep", b"dep", &StorePathSet::new())
+            .unwrap()
+            .path;
+        let top = store.add_text("top", b"top", &set(&[&dep])).unwrap().path;
+        let loose = store
+            .add_text("loose", b"loose", &StorePathSet::new())
+            .unwrap()
+            .path;
+        let indirect = store
+            .add_text("indirect", b"indirect", &StorePathSet::new())
+            .unwrap()
+            .path;
+        // A direct root, and an indirect one through a `result`-style link.
+        std::os::unix::fs::symlink(
+            store.store_dir().print_path(&top),
+            store.state_dir().join("gcroots/top"),
+        )
+        .unwrap();
+        let result = dir.path().join("result");
+        store.add_perm_root(&indirect, &result).unwrap();
+        // A dangling indirect root is removed by the collector.
+        store.add_indirect_root(&dir.path().join("gone")).unwrap();
+        // This process's own temporary roots would keep everything alive.
+        store.clear_temp_roots().unwrap();
+
+        let roots = store.find_roots().unwrap();
+        assert!(roots.contains_key(&top) && roots.contains_key(&indirect));
+        assert!(roots[&indirect].contains(&result));
+
+        let dead = |store: &LocalStore| {
+            store
+                .collect_garbage(&GcOptions {
+                    action: GcAction::ReturnDead,
+                    ..Default::default()
+                })
+                .unwrap()
+                .paths
+        };
+        assert_eq!(dead(&store), vec![loose.clone()]);
+        let live = store
+            .collect_garbage(&GcOptions {
+                action: GcAction::ReturnLive,
+                ..Default::default()
+            })
+            .unwrap()
+            .paths;
+        assert_eq!(live.len(), 3);
+
+        // Deleting a live path, or one a live path refers to, is refused.
+        for alive in [&top, &dep] {
+            let e = store.collect_garbage(&GcOptions {
+                action: GcAction::DeleteSpecific(set(&[alive])),
+                ..Default::default()
+            });
+            assert!(matches!(e, Err(StoreError::PathAlive { .. })), "{e:?}");
+            assert!(store.is_valid_path(alive).unwrap());
+        }
+        let r = store
+            .collect_garbage(&GcOptions {
+                action: GcAction::DeleteSpecific(set(&[&loose])),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(r.paths, vec![loose.clone()]);
+        assert!(!store.is_valid_path(&loose).unwrap());
+        assert!(!store.real_path(&loose).exists());
+
+        // Dropping the roots makes the rest garbage; max-freed stops early.
+        std::fs::remove_file(store.state_dir().join("gcroots/top")).unwrap();
+        std::fs::remove_file(&result).unwrap();
+        let some = store
+            .collect_garbage(&GcOptions {
+                max_freed: 1,
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(
+            !some.paths.is_empty() && some.paths.len() < 3,
+            "max-freed should stop early: {:?}",
+            some.paths
+        );
+        store.collect_garbage(&GcOptions::default()).unwrap();
+        assert!(store.query_all_valid_paths().unwrap().is_empty());
+        let auto: Vec<_> = std::fs::read_dir(store.state_dir().join("gcroots/auto"))
+            .unwrap()
+            .collect();
+        assert!(
+            auto.is_empty(),
+            "dangling indirect roots must be removed: {auto:?}"
+        );
+    }
+
+    #[test]
+    fn verify_finds_damage_and_repairs_from_another_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open_root(dir.path().join("root")).unwrap();
+        let good = LocalStore::open_root(dir.path().join("good")).unwrap();
+        let a = store
+            .add_text("a", b"original", &StorePathSet::new())
+            .unwrap()
+            .path;
+        let b = store
+            .add_text("b", b"other", &StorePathSet::new())
+            .unwrap()
+            .path;
+        good.add_text("a", b"original", &StorePathSet::new())
+            .unwrap();
+        assert!(store.verify(true, None).unwrap().problems.is_empty());
+
+        let file = store.real_path(&a);
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&file, b"tampered").unwrap();
+        let removed = store.real_path(&b);
+        std::fs::remove_file(&removed).unwrap();
+
+        assert!(store.verify(false, None).unwrap().problems == vec![Problem::Missing(b.clone())]);
+        let report = store.verify(true, None).unwrap();
+        assert_eq!(report.problems.len(), 2);
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| matches!(p, Problem::Modified { path, .. } if *path == a))
+        );
+
+        let repaired = store.verify(true, Some(&good)).unwrap();
+        assert_eq!(repaired.repaired, vec![a.clone()]);
+        assert_eq!(repaired.unrepaired.len(), 1, "b is in no repair source");
+        assert_eq!(std::fs::read(&file).unwrap(), b"original");
+        let again = store.verify(true, None).unwrap();
+        assert_eq!(again.problems, vec![Problem::Missing(b)]);
+    }
+
+    #[test]
+    fn optimise_hard_links_identical_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open_root(dir.path().join("root")).unwrap();
+        let src = dir.path().join("src");
+        for (i, extra) in ["one", "two"].iter().enumerate() {
+            let tree = src.join(extra);
+            std::fs::create_dir_all(&tree).unwrap();
+            std::fs::write(tree.join("shared"), vec![b's'; 100_000]).unwrap();
+            std::fs::write(tree.join("own"), format!("own {i}")).unwrap();
+        }
+        let one = store
+            .add_to_store(
+                "one",
+                &src.join("one"),
+                kiln_formats::store_path::FileIngestionMethod::Recursive,
+                kiln_formats::hash::HashAlgo::Sha256,
+                Default::default(),
+            )
+            .unwrap()
+            .path;
+        let two = store
+            .add_to_store(
+                "two",
+                &src.join("two"),
+                kiln_formats::store_path::FileIngestionMethod::Recursive,
+                kiln_formats::hash::HashAlgo::Sha256,
+                Default::default(),
+            )
+            .unwrap()
+            .path;
+        let stats = store.optimise().unwrap();
+        assert_eq!(stats.files_linked, 1);
+        let m1 = std::fs::metadata(store.real_path(&one).join("shared")).unwrap();
+        let m2 = std::fs::metadata(store.real_path(&two).join("shared")).unwrap();
+        assert_eq!(m1.ino(), m2.ino());
+        assert_eq!(m1.nlink(), 3, "two store files and the .links entry");
+        assert!(store.verify(true, None).unwrap().problems.is_empty());
+        // Directories stay canonical after relinking.
+        let d = std::fs::metadata(store.real_path(&two)).unwrap();
+        assert_eq!((d.mode() & 0o7777, d.mtime()), (0o555, 1));
+        // Again: nothing more to do.
+        assert_eq!(store.optimise().unwrap().files_linked, 0);
+    }
+}

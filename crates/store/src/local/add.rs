@@ -719,18 +719,9 @@ fn restore_canonical(
         path: label.to_owned(),
         source,
     };
-    // Files whose writeback has been started but not yet waited for: the
-    // fsyncs at the end then mostly find their data on disk already,
-    // instead of each one stalling on its own write.
-    let mut unsynced: Vec<(File, PathBuf)> = Vec::new();
-    let finish = |unsynced: &mut Vec<(File, PathBuf)>, keep: usize| -> Result<(), StoreError> {
-        while unsynced.len() > keep {
-            let (file, path) = unsynced.remove(0);
-            file.sync_all()
-                .map_err(|e| StoreError::io("fsync", &path, e))?;
-        }
-        Ok(())
-    };
+    // Files are fsync'd on background threads while restoring goes on, so
+    // waiting for the disk overlaps with hashing and writing the next ones.
+    let mut syncer = Syncer::default();
     while let Some(event) = reader.next().map_err(bad)? {
         let target = match event.path() {
             b"" => dest.to_path_buf(),
@@ -800,13 +791,77 @@ fn restore_canonical(
                     unsafe {
                         libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
                     }
-                    unsynced.push((file, target));
-                    finish(&mut unsynced, 256)?;
+                    syncer.submit(file, target);
                 }
             }
         }
     }
-    finish(&mut unsynced, 0)
+    syncer.finish()
+}
+
+/// fsyncs files handed to it: the first one inline at the end (most paths
+/// are one small file), more on a few background threads, since fsyncs
+/// wait on the disk and several waiting together share journal commits.
+#[derive(Debug, Default)]
+struct Syncer {
+    first: Option<(File, PathBuf)>,
+    queue: Option<mpsc::SyncSender<(File, PathBuf)>>,
+    workers: Vec<std::thread::JoinHandle<Result<(), StoreError>>>,
+}
+
+const SYNC_WORKERS: usize = 4;
+
+impl Syncer {
+    fn submit(&mut self, file: File, path: PathBuf) {
+        if self.queue.is_none() && self.first.is_none() {
+            self.first = Some((file, path));
+            return;
+        }
+        if self.queue.is_none() {
+            let (tx, rx) = mpsc::sync_channel::<(File, PathBuf)>(64);
+            let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+            for _ in 0..SYNC_WORKERS {
+                let rx = rx.clone();
+                self.workers.push(std::thread::spawn(move || {
+                    let mut result = Ok(());
+                    loop {
+                        let next = rx.lock().expect("sync queue").recv();
+                        let Ok((file, path)) = next else { break };
+                        if result.is_ok() {
+                            result = file
+                                .sync_all()
+                                .map_err(|e| StoreError::io("fsync", &path, e));
+                        }
+                    }
+                    result
+                }));
+            }
+            self.queue = Some(tx);
+        }
+        let queue = self.queue.as_ref().expect("started above");
+        if let Some(first) = self.first.take() {
+            let _ = queue.send(first);
+        }
+        let _ = queue.send((file, path));
+    }
+
+    /// Waits for every fsync; the first failure, if any.
+    fn finish(mut self) -> Result<(), StoreError> {
+        let mut result = Ok(());
+        if let Some((file, path)) = self.first.take() {
+            result = file
+                .sync_all()
+                .map_err(|e| StoreError::io("fsync", &path, e));
+        }
+        drop(self.queue.take());
+        for w in self.workers.drain(..) {
+            let r = w.join().expect("fsync worker panicked");
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
 }
 
 impl LocalStore {

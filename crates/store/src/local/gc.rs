@@ -298,10 +298,12 @@ impl LocalStore {
         // Referrers before their references, so the database's
         // foreign keys allow each deletion.
         let order = referrers_first(&graph, &candidates);
+        // With a limit, stop as soon as it is reached, as Nix does: one
+        // path at a time.
         let chunk = if options.max_freed == u64::MAX {
             1024
         } else {
-            16
+            1
         };
         for batch in order.chunks(chunk) {
             if results.bytes_freed >= options.max_freed {

@@ -224,6 +224,19 @@ impl TempRoots {
     }
 }
 
+impl TempRoots {
+    /// Forgets every root recorded so far (for long-lived processes, once
+    /// the paths they protected are registered or rooted otherwise).
+    pub fn clear(&self) -> Result<(), StoreError> {
+        let file = self.file.lock().expect("temp roots file");
+        let err = |e| StoreError::io("clear temporary roots in", "temproots", e);
+        flock(&file, LockKind::Exclusive, true).map_err(err)?;
+        let cleared = file.set_len(0);
+        flock(&file, LockKind::Shared, true).map_err(err)?;
+        cleared.map_err(err)
+    }
+}
+
 /// The roots in one temp-roots file of a live process, read under a shared
 /// lock that the returned guard keeps until collection ends; `None` if the
 /// process is dead (its file is then deleted).

@@ -159,6 +159,13 @@ impl LocalStore {
         self.temp_roots()?.add(&self.config.store_dir, paths)
     }
 
+    /// Drops this process's temporary roots: what it added or used is no
+    /// longer protected from the collector unless rooted otherwise. For
+    /// long-lived processes (and tests); short ones just exit.
+    pub fn clear_temp_roots(&self) -> Result<(), StoreError> {
+        self.temp_roots()?.clear()
+    }
+
     /// The derivations in the store that list `path` as an output.
     pub fn query_valid_derivers(&self, path: &StorePath) -> Result<StorePathSet, StoreError> {
         self.db().query_valid_derivers(path)

@@ -149,6 +149,25 @@ fn close_all_but(keep: &[i32]) {
     unsafe { libc::close_range(next, u32::MAX, 0) };
 }
 
+// glibc's set*id wrappers stop every thread it knows of to change their ids too;
+// in a raw clone of a multi-threaded caller those threads do not exist, and the
+// wrapper would wait for them forever. The system calls act on this process only,
+// which is all there is.
+fn raw_setresuid(r: u32, e: u32, s: u32) -> i32 {
+    // SAFETY: plain system call.
+    unsafe { libc::syscall(libc::SYS_setresuid, r, e, s) as i32 }
+}
+
+fn raw_setresgid(r: u32, e: u32, s: u32) -> i32 {
+    // SAFETY: plain system call.
+    unsafe { libc::syscall(libc::SYS_setresgid, r, e, s) as i32 }
+}
+
+fn raw_setgroups(n: usize, groups: *const libc::gid_t) -> i32 {
+    // SAFETY: `groups` points to `n` gids (or is null with n == 0).
+    unsafe { libc::syscall(libc::SYS_setgroups, n, groups) as i32 }
+}
+
 fn write_proc(path: &CStr, contents: &CStr) -> i32 {
     // SAFETY: plain system calls on C strings.
     unsafe {
@@ -217,9 +236,9 @@ pub(crate) fn init_entry(a: &mut ChildArgs) -> ! {
         if a.become_root {
             // Host root is not mapped inside; become the namespace's root (the
             // first uid of our range) so files we create have a mapped owner.
-            check!(a, Stage::BecomeRoot, 0, libc::setresgid(0, 0, 0));
-            check!(a, Stage::BecomeRoot, 0, libc::setgroups(0, ptr::null()));
-            check!(a, Stage::BecomeRoot, 0, libc::setresuid(0, 0, 0));
+            check!(a, Stage::BecomeRoot, 0, raw_setresgid(0, 0, 0));
+            check!(a, Stage::BecomeRoot, 0, raw_setgroups(0, ptr::null()));
+            check!(a, Stage::BecomeRoot, 0, raw_setresuid(0, 0, 0));
         }
     }
     init(a)
@@ -568,19 +587,19 @@ fn builder(a: &ChildArgs) -> ! {
         );
         if a.set_groups {
             let gid = plan.gid;
-            check!(a, Stage::SetUser, 0, libc::setgroups(1, &gid));
+            check!(a, Stage::SetUser, 0, raw_setgroups(1, &gid));
         }
         check!(
             a,
             Stage::SetUser,
             1,
-            libc::setresgid(plan.gid, plan.gid, plan.gid)
+            raw_setresgid(plan.gid, plan.gid, plan.gid)
         );
         check!(
             a,
             Stage::SetUser,
             2,
-            libc::setresuid(plan.uid, plan.uid, plan.uid)
+            raw_setresuid(plan.uid, plan.uid, plan.uid)
         );
         for set in [
             caps::CapSet::Effective,

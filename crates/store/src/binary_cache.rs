@@ -716,7 +716,11 @@ impl Store for BinaryCacheStore {
         let hashing = HashingWriter::new(HashAlgo::Sha256, file);
         let mut encoder = self
             .compression
-            .encoder(hashing, self.compression_level)
+            .encoder_for_size(
+                hashing,
+                self.compression_level,
+                (info.nar_size != 0).then_some(info.nar_size),
+            )
             .map_err(|e| self.backend.write_error("a NAR spool", e))?;
         let (nar_hash, nar_size) = self.pump_nar(&label, nar, &mut encoder)?;
         if nar_hash != info.nar_hash {

@@ -117,7 +117,9 @@ pub fn run(root: &Path, args: VmImageArgs) -> Result<()> {
     std::fs::create_dir_all(&rev)?;
     std::fs::copy(&kernel, rev.join("vmlinuz"))
         .with_context(|| format!("cannot copy {}", kernel.display()))?;
-    let initrd = build_initramfs(&work, &unpacked, &agent)?;
+    let initrd = build_initramfs(&work, &unpacked, &agent);
+    let _ = std::fs::remove_dir_all(&unpacked);
+    let initrd = initrd?;
     std::fs::write(rev.join("initrd.cpio"), &initrd)?;
     process::run(
         Command::new("qemu-img")
@@ -145,8 +147,12 @@ pub fn run(root: &Path, args: VmImageArgs) -> Result<()> {
 
 /// Downloads and unpacks the packages (once; the `.deb`s are kept).
 fn unpack_packages(work: &Path) -> Result<PathBuf> {
+    // Several builds may run at once (the tests make one machine each): each
+    // downloads into and unpacks under a directory of its own, and the
+    // downloaded packages are moved into the shared cache atomically.
     let debs = work.join("debs");
-    let unpacked = work.join("unpacked");
+    let unpacked = work.join(format!("unpacked-{}", std::process::id()));
+    let downloading = work.join(format!("download-{}", std::process::id()));
     std::fs::create_dir_all(&debs)?;
     let mut wanted: Vec<String> = PACKAGES.iter().map(|p| p.to_string()).collect();
     // The metapackage only depends on the versioned kernel package.
@@ -171,14 +177,19 @@ fn unpack_packages(work: &Path) -> Result<PathBuf> {
                 .starts_with(&format!("{package}_"))
         });
         if !present {
+            std::fs::create_dir_all(&downloading)?;
             process::run(
                 Command::new("apt-get")
                     .args(["download", "-q", package])
-                    .current_dir(&debs),
+                    .current_dir(&downloading),
             )
             .with_context(|| format!("cannot download {package}; try `apt-get update`"))?;
+            for entry in std::fs::read_dir(&downloading)?.flatten() {
+                std::fs::rename(entry.path(), debs.join(entry.file_name()))?;
+            }
         }
     }
+    let _ = std::fs::remove_dir_all(&downloading);
     if unpacked.exists() {
         std::fs::remove_dir_all(&unpacked)?;
     }
@@ -313,14 +324,16 @@ fn build_initramfs(work: &Path, unpacked: &Path, agent: &Path) -> Result<Vec<u8>
     }
     cpio.file("mods/order", order.as_bytes(), 0o644);
     // Debug information is most of a debug build's size; the guest needs none.
-    let stripped = work.join("build-agent.stripped");
+    let stripped = work.join(format!("build-agent.stripped-{}", std::process::id()));
     process::run(
         Command::new("objcopy")
             .arg("--strip-debug")
             .arg(agent)
             .arg(&stripped),
     )?;
-    cpio.file("bin/build-agent", &std::fs::read(&stripped)?, 0o755);
+    let agent_bytes = std::fs::read(&stripped);
+    let _ = std::fs::remove_file(&stripped);
+    cpio.file("bin/build-agent", &agent_bytes?, 0o755);
     for lib in libraries(agent)? {
         let relative = lib.strip_prefix("/").expect("absolute").to_owned();
         let mut parent = PathBuf::new();

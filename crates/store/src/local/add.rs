@@ -521,7 +521,6 @@ impl LocalStore {
         let mut out = Vec::with_capacity(items.len());
         for chunk in items.chunks(BATCH) {
             let mut ready = Vec::new();
-            let mut order = Vec::new(); // Ok(index into ready) or Err(existing info)
             // Restoring and locking many small paths waits on the journal
             // for every file created: do it on several threads at once.
             let results = par::map(chunk.iter().collect(), |item| {
@@ -544,54 +543,55 @@ impl LocalStore {
             self.add_temp_roots(&roots)?;
             // Duplicates in one batch are added once (locking a path twice
             // would wait on ourselves).
+            let order_paths: Vec<StorePath> = staged.iter().map(|(i, _)| i.path.clone()).collect();
             let mut unique: Vec<(PathInfo, PathBuf)> = Vec::with_capacity(staged.len());
-            let mut slot = Vec::with_capacity(staged.len());
             for (info, temp) in staged {
-                match unique.iter().position(|(u, _)| u.path == info.path) {
-                    Some(i) => {
-                        let _ = fsutil::remove_tree(&temp);
-                        slot.push(i);
-                    }
-                    None => {
-                        slot.push(unique.len());
-                        unique.push((info, temp));
-                    }
+                if unique.iter().any(|(u, _)| u.path == info.path) {
+                    let _ = fsutil::remove_tree(&temp);
+                } else {
+                    unique.push((info, temp));
                 }
             }
+            // One order for everyone, as Nix sorts the paths it locks.
+            unique.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+            // Lock files cost a journal wait each to create: make them in
+            // parallel, then lock them one by one.
             let real_store = &self.real_store;
-            let locked = par::map(unique, |(info, temp)| {
-                PathLock::acquire(&PathLock::lock_path_for(real_store, &info.path), true).map(|l| {
-                    (
-                        info,
-                        temp,
-                        l.expect("waiting lock acquisition always succeeds"),
-                    )
-                })
+            par::map(unique.iter().map(|(i, _)| &i.path).collect(), |p| {
+                PathLock::precreate(&PathLock::lock_path_for(real_store, p))
             });
-            let mut index_in_ready = Vec::with_capacity(locked.len());
-            let mut existing_infos = Vec::new();
+            let mut infos: std::collections::HashMap<StorePath, PathInfo> = Default::default();
             let mut failure = None;
-            for l in locked {
-                let (info, temp, lock) = match l {
-                    Ok(x) => x,
-                    Err(e) => {
-                        failure = failure.or(Some(e));
-                        continue;
-                    }
-                };
+            for (info, temp) in unique {
                 if failure.is_some() {
                     let _ = fsutil::remove_tree(&temp);
                     continue;
                 }
-                if !options.repair {
-                    if let Some(existing) = self.query_path_info(&info.path)? {
+                let lock = match self
+                    .lock_without_deadlock(&info.path, &mut ready, durability, &mut infos)
+                {
+                    Ok(l) => l,
+                    Err(e) => {
                         let _ = fsutil::remove_tree(&temp);
-                        index_in_ready.push(Err(existing_infos.len()));
-                        existing_infos.push(existing);
+                        failure = Some(e);
                         continue;
                     }
+                };
+                if !options.repair {
+                    match self.query_path_info(&info.path) {
+                        Ok(Some(existing)) => {
+                            let _ = fsutil::remove_tree(&temp);
+                            infos.insert(existing.path.clone(), existing);
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            let _ = fsutil::remove_tree(&temp);
+                            failure = Some(e);
+                            continue;
+                        }
+                    }
                 }
-                index_in_ready.push(Ok(ready.len()));
                 ready.push(Ready {
                     info,
                     temp,
@@ -602,21 +602,40 @@ impl LocalStore {
                 par::map(ready, |r| fsutil::remove_tree(&r.temp));
                 return Err(e);
             }
-            for i in slot {
-                order.push(match index_in_ready[i] {
-                    Ok(r) => Ok(r),
-                    Err(e) => Err(existing_infos[e].clone()),
-                });
+            for info in self.commit(ready, durability)? {
+                infos.insert(info.path.clone(), info);
             }
-            let committed = self.commit(ready, durability)?;
-            for o in order {
-                out.push(match o {
-                    Ok(i) => committed[i].clone(),
-                    Err(info) => info,
-                });
+            for path in order_paths {
+                out.push(
+                    infos
+                        .get(&path)
+                        .cloned()
+                        .expect("every staged path was committed or found valid"),
+                );
             }
         }
         Ok(out)
+    }
+
+    /// Locks `path` for a batch that already holds the locks in `ready`:
+    /// tries first, and if another process holds it, commits the batch so
+    /// far (releasing our locks) before waiting, so two processes never
+    /// wait on each other's locks.
+    fn lock_without_deadlock(
+        &self,
+        path: &StorePath,
+        ready: &mut Vec<Ready>,
+        durability: Durability,
+        infos: &mut std::collections::HashMap<StorePath, PathInfo>,
+    ) -> Result<PathLock, StoreError> {
+        let lock_path = PathLock::lock_path_for(&self.real_store, path);
+        if let Some(lock) = PathLock::acquire(&lock_path, false)? {
+            return Ok(lock);
+        }
+        for info in self.commit(std::mem::take(ready), durability)? {
+            infos.insert(info.path.clone(), info);
+        }
+        Ok(PathLock::acquire(&lock_path, true)?.expect("waiting lock acquisition always succeeds"))
     }
 
     /// Restores one source under a temporary name; returns its metadata
@@ -886,7 +905,20 @@ impl LocalStore {
                 info.references = meta.references;
                 info.deriver = meta.deriver;
                 imported.push(meta.path);
-                let lock = self.lock_path(&info.path)?;
+                self.add_temp_root(&info.path)?;
+                let mut committed = Default::default();
+                let lock = match self.lock_without_deadlock(
+                    &info.path,
+                    &mut ready,
+                    Durability::Batch,
+                    &mut committed,
+                ) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = fsutil::remove_tree(&staged.temp);
+                        return Err(e);
+                    }
+                };
                 if self.is_valid_path(&info.path)? {
                     let _ = fsutil::remove_tree(&staged.temp);
                     continue;

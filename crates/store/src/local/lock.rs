@@ -111,6 +111,12 @@ impl PathLock {
         }
     }
 
+    /// Creates the lock file if it is missing, without locking it (so a
+    /// batch can create many in parallel before locking them in order).
+    pub fn precreate(lock_path: &Path) {
+        let _ = open_lock_file(lock_path);
+    }
+
     /// The lock file of a store path in the physical store directory.
     pub fn lock_path_for(real_store_dir: &Path, path: &StorePath) -> PathBuf {
         real_store_dir.join(format!("{}.lock", path.base_name()))

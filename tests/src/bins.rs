@@ -9,7 +9,9 @@ use std::sync::Mutex;
 /// building it first (once per test process) so tests never run a stale one.
 pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
     static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
-    let mut built = BUILT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(path) = built.get(bin) {
         return path.clone();
     }

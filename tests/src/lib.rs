@@ -22,8 +22,8 @@
 //! ```
 
 mod bins;
-pub mod daemon;
 pub mod corpus;
+pub mod daemon;
 mod nix;
 
 pub use bins::{kiln_bin, workspace_bin};

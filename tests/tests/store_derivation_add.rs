@@ -10,7 +10,6 @@ use std::process::{Command, Stdio};
 
 use kiln_e2e::NixStore;
 
-
 fn kiln(args: &[&str], stdin: &[u8]) -> String {
     let mut child = Command::new(kiln_e2e::kiln_bin())
         .args(args)

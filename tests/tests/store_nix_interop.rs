@@ -17,7 +17,6 @@ use std::process::{Command, Stdio};
 
 use kiln_e2e::NixStore;
 
-
 /// Runs `kiln store --store URL ARGS…` with `stdin`; its stdout.
 fn kiln(url: &str, args: &[&str], stdin: &[u8]) -> Vec<u8> {
     let mut child = Command::new(kiln_e2e::kiln_bin())

@@ -96,8 +96,7 @@ fn add(
                 let mut items = Vec::new();
                 for f in 0..5 + rng.below(10) {
                     let file = scratch.join(format!("batch-{seed}-{i}-{f}"));
-                    std::fs::write(&file, rng.bytes_between(1, 5000))
-                        .expect("batch file");
+                    std::fs::write(&file, rng.bytes_between(1, 5000)).expect("batch file");
                     items.push(BatchItem {
                         name: format!("batch-{f}"),
                         source: file,

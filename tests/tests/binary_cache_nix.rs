@@ -17,7 +17,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use kiln_e2e::NixStore;
+use kiln_e2e::{NixStore, kiln_bin};
 use serde_json::Value;
 
 /// A closure of input-addressed paths (so only signatures vouch for them):
@@ -51,25 +51,6 @@ in derivation {
 "#;
 
 const COMPRESSIONS: [&str; 4] = ["xz", "zstd", "bzip2", "none"];
-
-fn kiln_bin() -> PathBuf {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(build_kiln).clone()
-}
-
-fn build_kiln() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "-p", "kiln", "--bin", "kiln"]);
-    if profile_dir.ends_with("release") {
-        build.arg("--release");
-    }
-    let status = build.status().expect("cannot run cargo to build kiln");
-    assert!(status.success(), "building the kiln binary failed");
-    profile_dir.join("kiln")
-}
 
 /// `kiln store --store URL ARGS…`.
 fn kiln(store: &str, args: &[&str]) -> Output {

@@ -4,25 +4,10 @@
 //! outputs valid), both succeed, and neither deadlocks.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `kiln` binary of this build, built first if need be.
-fn kiln_bin() -> PathBuf {
-    // Test executables live in target/<profile>/deps; binaries one level up.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "-p", "kiln", "--bin", "kiln"]);
-    if profile_dir.ends_with("release") {
-        build.arg("--release");
-    }
-    let status = build.status().expect("cannot run cargo to build kiln");
-    assert!(status.success(), "building the kiln binary failed");
-    profile_dir.join("kiln")
-}
+use kiln_e2e::kiln_bin;
 
 const PACKAGES: usize = 12;
 

@@ -9,10 +9,9 @@
 //! Nix's own `nix-store`, so the database and the logs are checked too.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use kiln_e2e::{NixStore, corpus};
+use kiln_e2e::{NixStore, corpus, kiln_bin};
 
 /// The limits the corpus's `fail-*` files are written against (see
 /// `tests/corpus/README.md`).
@@ -27,22 +26,6 @@ const LIMITS: &[&str] = &[
     "max-build-log-size",
     "100000",
 ];
-
-/// The `kiln` binary of this build, built first if need be.
-fn kiln_bin() -> PathBuf {
-    // Test executables live in target/<profile>/deps; binaries one level up.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "-p", "kiln", "--bin", "kiln"]);
-    if profile_dir.ends_with("release") {
-        build.arg("--release");
-    }
-    let status = build.status().expect("cannot run cargo to build kiln");
-    assert!(status.success(), "building the kiln binary failed");
-    profile_dir.join("kiln")
-}
 
 /// The `sandbox-paths` the Nix store's configuration gives its builds, so
 /// that Kiln's builders see the same host directories.

@@ -93,6 +93,24 @@ impl Db {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(StoreError::io("read", &schema_file, e)),
         };
+        // A new database is switched to WAL and given its schema under
+        // `schema.lock` (not `big-lock`: every open store holds that one
+        // shared for its lifetime, as Nix does): two processes opening
+        // a new store at once would otherwise race for the exclusive lock the
+        // journal-mode switch needs, and SQLite fails that race at once
+        // instead of waiting for it.
+        let _creating = match schema {
+            Some(_) => None,
+            None => Some(Self::lock_for_creation(db_dir)?),
+        };
+        let schema = match schema {
+            Some(s) => Some(s),
+            None => match std::fs::read_to_string(&schema_file) {
+                Ok(s) => Some(s),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(StoreError::io("read", &schema_file, e)),
+            },
+        };
         if let Some(found) = &schema {
             if found.trim() != SCHEMA_VERSION.to_string() {
                 return Err(StoreError::SchemaVersion {
@@ -116,6 +134,21 @@ impl Db {
             db.create_schema(db_dir)?;
         }
         Ok(db)
+    }
+
+    /// Holds `db_dir/schema.lock` exclusively until the returned file drops.
+    fn lock_for_creation(db_dir: &Path) -> Result<std::fs::File, StoreError> {
+        let path = db_dir.join("schema.lock");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| StoreError::io("open", &path, e))?;
+        super::lock::flock(&file, super::lock::LockKind::Exclusive, true)
+            .map_err(|e| StoreError::io("lock", &path, e))?;
+        Ok(file)
     }
 
     fn configure(&self) -> Result<(), StoreError> {

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<ExitCode, String> {
-    let kiln_bin = kiln_bin()?;
+    let kiln_bin = kiln_benches::release_kiln_bin()?;
     let tree = bench_tree()?;
     for tool in ["nix-hash", "nix-store", "sha256sum"] {
         which(tool).ok_or_else(|| format!("'{tool}' is not installed: run `cargo xtask setup`"))?;
@@ -199,44 +199,9 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-fn workspace_target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("benches/ has a parent")
-                .join("target")
-        })
-}
-
-/// The release `kiln` binary, built (or brought up to date) first, unless
-/// `KILN_BIN` names one.
-fn kiln_bin() -> Result<PathBuf, String> {
-    if let Some(bin) = std::env::var_os("KILN_BIN") {
-        return Ok(bin.into());
-    }
-    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "kiln",
-            "--bin",
-            "kiln",
-        ])
-        .status()
-        .map_err(|e| format!("cannot run cargo to build kiln: {e}"))?;
-    if !status.success() {
-        return Err("building kiln failed".to_owned());
-    }
-    Ok(workspace_target_dir().join("release/kiln"))
-}
-
 /// The cached benchmark tree, generated on first use.
 fn bench_tree() -> Result<PathBuf, String> {
-    let dir = workspace_target_dir().join("bench-data");
+    let dir = kiln_benches::workspace_target_dir().join("bench-data");
     let tree = dir.join(TREE_VERSION);
     let done = dir.join(format!("{TREE_VERSION}.complete"));
     if done.is_file() {

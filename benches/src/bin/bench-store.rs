@@ -34,38 +34,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn workspace_target_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        return dir.into();
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("benches/ is in the workspace")
-        .join("target")
-}
-
-fn kiln_bin() -> Result<PathBuf, String> {
-    if let Some(bin) = std::env::var_os("KILN_BIN") {
-        return Ok(bin.into());
-    }
-    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "kiln",
-            "--bin",
-            "kiln",
-        ])
-        .status()
-        .map_err(|e| format!("cannot run cargo to build kiln: {e}"))?;
-    if !status.success() {
-        return Err("building kiln failed".to_owned());
-    }
-    Ok(workspace_target_dir().join("release/kiln"))
-}
-
 /// Runs a command to completion; its stdout, and how long it took.
 fn timed(mut command: Command) -> Result<(String, Duration), String> {
     let what = format!("{command:?}");
@@ -181,8 +149,8 @@ fn big_tree(dir: &Path) -> Result<PathBuf, String> {
 }
 
 fn run() -> Result<ExitCode, String> {
-    let kiln = kiln_bin()?;
-    let data = workspace_target_dir().join("bench-data");
+    let kiln = kiln_benches::release_kiln_bin()?;
+    let data = kiln_benches::workspace_target_dir().join("bench-data");
     fs::create_dir_all(&data).map_err(|e| e.to_string())?;
     let work = tempfile::Builder::new()
         .prefix("bench-store-")

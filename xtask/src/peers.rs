@@ -59,6 +59,11 @@ pub const PEERS: &[Peer] = &[
         commands: &["ssh", "ssh-keygen"],
         used_for: "offload-hook's transport (ssh with ControlMaster) and the offload tests' keys",
     },
+    Peer {
+        package: "chromium",
+        commands: &["chromium"],
+        used_for: "the CI web pages rendered headless (tests/tests/ci_web.rs)",
+    },
 ];
 
 /// Directories searched besides `PATH`: daemons such as `sshd` live in sbin, which an

@@ -64,6 +64,19 @@ pub const PEERS: &[Peer] = &[
         commands: &["chromium"],
         used_for: "the CI web pages rendered headless (tests/tests/ci_web.rs)",
     },
+    Peer {
+        package: "postgresql",
+        commands: &[
+            "/usr/lib/postgresql/15/bin/initdb",
+            "/usr/lib/postgresql/15/bin/pg_ctl",
+        ],
+        used_for: "kiln-ci's PostgreSQL database in tests/tests/ci_*.rs and bench-ci",
+    },
+    Peer {
+        package: "git",
+        commands: &["git"],
+        used_for: "kiln-ci's git inputs (tests/tests/ci_*.rs)",
+    },
 ];
 
 /// Directories searched besides `PATH`: daemons such as `sshd` live in sbin, which an

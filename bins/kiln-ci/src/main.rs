@@ -1,0 +1,3 @@
+//! kiln-ci: the CI coordinator's command line.
+
+fn main() {}

@@ -23,3 +23,4 @@
 pub mod db;
 pub mod model;
 pub mod testing;
+pub mod web;

@@ -72,6 +72,8 @@ fn contents(i: usize) -> Vec<u8> {
 
 fn make_closure(store: &LocalStore) -> StorePath {
     let mut paths: Vec<StorePath> = Vec::with_capacity(PATHS);
+    let mut infos = Vec::with_capacity(PATHS);
+    let mut nars = std::collections::HashMap::with_capacity(PATHS);
     for i in 0..PATHS {
         let refs: StorePathSet = if i == 0 {
             StorePathSet::new()
@@ -96,11 +98,20 @@ fn make_closure(store: &LocalStore) -> StorePath {
             .unwrap();
         let mut info = PathInfo::new(path.clone(), hash, nar.len() as u64);
         info.references = refs;
-        store
-            .add_nar(&info, &mut &nar[..], AddOptions::default())
-            .unwrap();
+        infos.push(info);
+        nars.insert(path.clone(), nar);
         paths.push(path);
     }
+    let source = |info: &PathInfo, out: &mut dyn std::io::Write| {
+        out.write_all(&nars[&info.path])
+            .map_err(|source| kiln_store::StoreError::Stream {
+                action: "write a NAR",
+                source,
+            })
+    };
+    store
+        .add_nars(&infos, &source, AddOptions::default(), 0)
+        .unwrap();
     paths.pop().unwrap()
 }
 

@@ -405,6 +405,93 @@ impl BinaryCacheStore {
         )?)
     }
 
+    /// Checks, compresses and publishes the NAR of `info` read from `nar`;
+    /// the narinfo to publish once the paths it refers to are in.
+    fn upload_nar(&self, info: &PathInfo, nar: &mut dyn BufRead) -> Result<NarInfo, StoreError> {
+        let label = self.store_dir.print_path(&info.path);
+        let spool = self.backend.spool()?;
+        let file = io::BufWriter::with_capacity(256 << 10, spool);
+        let hashing = HashingWriter::new(HashAlgo::Sha256, file);
+        let mut encoder = self
+            .compression
+            .encoder_for_size(
+                hashing,
+                self.compression_level,
+                (info.nar_size != 0).then_some(info.nar_size),
+            )
+            .map_err(|e| self.backend.write_error("a NAR spool", e))?;
+        let (nar_hash, nar_size) = self.pump_nar(&label, nar, &mut encoder)?;
+        if nar_hash != info.nar_hash {
+            return Err(StoreError::NarHashMismatch {
+                path: label,
+                expected: info.nar_hash,
+                actual: nar_hash,
+            });
+        }
+        if info.nar_size != 0 && nar_size != info.nar_size {
+            return Err(StoreError::NarSizeMismatch {
+                path: label,
+                expected: info.nar_size,
+                actual: nar_size,
+            });
+        }
+        let hashing = encoder
+            .finish()
+            .map_err(|e| self.backend.write_error("a NAR spool", e))?;
+        let (file, file_hash, file_size) = hashing.finish();
+        let spool = file
+            .into_inner()
+            .map_err(|e| self.backend.write_error("a NAR spool", e.into_error()))?;
+        let nar_file = format!(
+            "nar/{}.nar{}",
+            file_hash.to_nixbase32(),
+            self.compression.extension()
+        );
+        // Named by its hash: an existing file has these very bytes.
+        if !self.backend.exists(&nar_file)? {
+            self.backend
+                .put_spooled(&nar_file, spool, "application/x-nix-nar")?;
+        }
+
+        let mut narinfo = NarInfo {
+            store_path: info.path.clone(),
+            url: nar_file,
+            compression: self.compression.to_string(),
+            file_hash: Some(file_hash),
+            file_size: Some(file_size),
+            nar_hash: info.nar_hash,
+            nar_size,
+            references: info.references.clone(),
+            deriver: info.deriver.clone(),
+            system: None,
+            signatures: info.sigs.iter().filter_map(|s| s.parse().ok()).collect(),
+            ca: info.ca.clone(),
+        };
+        if let Some(key) = &self.secret_key {
+            narinfo
+                .sign(&self.store_dir, key)
+                .map_err(|source| BinaryCacheError::Sign {
+                    cache: self.url.clone(),
+                    path: label.clone(),
+                    source,
+                })?;
+        }
+        Ok(narinfo)
+    }
+
+    /// Writes a narinfo (the NAR it names is in already): the path
+    /// becomes visible.
+    fn publish_narinfo(&self, narinfo: NarInfo) -> Result<(), StoreError> {
+        let hash_part = narinfo.store_path.hash_part().to_owned();
+        self.backend.put(
+            &Self::narinfo_file(&hash_part),
+            narinfo.to_text(&self.store_dir).as_bytes(),
+            "text/x-nix-narinfo",
+        )?;
+        self.cache().insert(hash_part, Some(narinfo));
+        Ok(())
+    }
+
     /// Consumes exactly one NAR from `input`, checking that it is
     /// well-formed, while every byte consumed goes to `sink`; the NAR's
     /// sha256 and size.
@@ -710,82 +797,60 @@ impl Store for BinaryCacheStore {
                 reference: self.store_dir.print_path(missing),
             });
         }
+        let narinfo = self.upload_nar(info, nar)?;
+        self.publish_narinfo(narinfo)
+    }
 
-        let spool = self.backend.spool()?;
-        let file = io::BufWriter::with_capacity(256 << 10, spool);
-        let hashing = HashingWriter::new(HashAlgo::Sha256, file);
-        let mut encoder = self
-            .compression
-            .encoder_for_size(
-                hashing,
-                self.compression_level,
-                (info.nar_size != 0).then_some(info.nar_size),
-            )
-            .map_err(|e| self.backend.write_error("a NAR spool", e))?;
-        let (nar_hash, nar_size) = self.pump_nar(&label, nar, &mut encoder)?;
-        if nar_hash != info.nar_hash {
-            return Err(StoreError::NarHashMismatch {
-                path: label,
-                expected: info.nar_hash,
-                actual: nar_hash,
-            });
+    /// NARs are compressed and uploaded on several threads at once; the
+    /// narinfos, which make the paths visible, follow in dependency order
+    /// once all NARs are in, so no reader sees a path before the paths it
+    /// refers to.
+    fn add_nars(
+        &self,
+        infos: &[PathInfo],
+        nars: &crate::NarSource<'_>,
+        options: AddOptions,
+        jobs: usize,
+    ) -> Result<Vec<StorePath>, StoreError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut todo = Vec::with_capacity(infos.len());
+        for info in infos {
+            if seen.insert(&info.path) && (options.repair || !self.is_valid_path(&info.path)?) {
+                todo.push(info);
+            }
         }
-        if info.nar_size != 0 && nar_size != info.nar_size {
-            return Err(StoreError::NarSizeMismatch {
-                path: label,
-                expected: info.nar_size,
-                actual: nar_size,
-            });
+        let batch: std::collections::HashSet<&StorePath> = todo.iter().map(|i| &i.path).collect();
+        for info in &todo {
+            let others: StorePathSet = info
+                .references_without_self()
+                .filter(|r| !batch.contains(r))
+                .cloned()
+                .collect();
+            let present = self.query_valid_paths(&others)?;
+            if let Some(missing) = others.difference(&present).next() {
+                return Err(StoreError::MissingReference {
+                    path: self.store_dir.print_path(&info.path),
+                    reference: self.store_dir.print_path(missing),
+                });
+            }
         }
-        let hashing = encoder
-            .finish()
-            .map_err(|e| self.backend.write_error("a NAR spool", e))?;
-        let (file, file_hash, file_size) = hashing.finish();
-        let spool = file
-            .into_inner()
-            .map_err(|e| self.backend.write_error("a NAR spool", e.into_error()))?;
-        let nar_file = format!(
-            "nar/{}.nar{}",
-            file_hash.to_nixbase32(),
-            self.compression.extension()
-        );
-        // Named by its hash: an existing file has these very bytes.
-        if !self.backend.exists(&nar_file)? {
-            self.backend
-                .put_spooled(&nar_file, spool, "application/x-nix-nar")?;
-        }
-
-        let mut narinfo = NarInfo {
-            store_path: info.path.clone(),
-            url: nar_file,
-            compression: self.compression.to_string(),
-            file_hash: Some(file_hash),
-            file_size: Some(file_size),
-            nar_hash: info.nar_hash,
-            nar_size,
-            references: info.references.clone(),
-            deriver: info.deriver.clone(),
-            system: None,
-            signatures: info.sigs.iter().filter_map(|s| s.parse().ok()).collect(),
-            ca: info.ca.clone(),
+        let workers = match jobs {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
         };
-        if let Some(key) = &self.secret_key {
-            narinfo
-                .sign(&self.store_dir, key)
-                .map_err(|source| BinaryCacheError::Sign {
-                    cache: self.url.clone(),
-                    path: label.clone(),
-                    source,
-                })?;
+        let uploaded = crate::local::par::map_on(workers, todo, |info| {
+            crate::substitute::with_nar(info, nars, |nar| self.upload_nar(info, nar))
+        });
+        let mut narinfos = Vec::with_capacity(uploaded.len());
+        for u in uploaded {
+            narinfos.push(u?);
         }
-        let hash_part = info.path.hash_part().to_owned();
-        self.backend.put(
-            &Self::narinfo_file(&hash_part),
-            narinfo.to_text(&self.store_dir).as_bytes(),
-            "text/x-nix-narinfo",
-        )?;
-        self.cache().insert(hash_part, Some(narinfo));
-        Ok(())
+        let mut added = Vec::with_capacity(narinfos.len());
+        for narinfo in narinfos {
+            added.push(narinfo.store_path.clone());
+            self.publish_narinfo(narinfo)?;
+        }
+        Ok(added)
     }
 
     fn nar_from_path(&self, path: &StorePath, out: &mut dyn Write) -> Result<(), StoreError> {

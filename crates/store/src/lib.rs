@@ -32,5 +32,5 @@ mod url;
 pub use closure::{compute_closure, topo_sort};
 pub use error::StoreError;
 pub use path_info::{PathInfo, PathInfoJson};
-pub use store::{AddOptions, Store};
+pub use store::{AddOptions, NarSource, Store};
 pub use url::{StoreUrl, UrlError, open_store};

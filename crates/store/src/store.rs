@@ -32,6 +32,11 @@ pub struct AddOptions {
     pub check_sigs: bool,
 }
 
+/// Writes the NAR of the path `info` describes to the writer: how
+/// [`Store::add_nars`] gets the contents of each path it adds. Called from
+/// several threads at once.
+pub type NarSource<'a> = dyn Fn(&PathInfo, &mut dyn Write) -> Result<(), StoreError> + Sync + 'a;
+
 /// A store of Nix store paths. See the [module documentation](self) for why
 /// it is synchronous.
 ///
@@ -102,6 +107,26 @@ pub trait Store: Send + Sync + fmt::Debug {
         options: AddOptions,
     ) -> Result<(), StoreError>;
 
+    /// Adds many paths from their NARs, as [`add_nar`](Store::add_nar)
+    /// does one: `infos` come in dependency order (every path after the
+    /// paths of the batch it refers to), `nars` writes each one's NAR, and
+    /// up to `jobs` paths are handled at once (0: the store's choice).
+    /// Paths valid already are skipped (unless `options.repair`). Returns
+    /// the paths added, references first.
+    ///
+    /// The default adds them one by one, each once its references are in;
+    /// stores that can do better (the local store: one durability barrier
+    /// and one transaction per batch) override it.
+    fn add_nars(
+        &self,
+        infos: &[PathInfo],
+        nars: &NarSource<'_>,
+        options: AddOptions,
+        jobs: usize,
+    ) -> Result<Vec<StorePath>, StoreError> {
+        crate::substitute::add_nars_in_dependency_order(self, infos, nars, options, jobs)
+    }
+
     /// Adds the file or tree at `source` as a fixed-output path named
     /// `name`: `Recursive` hashes its NAR, `Flat` the bytes of a regular
     /// file, with `algo`. Returns the new path's metadata.
@@ -138,6 +163,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Protects `path` from the garbage collector for as long as this
     /// store value (or its process) lives. A no-op for stores without GC.
     fn add_temp_root(&self, _path: &StorePath) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// [`add_temp_root`](Store::add_temp_root) for several paths (one
+    /// write for the local store).
+    fn add_temp_roots(&self, paths: &[&StorePath]) -> Result<(), StoreError> {
+        for path in paths {
+            self.add_temp_root(path)?;
+        }
         Ok(())
     }
 

@@ -31,7 +31,7 @@ use kiln_formats::signature::TrustedKeys;
 use kiln_formats::store_path::{StoreDir, StorePath, StorePathSet};
 
 use crate::binary_cache::{BinaryCacheConfig, BinaryCacheStore, check_signatures, pipe};
-use crate::{AddOptions, PathInfo, Store, StoreError, compute_closure};
+use crate::{AddOptions, NarSource, PathInfo, Store, StoreError, compute_closure};
 
 /// How [`copy_paths`] copies.
 #[derive(Debug, Clone, Default)]
@@ -75,7 +75,7 @@ pub fn copy_paths(
     };
     let valid = dst.query_valid_paths(&closure)?;
     let missing: StorePathSet = closure.difference(&valid).cloned().collect();
-    let mut infos = HashMap::with_capacity(missing.len());
+    let mut infos: HashMap<StorePath, PathInfo> = HashMap::with_capacity(missing.len());
     for path in &missing {
         let info = src.path_info_or_error(path)?;
         if let Some(trusted) = &options.trusted_keys {
@@ -83,6 +83,18 @@ pub fn copy_paths(
         }
         infos.insert(path.clone(), info);
     }
+    // Dependency order, so a destination that registers in batches sees
+    // every path after its references.
+    let order = crate::closure::topo_sort_by(&missing, |p| {
+        infos[p].references_without_self().cloned().collect()
+    });
+    let ordered: Vec<PathInfo> = order
+        .into_iter()
+        .map(|p| infos.remove(&p).expect("sorted from these paths"))
+        .collect();
+    // A local source must not collect the paths while they are read.
+    let roots: Vec<&StorePath> = ordered.iter().map(|i| &i.path).collect();
+    src.add_temp_roots(&roots)?;
     let jobs = match options.jobs {
         0 => {
             let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -90,16 +102,16 @@ pub fn copy_paths(
             if is_remote(&src.url()) || is_remote(&dst.url()) {
                 cpus.max(8)
             } else {
-                cpus
+                0
             }
         }
         n => n,
     };
-    let copied = run_in_dependency_order(&infos, jobs, |info| {
-        // A local source must not collect the path while it is read.
-        src.add_temp_root(&info.path)?;
-        transfer(src, dst, info)
-    })?;
+    let nars = |info: &PathInfo, out: &mut dyn Write| {
+        let _span = tracing::debug_span!("copy", path = %info.path).entered();
+        src.nar_from_path(&info.path, out)
+    };
+    let copied = dst.add_nars(&ordered, &nars, AddOptions::default(), jobs)?;
     Ok(CopyReport {
         copied,
         already_valid: valid.len(),
@@ -110,33 +122,57 @@ fn is_remote(url: &str) -> bool {
     url.starts_with("http://") || url.starts_with("https://")
 }
 
-/// Streams one path's NAR from `src` into `dst`.
-fn transfer(src: &dyn Store, dst: &dyn Store, info: &PathInfo) -> Result<(), StoreError> {
-    let _span = tracing::debug_span!("copy", path = %info.path).entered();
-    if info.nar_size <= IN_MEMORY {
+/// The default [`Store::add_nars`]: one [`Store::add_nar`] per path, up to
+/// `jobs` at once, each once its references among `infos` are in.
+pub(crate) fn add_nars_in_dependency_order<S: Store + ?Sized>(
+    dst: &S,
+    infos: &[PathInfo],
+    nars: &NarSource<'_>,
+    options: AddOptions,
+    jobs: usize,
+) -> Result<Vec<StorePath>, StoreError> {
+    let jobs = match jobs {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
+    let by_path: HashMap<StorePath, PathInfo> =
+        infos.iter().map(|i| (i.path.clone(), i.clone())).collect();
+    run_in_dependency_order(&by_path, jobs, |info| {
+        with_nar(info, nars, |reader| dst.add_nar(info, reader, options))
+    })
+}
+
+/// Hands the NAR that `nars` writes for `info` to `consume` as a reader:
+/// through memory when it is small, through a pipe between two threads
+/// when it is large (or of unknown size).
+pub(crate) fn with_nar<T>(
+    info: &PathInfo,
+    nars: &NarSource<'_>,
+    consume: impl FnOnce(&mut dyn io::BufRead) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    if info.nar_size != 0 && info.nar_size <= IN_MEMORY {
         let mut nar = Vec::with_capacity(info.nar_size as usize);
-        src.nar_from_path(&info.path, &mut nar)?;
-        return dst.add_nar(info, &mut &nar[..], AddOptions::default());
+        nars(info, &mut nar)?;
+        return consume(&mut &nar[..]);
     }
     let (mut writer, mut reader) = pipe::pipe();
     std::thread::scope(|scope| {
         let producer = scope.spawn(move || {
-            src.nar_from_path(&info.path, &mut writer)?;
+            nars(info, &mut writer)?;
             writer.flush().map_err(|source| StoreError::Stream {
                 action: "pass the NAR on",
                 source,
             })
         });
-        let added = dst.add_nar(info, &mut reader, AddOptions::default());
+        let consumed = consume(&mut reader);
         drop(reader);
         let produced = producer.join().expect("NAR producer thread panicked");
-        match (produced, added) {
-            (Ok(()), added) => added,
+        match (produced, consumed) {
+            (Ok(()), consumed) => consumed,
             // The source's error says best why the stream ended early.
             (Err(e), Err(_)) => Err(e),
-            // The destination stopped reading and succeeded: cannot
-            // happen with a NAR reader, but the add is what counts.
-            (Err(_), Ok(())) => Ok(()),
+            // The consumer read a whole, checked NAR: that is what counts.
+            (Err(_), Ok(t)) => Ok(t),
         }
     })
 }

@@ -23,6 +23,7 @@ pub fn run_behaviour_tests(store: &dyn Store, scratch: &Path) {
     text_paths_and_references(store);
     add_nar_checks_hash_and_size(store);
     malformed_nar_is_refused(store);
+    add_nars_in_batches(store);
     closure_and_order(store);
     hash_part_lookup(store);
 }
@@ -261,6 +262,92 @@ fn add_nar_checks_hash_and_size(store: &dyn Store) {
         .add_nar(&info, &mut input, AddOptions::default())
         .unwrap();
     assert_eq!(input, b"TRAILER");
+}
+
+/// A chain of paths longer than a local batch, each referring to the one
+/// before, added in one call; then a batch with one bad NAR.
+fn add_nars_in_batches(store: &dyn Store) {
+    const N: usize = 300;
+    let mut infos: Vec<PathInfo> = Vec::with_capacity(N);
+    let mut nars = std::collections::HashMap::new();
+    for i in 0..N {
+        let nar = Node::directory([("i", Node::file(format!("batch {i}").into_bytes()))]).to_nar();
+        let mut info = nar_info(store, &format!("batch-{i}"), &nar);
+        if let Some(prev) = infos.last() {
+            info.references.insert(prev.path.clone());
+        }
+        nars.insert(info.path.clone(), nar);
+        infos.push(info);
+    }
+    let source = |info: &PathInfo, out: &mut dyn std::io::Write| {
+        out.write_all(&nars[&info.path])
+            .map_err(|source| StoreError::Stream {
+                action: "write a test NAR",
+                source,
+            })
+    };
+    let added = store
+        .add_nars(&infos, &source, AddOptions::default(), 0)
+        .expect("adding a batch of NARs");
+    assert_eq!(added.len(), N, "every path of the batch is added");
+    let position: std::collections::HashMap<&StorePath, usize> =
+        added.iter().enumerate().map(|(i, p)| (p, i)).collect();
+    for info in &infos {
+        let got = store
+            .query_path_info(&info.path)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{} of the batch is valid", info.path));
+        assert_eq!(got.nar_hash, info.nar_hash);
+        assert_eq!(
+            got.references, info.references,
+            "references of {}",
+            info.path
+        );
+        for r in &info.references {
+            assert!(position[r] < position[&info.path], "references come first");
+        }
+    }
+    let again = store
+        .add_nars(&infos, &source, AddOptions::default(), 0)
+        .unwrap();
+    assert!(again.is_empty(), "valid paths are skipped, got {again:?}");
+
+    // One path of a new batch has a wrong hash: it, and whatever refers
+    // to it, must not become valid.
+    let mut bad_batch = Vec::new();
+    let mut bad_nars = std::collections::HashMap::new();
+    for i in 0..20 {
+        let nar =
+            Node::directory([("j", Node::file(format!("bad batch {i}").into_bytes()))]).to_nar();
+        let mut info = nar_info(store, &format!("bad-batch-{i}"), &nar);
+        if let Some(prev) = bad_batch.last() {
+            let prev: &PathInfo = prev;
+            info.references.insert(prev.path.clone());
+        }
+        bad_nars.insert(info.path.clone(), nar);
+        bad_batch.push(info);
+    }
+    let victim = bad_batch[10].path.clone();
+    bad_batch[10].nar_hash = Hash::digest(HashAlgo::Sha256, b"not this NAR");
+    let source = |info: &PathInfo, out: &mut dyn std::io::Write| {
+        out.write_all(&bad_nars[&info.path])
+            .map_err(|source| StoreError::Stream {
+                action: "write a test NAR",
+                source,
+            })
+    };
+    let e = store.add_nars(&bad_batch, &source, AddOptions::default(), 0);
+    assert!(
+        matches!(e, Err(StoreError::NarHashMismatch { ref path, .. }) if path.ends_with(victim.name())),
+        "a wrong hash in a batch is refused naming the path, got {e:?}"
+    );
+    for info in &bad_batch[10..] {
+        assert!(
+            !store.is_valid_path(&info.path).unwrap(),
+            "{} depends on a refused NAR and must not be valid",
+            info.path
+        );
+    }
 }
 
 fn malformed_nar_is_refused(store: &dyn Store) {

@@ -26,7 +26,7 @@ pub mod fsutil;
 pub mod gc;
 pub mod lock;
 pub mod optimise;
-mod par;
+pub(crate) mod par;
 pub mod verify;
 
 pub use add::{BatchItem, Durability};
@@ -228,6 +228,16 @@ impl Store for LocalStore {
         self.add_nar_impl(info, nar, options)
     }
 
+    fn add_nars(
+        &self,
+        infos: &[PathInfo],
+        nars: &crate::NarSource<'_>,
+        options: AddOptions,
+        jobs: usize,
+    ) -> Result<Vec<StorePath>, StoreError> {
+        self.add_nars_impl(infos, nars, options, jobs)
+    }
+
     fn add_to_store(
         &self,
         name: &str,
@@ -267,6 +277,10 @@ impl Store for LocalStore {
     }
 
     fn add_temp_root(&self, path: &StorePath) -> Result<(), StoreError> {
-        self.add_temp_roots(&[path])
+        LocalStore::add_temp_roots(self, &[path])
+    }
+
+    fn add_temp_roots(&self, paths: &[&StorePath]) -> Result<(), StoreError> {
+        LocalStore::add_temp_roots(self, paths)
     }
 }

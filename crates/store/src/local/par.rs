@@ -12,15 +12,24 @@ pub const IO_WORKERS: usize = 8;
 /// Applies `f` to every item on up to [`IO_WORKERS`] threads; results in
 /// the order of `items`. Small inputs run on the calling thread.
 pub fn map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    map_on(IO_WORKERS, items, f)
+}
+
+/// [`map`] on up to `workers` threads.
+pub fn map_on<T: Send, R: Send>(
+    workers: usize,
+    items: Vec<T>,
+    f: impl Fn(T) -> R + Sync,
+) -> Vec<R> {
     let n = items.len();
-    if n < 4 {
+    if n < 4 || workers <= 1 {
         return items.into_iter().map(f).collect();
     }
     let inputs: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
     let outputs: Vec<Mutex<Option<R>>> = (0..n).map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
     std::thread::scope(|scope| {
-        for _ in 0..IO_WORKERS.min(n) {
+        for _ in 0..workers.min(n) {
             scope.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);

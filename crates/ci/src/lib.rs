@@ -7,6 +7,8 @@
 //!
 //! - [`model`]: specifications, evaluations, builds, agents (pure types);
 //! - [`db`]: the database (SQLite or PostgreSQL, same migrations);
+//! - [`eval`]: git inputs, the evaluator and its log;
+//! - [`coordinator`]: registration of jobs as builds, dispatch, recovery;
 //! - [`testing`]: a throwaway PostgreSQL cluster for tests and benchmarks.
 //! - [`web`]: the JSON API, HTML pages and Prometheus metrics.
 //!
@@ -20,7 +22,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod coordinator;
 pub mod db;
+pub mod eval;
 pub mod model;
 pub mod testing;
-pub mod web;

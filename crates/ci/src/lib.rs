@@ -27,3 +27,4 @@ pub mod db;
 pub mod eval;
 pub mod model;
 pub mod testing;
+pub mod web;

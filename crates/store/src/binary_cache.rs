@@ -834,8 +834,10 @@ impl Store for BinaryCacheStore {
                 });
             }
         }
+        // Compressing is computing, but publishing files waits on the file
+        // system: more workers than cores.
         let workers = match jobs {
-            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            0 => crate::local::par::IO_WORKERS,
             n => n,
         };
         let uploaded = crate::local::par::map_on(workers, todo, |info| {

@@ -33,6 +33,8 @@ pub enum ChoiceError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("setting '{name}' is '{given}', expected a non-negative number")]
+    Setting { name: &'static str, given: String },
 }
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ChoiceError {
@@ -74,6 +76,44 @@ impl Default for ChoiceSettings {
 }
 
 impl ChoiceSettings {
+    /// [`from_env`](Self::from_env), then the daemon's settings
+    /// `offload-max-load` (load average per core), `offload-min-free-mb`,
+    /// `offload-load-ttl` and `offload-backoff` (seconds) — in `nix.conf`
+    /// or `--option` for Kiln's scheduler, which passes its settings to the
+    /// hook. (Nix's daemon passes only settings it knows; with it, use the
+    /// machine's `?max-load=`/`?min-free-mb=` URI parameters or the
+    /// environment.) A value that is not a number is an error naming it.
+    pub fn from_settings(
+        raw: &std::collections::BTreeMap<String, String>,
+    ) -> Result<ChoiceSettings, ChoiceError> {
+        let mut s = ChoiceSettings::from_env();
+        let num = |k: &'static str| -> Result<Option<f64>, ChoiceError> {
+            match raw.get(k).map(|v| v.trim()).filter(|v| !v.is_empty()) {
+                None => Ok(None),
+                Some(v) => match v.parse::<f64>() {
+                    Ok(f) if f >= 0.0 => Ok(Some(f)),
+                    _ => Err(ChoiceError::Setting {
+                        name: k,
+                        given: v.to_owned(),
+                    }),
+                },
+            }
+        };
+        if let Some(v) = num("offload-max-load")? {
+            s.overload_per_core = v;
+        }
+        if let Some(v) = num("offload-min-free-mb")? {
+            s.min_free_bytes = (v * 1048576.0) as u64;
+        }
+        if let Some(v) = num("offload-load-ttl")? {
+            s.load_ttl = Duration::from_secs_f64(v);
+        }
+        if let Some(v) = num("offload-backoff")? {
+            s.backoff = Duration::from_secs_f64(v);
+        }
+        Ok(s)
+    }
+
     /// The defaults, overridden by `KILN_OFFLOAD_OVERLOAD`,
     /// `KILN_OFFLOAD_MIN_FREE_MB`, `KILN_OFFLOAD_LOAD_TTL`,
     /// `KILN_OFFLOAD_BACKOFF` (seconds).
@@ -352,19 +392,23 @@ impl Chooser {
                     continue;
                 }
             };
-            if load.per_core() > self.settings.overload_per_core {
+            let max_load = m.max_load.unwrap_or(self.settings.overload_per_core);
+            if load.per_core() > max_load {
                 notes.push(format!(
-                    "{}: overloaded (load {:.2} on {} cores > {:.2}/core)",
-                    m.uri, load.load1, load.cores, self.settings.overload_per_core
+                    "{}: overloaded (load {:.2} on {} cores > {max_load:.2}/core)",
+                    m.uri, load.load1, load.cores
                 ));
                 continue;
             }
-            if load.free_bytes < self.settings.min_free_bytes {
+            let min_free = m
+                .min_free_mb
+                .map_or(self.settings.min_free_bytes, |mb| mb << 20);
+            if load.free_bytes < min_free {
                 notes.push(format!(
                     "{}: low on disk ({} MiB free < {} MiB)",
                     m.uri,
                     load.free_bytes >> 20,
-                    self.settings.min_free_bytes >> 20
+                    min_free >> 20
                 ));
                 continue;
             }
@@ -511,5 +555,28 @@ mod tests {
         assert!(matches!(ch, Choice::Decline { .. }), "{ch:?}");
         c.mark_down(&ms[0], "again");
         assert_eq!(c.down(&ms[0]).unwrap().1, 2);
+    }
+}
+
+#[cfg(test)]
+mod settings_tests {
+    use super::*;
+
+    #[test]
+    fn daemon_settings_set_the_thresholds() {
+        let raw = [
+            ("offload-max-load".to_owned(), "0.8".to_owned()),
+            ("offload-min-free-mb".to_owned(), "100".to_owned()),
+        ]
+        .into();
+        let s = ChoiceSettings::from_settings(&raw).unwrap();
+        assert_eq!(s.overload_per_core, 0.8);
+        assert_eq!(s.min_free_bytes, 100 << 20);
+        let bad = [("offload-max-load".to_owned(), "high".to_owned())].into();
+        let e = ChoiceSettings::from_settings(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("offload-max-load") && e.contains("'high'"),
+            "{e}"
+        );
     }
 }

@@ -121,8 +121,14 @@ pub fn this_system() -> String {
     format!("{arch}-{}", std::env::consts::OS)
 }
 
-/// Where hooks of a store keep shared state, and SSH its sockets.
+/// Where hooks of a store keep shared state, and SSH its sockets, with
+/// the choice settings from the environment.
 pub fn chooser_for(store: &LocalStore) -> Result<Chooser, HookError> {
+    chooser_with(store, ChoiceSettings::from_env())
+}
+
+/// [`chooser_for`] with the given choice settings.
+pub fn chooser_with(store: &LocalStore, settings: ChoiceSettings) -> Result<Chooser, HookError> {
     let ssh_state = std::env::var_os("KILN_OFFLOAD_SSH_DIR")
         .map(PathBuf::from)
         // Control sockets need a short path (108 bytes).
@@ -139,7 +145,7 @@ pub fn chooser_for(store: &LocalStore) -> Result<Chooser, HookError> {
     Ok(Chooser::new(
         store.state_dir().join("offload"),
         ssh_state,
-        ChoiceSettings::from_env(),
+        settings,
     )?)
 }
 
@@ -181,7 +187,7 @@ pub fn run(input: &mut impl Read) -> Result<i32, HookError> {
         return Ok(0);
     }
     let store = settings.open_store()?;
-    let chooser = chooser_for(&store)?;
+    let chooser = chooser_with(&store, ChoiceSettings::from_settings(&settings.raw)?)?;
     loop {
         let cmd = match wire::read_string(input) {
             Ok(s) => s,

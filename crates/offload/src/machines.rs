@@ -33,6 +33,12 @@ pub struct Machine {
     pub host_key: Option<String>,
     /// Where it was defined, for messages (`/etc/nix/machines:3`).
     pub origin: String,
+    /// Load average per core above which it takes no more builds
+    /// (`?max-load=0.8` on the URI; else the hook's setting).
+    pub max_load: Option<f64>,
+    /// Free disk its store needs before it takes a build
+    /// (`?min-free-mb=N` on the URI; else the hook's setting).
+    pub min_free_mb: Option<u64>,
 }
 
 /// What was wrong with a machines file or `builders` setting.
@@ -243,7 +249,45 @@ fn parse_entry(entry: &str, origin: String, this_system: &str) -> Result<Machine
         }
         None => None,
     };
+    // Kiln's choice limits ride on the URI, so a machines file shared with
+    // Nix stays in Nix's eight-field format.
+    let param = |key: &str| {
+        uri.split_once('?').and_then(|(_, q)| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        })
+    };
+    let bad_param =
+        |name: &'static str, given: &str, expected: &'static str| MachinesError::BadField {
+            origin: origin.clone(),
+            field: 1,
+            name,
+            given: given.to_owned(),
+            expected,
+        };
+    let max_load = match param("max-load") {
+        Some(v) => match v.parse::<f64>() {
+            Ok(f) if f > 0.0 => Some(f),
+            _ => {
+                return Err(bad_param(
+                    "URI parameter max-load",
+                    v,
+                    "a positive number (load average per core)",
+                ));
+            }
+        },
+        None => None,
+    };
+    let min_free_mb = match param("min-free-mb") {
+        Some(v) => Some(
+            v.parse::<u64>()
+                .map_err(|_| bad_param("URI parameter min-free-mb", v, "a whole number of MiB"))?,
+        ),
+        None => None,
+    };
     Ok(Machine {
+        max_load,
+        min_free_mb,
         uri,
         systems,
         ssh_key: get(2).map(PathBuf::from),
@@ -332,5 +376,37 @@ mod tests {
         let uris: Vec<_> = m.iter().map(|m| m.uri.as_str()).collect();
         assert_eq!(uris, ["ssh://w", "ssh://x", "ssh://y"]);
         assert!(m[2].origin.ends_with("inner:2"));
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn choice_limits_ride_on_the_uri() {
+        let m = parse_builders(
+            "ssh://b?max-load=0.75&min-free-mb=512 x86_64-linux - 4 2\nssh://c x86_64-linux",
+            "t",
+            "x86_64-linux",
+        )
+        .unwrap();
+        assert_eq!(m[0].max_load, Some(0.75));
+        assert_eq!(m[0].min_free_mb, Some(512));
+        assert_eq!(m[1].max_load, None);
+        assert_eq!(m[1].min_free_mb, None);
+    }
+
+    #[test]
+    fn a_bad_limit_names_the_line_and_parameter() {
+        let e = parse_builders(
+            "ssh://b?max-load=lots x86_64-linux",
+            "machines",
+            "x86_64-linux",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("machines:1"), "{e}");
+        assert!(e.contains("max-load") && e.contains("'lots'"), "{e}");
     }
 }

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kiln_formats::store_path::StoreDir;
+use kiln_scheduler::events::{Event, EventSink};
 use tokio::sync::watch;
 
 /// The running builds' logs, by build id. Cheap to clone (shared).
@@ -99,6 +101,73 @@ impl LiveLogs {
     }
 }
 
+/// Passes the scheduler's log lines of a batch's builds into [`LiveLogs`]:
+/// a coordinator adds it to the event sinks of each batch it starts.
+/// Several builds (of different evaluations) may share one derivation.
+#[derive(Debug)]
+pub struct LiveLogSink {
+    live: LiveLogs,
+    store_dir: StoreDir,
+    /// `.drv` path → the builds it realises.
+    builds: HashMap<String, Vec<i64>>,
+    /// The scheduler's build activity → the builds it realises.
+    activities: Mutex<HashMap<u64, Vec<i64>>>,
+}
+
+impl LiveLogSink {
+    /// A sink for builds given as (`.drv` path, build id).
+    pub fn new(
+        live: LiveLogs,
+        store_dir: StoreDir,
+        builds: impl IntoIterator<Item = (String, i64)>,
+    ) -> LiveLogSink {
+        let mut by_drv: HashMap<String, Vec<i64>> = HashMap::new();
+        for (drv, id) in builds {
+            by_drv.entry(drv).or_default().push(id);
+        }
+        LiveLogSink {
+            live,
+            store_dir,
+            builds: by_drv,
+            activities: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl EventSink for LiveLogSink {
+    fn event(&self, event: Event<'_>) {
+        let mut activities = self.activities.lock().expect("activity map poisoned");
+        match event {
+            Event::BuildStarted { id, drv, .. } => {
+                if let Some(builds) = self.builds.get(&self.store_dir.print_path(drv)) {
+                    activities.insert(id, builds.clone());
+                }
+            }
+            Event::LogLine { id, line } => {
+                if let Some(builds) = activities.get(&id) {
+                    let mut with_newline = Vec::with_capacity(line.len() + 1);
+                    with_newline.extend_from_slice(line);
+                    with_newline.push(b'\n');
+                    for &build in builds {
+                        self.live.append(build, &with_newline);
+                    }
+                }
+            }
+            Event::Finished { id, drv, .. } => {
+                activities.remove(&id);
+                // The stored log takes over once the build's status is
+                // recorded; the tail waits on the database until then.
+                if let Some(builds) = self.builds.get(&self.store_dir.print_path(drv)) {
+                    for &build in builds {
+                        self.live.finish(build);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +200,53 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(live.read_from(1, 0).is_none());
         finish.await.unwrap();
+    }
+
+    #[test]
+    fn the_scheduler_sink_routes_lines_to_the_builds_of_a_derivation() {
+        let store_dir = StoreDir::default();
+        let drv = store_dir
+            .parse_path("/nix/store/00000000000000000000000000000000-a.drv")
+            .unwrap();
+        let live = LiveLogs::default();
+        let sink = LiveLogSink::new(
+            live.clone(),
+            store_dir.clone(),
+            [
+                (store_dir.print_path(&drv), 7),
+                (store_dir.print_path(&drv), 9),
+            ],
+        );
+        sink.event(Event::LogLine {
+            id: 1,
+            line: b"before",
+        });
+        assert!(live.read_from(7, 0).is_none());
+        sink.event(Event::BuildStarted {
+            id: 1,
+            drv: &drv,
+            machine: None,
+        });
+        sink.event(Event::LogLine {
+            id: 1,
+            line: b"compiling",
+        });
+        sink.event(Event::LogLine {
+            id: 2,
+            line: b"another build",
+        });
+        assert_eq!(live.read_from(7, 0).unwrap().0, b"compiling\n");
+        assert_eq!(live.read_from(9, 0).unwrap().0, b"compiling\n");
+        let result = kiln_scheduler::result::BuildResult::failure(
+            kiln_scheduler::result::BuildStatus::PermanentFailure,
+            "failed",
+        );
+        sink.event(Event::Finished {
+            id: 1,
+            drv: &drv,
+            result: &result,
+        });
+        assert!(live.read_from(7, 0).is_none() && live.read_from(9, 0).is_none());
     }
 
     #[tokio::test]

@@ -40,7 +40,7 @@ use axum::http::StatusCode;
 use crate::db::{Db, DbError};
 
 pub use diff::{EvaluationDiff, JobChange};
-pub use live::LiveLogs;
+pub use live::{LiveLogSink, LiveLogs};
 
 /// What the handlers share: the database, and the logs of running builds.
 #[derive(Debug, Clone)]

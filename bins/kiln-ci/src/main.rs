@@ -1,3 +1,478 @@
-//! kiln-ci: the CI coordinator's command line.
+//! kiln-ci: the CI coordinator's command line — argument parsing,
+//! configuration (flags over a TOML file) and wiring of the `kiln_ci` crate.
 
-fn main() {}
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use kiln_ci::coordinator::{Config, Coordinator};
+use kiln_ci::db::{BuildFilter, Db};
+use kiln_ci::model::{BuildStatus, BuildTargets, GitRef, Input, Specification};
+use serde::Deserialize;
+
+#[derive(Debug, Parser)]
+#[command(name = "kiln-ci", about = "Kiln's CI coordinator: from git to builds")]
+struct Cli {
+    /// TOML configuration file (keys as the long flags, with `_`).
+    #[arg(long, env = "KILN_CI_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Database: a SQLite file (default STATE_DIR/ci.sqlite) or postgres://…
+    #[arg(long, env = "KILN_CI_DB", global = true)]
+    db: Option<String>,
+    /// Where inputs, logs and GC root links are kept.
+    #[arg(long, env = "KILN_CI_STATE_DIR", global = true)]
+    state_dir: Option<PathBuf>,
+    /// Root of the local store to build in (a chroot store); default /.
+    #[arg(long, env = "KILN_CI_STORE", global = true)]
+    store: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the coordinator and the web interface.
+    Serve(ServeArgs),
+    /// Manage specifications.
+    #[command(subcommand)]
+    Spec(SpecCommand),
+    /// Evaluate a specification now (and with --build, build until idle).
+    Eval {
+        spec: String,
+        #[arg(long)]
+        build: bool,
+    },
+    /// List builds.
+    Builds {
+        #[arg(long)]
+        evaluation: Option<i64>,
+        #[arg(long)]
+        spec: Option<String>,
+        #[arg(long)]
+        status: Option<BuildStatus>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restart builds (and their failed dependents), in dependency order.
+    Restart { ids: Vec<i64> },
+    /// Kiln's evaluator: print a recipe file's packages as nix-eval-jobs lines.
+    EvalRecipe {
+        file: PathBuf,
+        #[arg(long)]
+        system: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address of the web interface.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Builds running at once.
+    #[arg(long)]
+    max_jobs: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+enum SpecCommand {
+    /// Add a specification (fails if it exists).
+    Add(SpecArgs),
+    /// Create or replace a specification.
+    Set(SpecArgs),
+    /// List specifications.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a specification with its evaluations and builds.
+    Remove { name: String },
+}
+
+#[derive(Debug, Args)]
+struct SpecArgs {
+    name: String,
+    /// An input: NAME=URL@branch:B, NAME=URL@tag:T or NAME=URL@commit:C.
+    #[arg(long = "input", required = true)]
+    inputs: Vec<String>,
+    /// The input the evaluator runs in (default: the first).
+    #[arg(long)]
+    eval_input: Option<String>,
+    /// Systems to build (default all).
+    #[arg(long = "system")]
+    systems: Vec<String>,
+    /// Jobs to build (default all).
+    #[arg(long = "job")]
+    jobs: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    priority: u8,
+    /// Seconds between automatic evaluations (0: on demand).
+    #[arg(long, default_value_t = 0)]
+    period: i64,
+    /// The evaluator command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    evaluator: Vec<String>,
+}
+
+/// The configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    db: Option<String>,
+    state_dir: Option<PathBuf>,
+    store: Option<PathBuf>,
+    listen: Option<String>,
+    max_jobs: Option<usize>,
+    batch_size: Option<usize>,
+    systems: Option<Vec<String>>,
+    output_root_ttl_days: Option<u64>,
+    max_attempts: Option<i64>,
+    retry_backoff_secs: Option<u64>,
+    cancel_older_than_days: Option<u64>,
+    #[serde(default)]
+    webhooks: Vec<String>,
+    /// nix.conf settings for the embedded scheduler.
+    #[serde(default)]
+    settings: BTreeMap<String, String>,
+}
+
+fn parse_input(text: &str) -> Result<Input> {
+    let (name, rest) = text.split_once('=').with_context(|| {
+        format!("input '{text}': expected NAME=URL@branch:B (or tag:T, commit:C)")
+    })?;
+    let (url, reference) = rest.rsplit_once('@').with_context(|| {
+        format!("input '{text}': expected URL@branch:B, URL@tag:T or URL@commit:C")
+    })?;
+    let reference = match reference.split_once(':') {
+        Some(("branch", b)) => GitRef::Branch(b.into()),
+        Some(("tag", t)) => GitRef::Tag(t.into()),
+        Some(("commit", c)) => GitRef::Commit(c.into()),
+        _ => {
+            bail!("input '{text}': the reference '{reference}' is not branch:B, tag:T or commit:C")
+        }
+    };
+    Ok(Input {
+        name: name.into(),
+        url: url.into(),
+        reference,
+    })
+}
+
+fn specification(args: SpecArgs) -> Result<Specification> {
+    let inputs = args
+        .inputs
+        .iter()
+        .map(|i| parse_input(i))
+        .collect::<Result<Vec<_>>>()?;
+    let eval_input = args.eval_input.unwrap_or_else(|| inputs[0].name.clone());
+    if !inputs.iter().any(|i| i.name == eval_input) {
+        bail!("--eval-input '{eval_input}' is not one of the inputs");
+    }
+    if args.priority > 9 {
+        bail!("--priority {} is out of range (0 to 9)", args.priority);
+    }
+    Ok(Specification {
+        name: args.name,
+        inputs,
+        eval_input,
+        evaluator: args.evaluator,
+        systems: args.systems,
+        priority: args.priority,
+        period_secs: args.period,
+        build_targets: if args.jobs.is_empty() {
+            BuildTargets::All
+        } else {
+            BuildTargets::Jobs(args.jobs)
+        },
+        enabled: true,
+        created_at: 0,
+        updated_at: 0,
+    })
+}
+
+struct Setup {
+    file: FileConfig,
+    state_dir: PathBuf,
+    db_url: String,
+    store: Option<PathBuf>,
+}
+
+fn setup(cli: &Cli) -> Result<Setup> {
+    let file: FileConfig = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the configuration '{}'", path.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("configuration '{}' is not valid", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let state_dir = cli
+        .state_dir
+        .clone()
+        .or(file.state_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("/var/lib/kiln-ci"));
+    let db_url = cli
+        .db
+        .clone()
+        .or(file.db.clone())
+        .unwrap_or_else(|| state_dir.join("ci.sqlite").to_string_lossy().into_owned());
+    let store = cli.store.clone().or(file.store.clone());
+    Ok(Setup {
+        file,
+        state_dir,
+        db_url,
+        store,
+    })
+}
+
+fn coordinator_config(setup: &Setup, max_jobs: Option<usize>) -> Config {
+    let file = &setup.file;
+    let mut config = Config::new(&setup.state_dir);
+    config.store_root = setup.store.clone();
+    config.settings = file.settings.clone();
+    if let Some(n) = max_jobs.or(file.max_jobs) {
+        config.max_jobs = n.max(1);
+    }
+    if let Some(n) = file.batch_size {
+        config.batch_size = n.max(1);
+    }
+    if let Some(systems) = &file.systems {
+        config.systems = systems.clone();
+    }
+    if let Some(days) = file.output_root_ttl_days {
+        config.output_root_ttl = Duration::from_secs(days * 24 * 3600);
+    }
+    if let Some(n) = file.max_attempts {
+        config.max_attempts = n;
+    }
+    if let Some(secs) = file.retry_backoff_secs {
+        config.retry_backoff = Duration::from_secs(secs);
+    }
+    config.cancel_older_than = file
+        .cancel_older_than_days
+        .map(|days| Duration::from_secs(days * 24 * 3600));
+    config.webhooks = file.webhooks.clone();
+    config
+}
+
+async fn open_db(setup: &Setup) -> Result<Db> {
+    if !setup.db_url.contains("://") {
+        std::fs::create_dir_all(&setup.state_dir).with_context(|| {
+            format!(
+                "cannot create the state directory '{}'",
+                setup.state_dir.display()
+            )
+        })?;
+    }
+    Ok(Db::open(&setup.db_url).await?)
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let setup = setup(&cli)?;
+    match cli.command {
+        Command::EvalRecipe { file, system } => {
+            let root = setup.store.clone().unwrap_or_else(|| PathBuf::from("/"));
+            let store = kiln_store::local::LocalStore::open_root(&root)
+                .with_context(|| format!("cannot open the store at '{}'", root.display()))?;
+            let system =
+                system.unwrap_or_else(|| kiln_scheduler::settings::Settings::default().system);
+            let path = file.clone();
+            let jobs = tokio::task::spawn_blocking(move || {
+                kiln_ci::recipe_jobs::recipe_jobs(&store, &path, &system)
+            })
+            .await??;
+            for job in jobs {
+                println!("{}", serde_json::to_string(&job)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Spec(command) => {
+            let db = open_db(&setup).await?;
+            match command {
+                SpecCommand::Add(args) => {
+                    let spec = specification(args)?;
+                    if db.specification(&spec.name).await?.is_some() {
+                        bail!(
+                            "specification '{}' exists already (use `spec set` to change it)",
+                            spec.name
+                        );
+                    }
+                    db.put_specification(&spec).await?;
+                }
+                SpecCommand::Set(args) => {
+                    db.put_specification(&specification(args)?).await?;
+                }
+                SpecCommand::List { json } => {
+                    for spec in db.list_specifications().await? {
+                        if json {
+                            println!("{}", serde_json::to_string(&spec)?);
+                        } else {
+                            println!(
+                                "{}\tpriority {}\t{}",
+                                spec.name,
+                                spec.priority,
+                                spec.evaluator.join(" ")
+                            );
+                        }
+                    }
+                }
+                SpecCommand::Remove { name } => {
+                    if !db.remove_specification(&name).await? {
+                        bail!("no specification named '{name}'");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval { spec, build } => {
+            let db = open_db(&setup).await?;
+            let coordinator = Coordinator::new(db.clone(), coordinator_config(&setup, None))?;
+            let id = coordinator.evaluate(&spec).await?;
+            let evaluation = db
+                .evaluation(id)
+                .await?
+                .context("the evaluation vanished")?;
+            println!("evaluation {id}: {}", evaluation.status.as_str());
+            if let Some(error) = &evaluation.error {
+                eprintln!("{error}");
+                return Ok(ExitCode::FAILURE);
+            }
+            if build {
+                coordinator.recover().await?;
+                coordinator.run_until_idle().await?;
+                for (status, count) in db.status_counts(Some(id)).await? {
+                    println!("{status}\t{count}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Builds {
+            evaluation,
+            spec,
+            status,
+            limit,
+            json,
+        } => {
+            let db = open_db(&setup).await?;
+            let builds = db
+                .list_builds(&BuildFilter {
+                    specification: spec,
+                    evaluation_id: evaluation,
+                    status,
+                    job: None,
+                    limit,
+                    offset: 0,
+                })
+                .await?;
+            for build in builds {
+                if json {
+                    println!("{}", serde_json::to_string(&build)?);
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        build.id, build.status, build.job, build.drv_path
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restart { ids } => {
+            let db = open_db(&setup).await?;
+            let coordinator = Coordinator::new(db, coordinator_config(&setup, None))?;
+            let restarted = coordinator.restart(&ids).await?;
+            println!(
+                "restarted {}",
+                restarted
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve(args) => {
+            let db = open_db(&setup).await?;
+            let coordinator =
+                Coordinator::new(db.clone(), coordinator_config(&setup, args.max_jobs))?;
+            coordinator.recover().await?;
+            let listen = args
+                .listen
+                .or(setup.file.listen.clone())
+                .unwrap_or_else(|| "127.0.0.1:8080".into());
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            eprintln!("kiln-ci: listening on http://{}", listener.local_addr()?);
+            let app = kiln_ci::web::router(kiln_ci::web::AppState {
+                db: db.clone(),
+                live: kiln_ci::web::LiveLogs::default(),
+            });
+            let web = tokio::spawn(async move { axum::serve(listener, app).await });
+            let periodic = tokio::spawn(periodic_evaluations(coordinator.clone()));
+            let stop = Arc::new(tokio::sync::Notify::new());
+            let signal_stop = stop.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                signal_stop.notify_one();
+            });
+            coordinator.run(stop).await?;
+            web.abort();
+            periodic.abort();
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Evaluates each enabled specification with a period when it is due.
+async fn periodic_evaluations(coordinator: Coordinator) {
+    loop {
+        if let Ok(specs) = coordinator.db().list_specifications().await {
+            for spec in specs.iter().filter(|s| s.enabled && s.period_secs > 0) {
+                let last = coordinator
+                    .db()
+                    .list_evaluations(&spec.name, 1)
+                    .await
+                    .ok()
+                    .and_then(|e| e.first().map(|e| e.created_at))
+                    .unwrap_or(0);
+                if kiln_ci::model::now() - last >= spec.period_secs {
+                    if let Err(e) = coordinator.evaluate(&spec.name).await {
+                        tracing::error!(spec = %spec.name, error = %e, "evaluation failed");
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_CI_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kiln-ci: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kiln-ci: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -8,6 +8,7 @@
 //! - [`model`]: specifications, evaluations, builds, agents (pure types);
 //! - [`db`]: the database (SQLite or PostgreSQL, same migrations);
 //! - [`eval`]: git inputs, the evaluator and its log;
+//! - [`recipe_jobs`]: Kiln's evaluator for its recipe files;
 //! - [`coordinator`]: registration of jobs as builds, dispatch, recovery;
 //! - [`testing`]: a throwaway PostgreSQL cluster for tests and benchmarks.
 //! - [`web`]: the JSON API, HTML pages and Prometheus metrics.
@@ -26,5 +27,6 @@ pub mod coordinator;
 pub mod db;
 pub mod eval;
 pub mod model;
+pub mod recipe_jobs;
 pub mod testing;
 pub mod web;

@@ -107,6 +107,13 @@ pub enum StoreError {
     /// A binary cache failed (boxed: its variants are large).
     #[error(transparent)]
     BinaryCache(Box<crate::binary_cache::BinaryCacheError>),
+    /// A signature to record is not of the form `name:base64`.
+    #[error("cannot add signature '{signature}' to '{path}': {source}")]
+    BadSignature {
+        path: String,
+        signature: String,
+        source: kiln_formats::signature::SignatureError,
+    },
     /// The store cannot do this operation at all.
     #[error("store '{store}' does not support {operation}")]
     Unsupported {

@@ -259,3 +259,136 @@ mod gc_verify_optimise {
         assert_eq!(store.optimise().unwrap().files_linked, 0);
     }
 }
+
+/// Paths put in place by someone else (a build) become valid through
+/// `register_valid_paths`, with everything Nix records about them.
+#[test]
+fn register_valid_paths_records_everything() {
+    use kiln_formats::hash::Hash;
+    use kiln_formats::nar::Node;
+    use kiln_store::PathInfo;
+    use std::collections::BTreeMap;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open_root(dir.path().join("root")).unwrap();
+    let sd = store.store_dir().clone();
+    let lib_nar = Node::file(b"lib".to_vec()).to_nar();
+    let lib_hash = Hash::digest(HashAlgo::Sha256, &lib_nar);
+    let lib = sd.make_path("output:out", &lib_hash, "lib").unwrap();
+    let drv = sd
+        .make_text_path(
+            "app.drv",
+            &Hash::digest(HashAlgo::Sha256, b"drv"),
+            &StorePathSet::new(),
+        )
+        .unwrap();
+    let app_contents = format!("uses {}", sd.print_path(&lib));
+    let app_nar = Node::file(app_contents.clone().into_bytes()).to_nar();
+    let app_hash = Hash::digest(HashAlgo::Sha256, &app_nar);
+    let app = sd.make_path("output:out", &app_hash, "app").unwrap();
+    std::fs::write(store.real_path(&lib), b"lib").unwrap();
+    std::fs::write(store.real_path(&app), &app_contents).unwrap();
+
+    let lib_info = PathInfo::new(lib.clone(), lib_hash, lib_nar.len() as u64);
+    let mut app_info = PathInfo::new(app.clone(), app_hash, app_nar.len() as u64);
+    app_info.references.insert(lib.clone());
+    app_info.deriver = Some(drv.clone());
+    app_info.ultimate = true;
+    app_info
+        .sigs
+        .insert("cache.example.org-1:".to_owned() + &"A".repeat(86) + "==");
+    // The app before the lib it refers to: one transaction takes both.
+    store
+        .register_valid_paths(&[app_info.clone(), lib_info], &BTreeMap::new())
+        .expect("registering paths in place");
+    let got = store.query_path_info(&app).unwrap().expect("app is valid");
+    assert_eq!(got.references, app_info.references);
+    assert_eq!(got.deriver, Some(drv.clone()));
+    assert!(got.ultimate);
+    assert_eq!(got.sigs, app_info.sigs);
+    assert!(got.registration_time > 0, "a time of 0 becomes now");
+    assert_eq!(
+        store.query_referrers(&lib).unwrap(),
+        [app.clone()].into_iter().collect()
+    );
+    let mut out = Vec::new();
+    store.nar_from_path(&app, &mut out).unwrap();
+    assert_eq!(out, app_nar);
+
+    // A derivation registered with its outputs.
+    let drv_contents = b"drv";
+    std::fs::write(store.real_path(&drv), drv_contents).unwrap();
+    let drv_nar = Node::file(drv_contents.to_vec()).to_nar();
+    let drv_info = PathInfo::new(
+        drv.clone(),
+        Hash::digest(HashAlgo::Sha256, &drv_nar),
+        drv_nar.len() as u64,
+    );
+    let outputs: BTreeMap<_, _> = [(
+        drv.clone(),
+        [("out".to_owned(), app.clone())].into_iter().collect(),
+    )]
+    .into_iter()
+    .collect();
+    store.register_valid_paths(&[drv_info], &outputs).unwrap();
+    assert_eq!(store.query_derivation_outputs(&drv).unwrap(), outputs[&drv]);
+    assert_eq!(
+        store.query_valid_derivers(&app).unwrap(),
+        [drv.clone()].into_iter().collect()
+    );
+
+    // A reference neither valid nor in the batch is refused, naming both.
+    let orphan_hash = Hash::digest(HashAlgo::Sha256, b"orphan");
+    let orphan = sd.make_path("output:out", &orphan_hash, "orphan").unwrap();
+    let mut bad = PathInfo::new(orphan.clone(), orphan_hash, 8);
+    bad.references.insert(
+        sd.make_path(
+            "output:out",
+            &Hash::digest(HashAlgo::Sha256, b"x"),
+            "missing",
+        )
+        .unwrap(),
+    );
+    let e = store.register_valid_paths(&[bad], &BTreeMap::new());
+    assert!(
+        matches!(e, Err(kiln_store::StoreError::MissingReference { .. })),
+        "got {e:?}"
+    );
+    assert!(
+        !store.is_valid_path(&orphan).unwrap(),
+        "nothing half-registered"
+    );
+}
+
+#[test]
+fn add_signatures_keeps_old_ones_and_refuses_bad_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open_root(dir.path().join("root")).unwrap();
+    let info = store
+        .add_text("signed", b"signed", &StorePathSet::new())
+        .unwrap();
+    let a = "a-1:".to_owned() + &"A".repeat(86) + "==";
+    let b = "b-1:".to_owned() + &"Q".repeat(85) + "A==";
+    store
+        .add_signatures(&info.path, std::slice::from_ref(&a))
+        .unwrap();
+    store
+        .add_signatures(&info.path, &[b.clone(), a.clone()])
+        .unwrap();
+    let sigs = store.query_path_info(&info.path).unwrap().unwrap().sigs;
+    assert_eq!(sigs, [a.clone(), b.clone()].into_iter().collect());
+    let e = store.add_signatures(&info.path, &["no colon".to_owned()]);
+    assert!(
+        matches!(e, Err(kiln_store::StoreError::BadSignature { .. })),
+        "got {e:?}"
+    );
+    let other = store
+        .store_dir()
+        .parse_path("/nix/store/00000000000000000000000000000000-gone")
+        .unwrap();
+    let e = store.add_signatures(&other, &[a]);
+    assert!(
+        matches!(e, Err(kiln_store::StoreError::InvalidPath { .. })),
+        "got {e:?}"
+    );
+}

@@ -530,7 +530,7 @@ impl LocalStore {
         if options.repair {
             return Ok(infos);
         }
-        let db = self.db();
+        let db = self.reader()?;
         let mut todo = Vec::with_capacity(infos.len());
         for info in infos {
             if !db.is_valid(&info.path)? {

@@ -136,6 +136,34 @@ impl Db {
         Ok(db)
     }
 
+    /// Opens another connection to the database of an open store, for
+    /// queries only (`query_only`): in WAL mode readers do not wait for
+    /// the writer or for each other.
+    pub fn open_reader(db_dir: &Path, store_dir: &StoreDir) -> Result<Db, StoreError> {
+        let file = db_dir.join("db.sqlite");
+        let conn = Connection::open_with_flags(
+            &file,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+        )
+        .map_err(|source| StoreError::Database {
+            db: file.clone(),
+            source,
+        })?;
+        let db = Db {
+            conn,
+            file,
+            store_dir: store_dir.clone(),
+        };
+        db.conn
+            .busy_timeout(Duration::from_secs(3600))
+            .and_then(|()| db.conn.execute_batch("pragma query_only = 1;"))
+            .map_err(|e| db.err(e))?;
+        db.conn.set_prepared_statement_cache_capacity(64);
+        Ok(db)
+    }
+
     /// Holds `db_dir/schema.lock` exclusively until the returned file drops.
     fn lock_for_creation(db_dir: &Path) -> Result<std::fs::File, StoreError> {
         let path = db_dir.join("schema.lock");
@@ -406,6 +434,66 @@ impl Db {
     }
 }
 
+/// Connections for queries, so that readers (the daemon's many clients)
+/// neither queue behind one mutex nor wait for a writer's commit. Each
+/// keeps its prepared statements across uses.
+#[derive(Debug)]
+pub struct ReadPool {
+    idle: std::sync::Mutex<Vec<Db>>,
+    db_dir: PathBuf,
+    store_dir: StoreDir,
+}
+
+/// Idle connections kept; more are opened while many threads query at
+/// once and closed afterwards.
+const IDLE_READERS: usize = 32;
+
+impl ReadPool {
+    pub fn new(db_dir: &Path, store_dir: &StoreDir) -> ReadPool {
+        ReadPool {
+            idle: Default::default(),
+            db_dir: db_dir.to_path_buf(),
+            store_dir: store_dir.clone(),
+        }
+    }
+
+    /// A connection for queries, returned to the pool when dropped.
+    pub fn get(&self) -> Result<Reader<'_>, StoreError> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let db = match idle {
+            Some(db) => db,
+            None => Db::open_reader(&self.db_dir, &self.store_dir)?,
+        };
+        Ok(Reader {
+            pool: self,
+            db: Some(db),
+        })
+    }
+}
+
+/// A pooled query connection (derefs to [`Db`]).
+#[derive(Debug)]
+pub struct Reader<'p> {
+    pool: &'p ReadPool,
+    db: Option<Db>,
+}
+
+impl std::ops::Deref for Reader<'_> {
+    type Target = Db;
+    fn deref(&self) -> &Db {
+        self.db.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE_READERS {
+            idle.extend(self.db.take());
+        }
+    }
+}
+
 /// One write transaction on the database.
 #[derive(Debug)]
 pub struct WriteTx<'c> {
@@ -533,6 +621,36 @@ impl WriteTx<'_> {
         stmt.execute([self.store_dir.print_path(path)])
             .map_err(|e| self.err(e))?;
         Ok(())
+    }
+
+    /// Adds `sigs` to the signatures of the valid path `path` (each kept
+    /// once); false if the path is not valid.
+    pub fn add_signatures(&self, path: &StorePath, sigs: &[String]) -> Result<bool, StoreError> {
+        let printed = self.store_dir.print_path(path);
+        let existing: Option<Option<String>> = self
+            .tx
+            .prepare_cached("select sigs from ValidPaths where path = ?1")
+            .and_then(|mut s| s.query_row([&printed], |r| r.get(0)).optional())
+            .map_err(|e| self.err(e))?;
+        let Some(existing) = existing else {
+            return Ok(false);
+        };
+        let mut all: Vec<String> = existing
+            .unwrap_or_default()
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        for sig in sigs {
+            if !all.contains(sig) {
+                all.push(sig.clone());
+            }
+        }
+        self.tx
+            .prepare_cached("update ValidPaths set sigs = ?2 where path = ?1")
+            .and_then(|mut s| s.execute(params![printed, all.join(" ")]))
+            .map_err(|e| self.err(e))?;
+        Ok(true)
     }
 
     /// Replaces the NAR hash and size of a valid path (after a repair).

@@ -63,7 +63,10 @@ pub struct LocalStore {
     config: LocalStoreConfig,
     real_store: PathBuf,
     state_dir: PathBuf,
+    /// The one connection that writes.
     db: Mutex<Db>,
+    /// Connections for queries.
+    readers: db::ReadPool,
     temp_roots: OnceLock<Arc<TempRoots>>,
     tmp_counter: AtomicU64,
     /// Paths whose locks our parent holds (Nix's `locksHeld`).
@@ -97,11 +100,13 @@ impl LocalStore {
         let big_lock = FileLock::acquire(&db_dir.join("big-lock"), LockKind::Shared, true)?
             .expect("waiting lock acquisition always succeeds");
         let db = Db::open(&db_dir, &config.store_dir)?;
+        let readers = db::ReadPool::new(&db_dir, &config.store_dir);
         Ok(LocalStore {
             config,
             real_store,
             state_dir,
             db: Mutex::new(db),
+            readers,
             temp_roots: OnceLock::new(),
             tmp_counter: AtomicU64::new(0),
             locks_held_by_parent: Mutex::default(),
@@ -146,6 +151,12 @@ impl LocalStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// A connection for queries (not the writer's: queries run in
+    /// parallel and never wait for a commit).
+    pub(crate) fn reader(&self) -> Result<db::Reader<'_>, StoreError> {
+        self.readers.get()
+    }
+
     fn temp_roots(&self) -> Result<&Arc<TempRoots>, StoreError> {
         if let Some(t) = self.temp_roots.get() {
             return Ok(t);
@@ -166,9 +177,72 @@ impl LocalStore {
         self.temp_roots()?.clear()
     }
 
+    /// Registers paths whose contents are in place, complete and durable
+    /// (the caller made them so, as a build does with its outputs) as
+    /// valid, in one transaction: their rows (NAR hash and size, deriver,
+    /// content address, signatures, `ultimate`), their references (valid
+    /// already or among `infos`) and, for the derivations among them, the
+    /// outputs in `drv_outputs`. Rows of paths valid already are replaced;
+    /// a registration time of 0 becomes now.
+    ///
+    /// This is the way for other crates to make paths valid: nothing
+    /// outside the store writes its database.
+    pub fn register_valid_paths(
+        &self,
+        infos: &[PathInfo],
+        drv_outputs: &BTreeMap<StorePath, BTreeMap<String, StorePath>>,
+    ) -> Result<(), StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let stamped: Vec<PathInfo>;
+        let infos = if infos.iter().any(|i| i.registration_time == 0) {
+            stamped = infos
+                .iter()
+                .map(|i| {
+                    let mut i = i.clone();
+                    if i.registration_time == 0 {
+                        i.registration_time = now;
+                    }
+                    i
+                })
+                .collect();
+            &stamped[..]
+        } else {
+            infos
+        };
+        let mut db = self.db();
+        let tx = db.write()?;
+        tx.register(infos, drv_outputs)?;
+        tx.commit()
+    }
+
+    /// Adds signatures (`name:base64`) to the valid path `path`, keeping
+    /// the ones it has; what `nix store sign` and the daemon's
+    /// `AddSignatures` do.
+    pub fn add_signatures(&self, path: &StorePath, sigs: &[String]) -> Result<(), StoreError> {
+        for sig in sigs {
+            sig.parse::<kiln_formats::signature::Signature>()
+                .map_err(|source| StoreError::BadSignature {
+                    path: self.config.store_dir.print_path(path),
+                    signature: sig.clone(),
+                    source,
+                })?;
+        }
+        let mut db = self.db();
+        let tx = db.write()?;
+        if !tx.add_signatures(path, sigs)? {
+            return Err(StoreError::InvalidPath {
+                path: self.config.store_dir.print_path(path),
+                store: self.config.url.clone(),
+            });
+        }
+        tx.commit()
+    }
+
     /// The derivations in the store that list `path` as an output.
     pub fn query_valid_derivers(&self, path: &StorePath) -> Result<StorePathSet, StoreError> {
-        self.db().query_valid_derivers(path)
+        self.reader()?.query_valid_derivers(path)
     }
 }
 
@@ -182,15 +256,15 @@ impl Store for LocalStore {
     }
 
     fn query_path_info(&self, path: &StorePath) -> Result<Option<PathInfo>, StoreError> {
-        self.db().query_path_info(path)
+        self.reader()?.query_path_info(path)
     }
 
     fn is_valid_path(&self, path: &StorePath) -> Result<bool, StoreError> {
-        self.db().is_valid(path)
+        self.reader()?.is_valid(path)
     }
 
     fn query_valid_paths(&self, paths: &StorePathSet) -> Result<StorePathSet, StoreError> {
-        let db = self.db();
+        let db = self.reader()?;
         let mut valid = StorePathSet::new();
         for p in paths {
             if db.is_valid(p)? {
@@ -201,22 +275,22 @@ impl Store for LocalStore {
     }
 
     fn query_all_valid_paths(&self) -> Result<StorePathSet, StoreError> {
-        self.db().query_all_valid_paths()
+        self.reader()?.query_all_valid_paths()
     }
 
     fn query_referrers(&self, path: &StorePath) -> Result<StorePathSet, StoreError> {
-        self.db().query_referrers(path)
+        self.reader()?.query_referrers(path)
     }
 
     fn query_path_from_hash_part(&self, hash_part: &str) -> Result<Option<StorePath>, StoreError> {
-        self.db().query_path_from_hash_part(hash_part)
+        self.reader()?.query_path_from_hash_part(hash_part)
     }
 
     fn query_derivation_outputs(
         &self,
         drv: &StorePath,
     ) -> Result<BTreeMap<String, StorePath>, StoreError> {
-        self.db().query_derivation_outputs(drv)
+        self.reader()?.query_derivation_outputs(drv)
     }
 
     fn add_nar(
@@ -282,5 +356,36 @@ impl Store for LocalStore {
 
     fn add_temp_roots(&self, paths: &[&StorePath]) -> Result<(), StoreError> {
         LocalStore::add_temp_roots(self, paths)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Queries go through the read pool: they answer while the writer's
+    /// connection is held (by a long commit, say) instead of queueing.
+    #[test]
+    fn queries_do_not_wait_for_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open_root(dir.path()).unwrap();
+        let info = store.add_text("q", b"q", &StorePathSet::new()).unwrap();
+        let writer = store.db();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let answer = (0..100)
+                    .map(|_| store.query_path_info(&info.path))
+                    .last()
+                    .unwrap();
+                let _ = tx.send(answer.map(|i| i.is_some()));
+            });
+            let answer = rx.recv_timeout(std::time::Duration::from_secs(20));
+            drop(writer);
+            assert!(
+                matches!(answer, Ok(Ok(true))),
+                "a query waited for the writer's connection: {answer:?}"
+            );
+        });
     }
 }

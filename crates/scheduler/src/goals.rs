@@ -141,6 +141,13 @@ pub trait Backend: Send + Sync + 'static {
     /// other holder made the outputs valid.
     fn wait_for_locks(&self, job: &Job<Self::Drv>) -> Attempt<Self::Lock>;
 
+    /// Waits for work the backend does in the background once every
+    /// build has ended; returns goals whose result it overrides (outputs
+    /// that could not be registered after all).
+    fn finish(&self) -> Vec<(StorePath, BuildResult)> {
+        Vec::new()
+    }
+
     /// Whether a build hook is configured.
     fn has_hook(&self) -> bool {
         false
@@ -257,6 +264,15 @@ pub async fn run<B: Backend>(
         return report;
     }
     run.execute().await;
+    let backend = run.backend.clone();
+    let late = tokio::task::spawn_blocking(move || backend.finish())
+        .await
+        .unwrap_or_default();
+    for (path, result) in late {
+        if let Some(&i) = run.index.get(&path) {
+            run.goals[i].result = Some(result);
+        }
+    }
     let not_attempted = || {
         BuildResult::failure(
             BuildStatus::MiscFailure,

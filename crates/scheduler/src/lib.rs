@@ -5,6 +5,7 @@
 //! - [`goals`]: the goal graph and the worker loop (tokio; blocking work on
 //!   blocking threads), generic over a [`goals::Backend`];
 //! - [`local`]: the backend over a local store and the sandbox;
+//!   [`commit`]: its outputs synced and registered in groups;
 //! - [`env`] and [`outputs`]: what a builder sees, and what happens to its
 //!   outputs; [`logs`]: build logs where Nix keeps them; [`hook`]: the
 //!   build-hook client; [`events`]: progress for people and Nix's
@@ -25,6 +26,7 @@
 //! # }
 //! ```
 
+pub mod commit;
 pub mod env;
 pub mod events;
 pub mod goals;

@@ -6,8 +6,10 @@
 //! `build/` is bound at `/build` and whose `store/` is bound writable at
 //! the logical store directory with the input closure bound read-only on
 //! top, start the builder, pump its log (compressed to disk, limits and
-//! timeouts enforced), then check and register the outputs
-//! ([`crate::outputs`]).
+//! timeouts enforced), then check the outputs and move them into place
+//! ([`crate::outputs`]); they are synced and registered in groups
+//! ([`crate::commit`]), and build directories removed, off the path of
+//! the next build.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ffi::OsStr;
@@ -25,6 +27,8 @@ use kiln_sandbox::{BuildDirs, Network, Sandbox, SandboxMode, SandboxSpec, UidRan
 use kiln_store::local::LocalStore;
 use kiln_store::local::db::Db;
 use kiln_store::local::lock::PathLock;
+
+use crate::commit::{GroupCommit, Overlay, Pending};
 use kiln_store::{Store, StoreError, compute_closure};
 
 use crate::env::{BUILD_TOP, EnvInputs, prepare};
@@ -32,7 +36,7 @@ use crate::events::{Event, EventSink};
 use crate::goals::{Attempt, Backend, Cancel, HookReply, Job, Loaded, Wanted};
 use crate::hook::{Hook, HookBuild};
 use crate::logs::{LogSink, log_dir_for_state_dir};
-use crate::outputs::{Registration, register_outputs};
+use crate::outputs::{Registration, place_outputs};
 use crate::result::{BuildResult, BuildStatus};
 use crate::settings::{SandboxSetting, Settings};
 
@@ -45,6 +49,8 @@ pub enum LocalError {
     BuildDir(#[from] kiln_sandbox::BuildDirError),
     #[error("cannot start the build hook: {0}")]
     Hook(String),
+    #[error("cannot start a helper thread: {0}")]
+    Thread(String),
 }
 
 /// Whether valid outputs are built again.
@@ -74,7 +80,11 @@ pub struct OutputLocks(#[allow(dead_code)] Vec<PathLock>);
 #[derive(Debug)]
 pub struct LocalBackend {
     store: Arc<LocalStore>,
-    db: Mutex<Db>,
+    commit: GroupCommit,
+    /// Build directories to remove: deleting waits on the disk (a discard
+    /// per directory block on some file systems), so a thread does it.
+    reaper: Mutex<Option<std::sync::mpsc::Sender<kiln_sandbox::BuildDir>>>,
+    reaper_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     settings: Settings,
     build_dirs: BuildDirs,
     log_dir: Option<PathBuf>,
@@ -107,9 +117,22 @@ impl LocalBackend {
         } else {
             Some(Mutex::new(Hook::new(&settings)))
         };
+        let (reaper, dirs) = std::sync::mpsc::channel::<kiln_sandbox::BuildDir>();
+        let reaper_thread = std::thread::Builder::new()
+            .name("build-dir-reaper".into())
+            .spawn(move || {
+                for dir in dirs {
+                    if let Err(e) = dir.remove() {
+                        tracing::warn!(error = %e, "cannot remove a build directory");
+                    }
+                }
+            })
+            .map_err(|e| LocalError::Thread(e.to_string()))?;
         Ok(LocalBackend {
+            commit: GroupCommit::new(store.clone(), db),
             store,
-            db: Mutex::new(db),
+            reaper: Mutex::new(Some(reaper)),
+            reaper_thread: Mutex::new(Some(reaper_thread)),
             settings,
             build_dirs,
             log_dir,
@@ -134,6 +157,39 @@ impl LocalBackend {
         &self.settings
     }
 
+    /// The store with the outputs that wait to be registered.
+    fn view(&self) -> Overlay<'_> {
+        Overlay {
+            store: &self.store,
+            commit: &self.commit,
+        }
+    }
+
+    /// Removes a build directory in the background.
+    fn remove_build_dir(&self, dir: kiln_sandbox::BuildDir) {
+        let reaper = self.reaper.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Err(std::sync::mpsc::SendError(dir))) = reaper.as_ref().map(|r| r.send(dir)) {
+            drop(dir);
+        }
+    }
+
+    /// Waits for the background work of this backend: outputs registered,
+    /// build directories removed. Returns the derivations whose outputs
+    /// could not be registered, with why.
+    pub fn finish_background(&self) -> Vec<(StorePath, String)> {
+        let failed = self.commit.flush();
+        drop(self.reaper.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(t) = self
+            .reaper_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = t.join();
+        }
+        failed
+    }
+
     fn shown(&self, path: &StorePath) -> String {
         self.store.store_dir().print_path(path)
     }
@@ -152,7 +208,7 @@ impl LocalBackend {
             if !wanted.contains(name) {
                 continue;
             }
-            if !self.store.is_valid_path(path)? {
+            if !self.view().is_valid_path(path)? {
                 return Ok(None);
             }
             out.insert(name.clone(), path.clone());
@@ -187,7 +243,7 @@ impl LocalBackend {
     fn input_closure(&self, drv: &Derivation) -> Result<StorePathSet, BuildResult> {
         let mut start = drv.input_sources.clone();
         for (input, outputs) in &drv.input_derivations {
-            let mut known = self.store.query_derivation_outputs(input).map_err(misc)?;
+            let mut known = self.view().query_derivation_outputs(input).map_err(misc)?;
             if outputs.iter().any(|o| !known.contains_key(o)) {
                 let parsed = self.read_drv(input)?;
                 known = parsed
@@ -206,14 +262,14 @@ impl LocalBackend {
             }
         }
         for p in &start {
-            if !self.store.is_valid_path(p).map_err(misc)? {
+            if !self.view().is_valid_path(p).map_err(misc)? {
                 return Err(BuildResult::failure(
                     BuildStatus::DependencyFailed,
                     format!("input '{}' is not valid", self.shown(p)),
                 ));
             }
         }
-        compute_closure(&*self.store, &start, false, false, false).map_err(misc)
+        compute_closure(&self.view(), &start, false, false, false).map_err(misc)
     }
 
     fn read_drv(&self, drv_path: &StorePath) -> Result<Derivation, BuildResult> {
@@ -235,6 +291,7 @@ impl LocalBackend {
     fn build_locked(
         &self,
         job: &Job<LocalDrv>,
+        locks: OutputLocks,
         cancel: &Cancel,
         events: &dyn EventSink,
     ) -> BuildResult {
@@ -289,7 +346,7 @@ impl LocalBackend {
             machine: None,
         });
         let start = now();
-        let mut result = self.run_builder(job, options, &input_paths, cancel, events);
+        let mut result = self.run_builder(job, locks, options, &input_paths, cancel, events);
         result.start_time = start;
         result.stop_time = now();
         result
@@ -298,6 +355,7 @@ impl LocalBackend {
     fn run_builder(
         &self,
         job: &Job<LocalDrv>,
+        locks: OutputLocks,
         options: &BuildOptions,
         input_paths: &StorePathSet,
         cancel: &Cancel,
@@ -361,8 +419,9 @@ impl LocalBackend {
         } else {
             build_dir.path().to_string_lossy().into_owned()
         };
+        let view = self.view();
         let prepared = match prepare(&EnvInputs {
-            store: &*self.store,
+            store: &view,
             drv,
             options,
             outputs: &local.outputs,
@@ -510,9 +569,9 @@ impl LocalBackend {
             }
             Ok(_) => {}
         }
-        let registered = register_outputs(&Registration {
+        let registered = place_outputs(&Registration {
             store: &self.store,
-            db: &self.db,
+            view: &view,
             drv_path: &job.drv_path,
             drv,
             options,
@@ -522,11 +581,19 @@ impl LocalBackend {
             check: self.rebuilding(&job.drv_path) && self.rebuild == Rebuild::Check,
         });
         match registered {
-            Ok(outputs) => {
-                if let Err(e) = build_dir.remove() {
-                    tracing::warn!(error = %e, "cannot remove a build directory");
+            Ok(placed) => {
+                self.remove_build_dir(build_dir);
+                if !placed.infos.is_empty() {
+                    self.commit.submit(Pending {
+                        drv_path: job.drv_path.clone(),
+                        infos: placed.infos,
+                        drv_outputs: placed.drv_outputs,
+                        files: placed.files,
+                        locks: Some(locks),
+                    });
                 }
-                let wanted = outputs
+                let wanted = placed
+                    .outputs
                     .into_iter()
                     .filter(|(n, _)| job.wanted.contains(n))
                     .collect();
@@ -756,9 +823,7 @@ impl Backend for LocalBackend {
                 Err(e) => return Attempt::Done(misc(e)),
             }
         }
-        let result = self.build_locked(job, cancel, events);
-        drop(locks);
-        Attempt::Done(result)
+        Attempt::Done(self.build_locked(job, locks, cancel, events))
     }
 
     fn wait_for_locks(&self, job: &Job<LocalDrv>) -> Attempt<OutputLocks> {
@@ -777,6 +842,19 @@ impl Backend for LocalBackend {
             }
         }
         Attempt::Locked(OutputLocks(held))
+    }
+
+    fn finish(&self) -> Vec<(StorePath, BuildResult)> {
+        self.finish_background()
+            .into_iter()
+            .map(|(drv, why)| {
+                let error = format!(
+                    "cannot register the outputs of '{}': {why}",
+                    self.shown(&drv)
+                );
+                (drv, BuildResult::failure(BuildStatus::MiscFailure, error))
+            })
+            .collect()
     }
 
     fn has_hook(&self) -> bool {
@@ -824,7 +902,7 @@ impl Backend for LocalBackend {
             .drv
             .outputs
             .values()
-            .filter(|p| !self.store.is_valid_path(p).unwrap_or(false))
+            .filter(|p| !self.view().is_valid_path(p).unwrap_or(false))
             .map(|p| self.shown(p))
             .collect();
         events.event(Event::BuildStarted {

@@ -1,7 +1,7 @@
 //! After the builder: each output made canonical, hashed and scanned for
 //! references in one pass over its NAR, fixed-output hashes and output
-//! checks verified, then moved into the store and all outputs registered
-//! in one database transaction.
+//! checks verified, then moved into the store; syncing and registering
+//! them (all outputs in one transaction) is [`crate::commit`]'s.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -14,7 +14,6 @@ use kiln_formats::hash::{Hash, HashAlgo, Hasher};
 use kiln_formats::nar;
 use kiln_formats::store_path::{FileIngestionMethod, StoreDir, StorePath, StorePathSet};
 use kiln_store::local::LocalStore;
-use kiln_store::local::db::Db;
 use kiln_store::local::fsutil;
 use kiln_store::refs::RefScanner;
 use kiln_store::{PathInfo, Store, StoreError};
@@ -36,7 +35,9 @@ struct Found {
 #[derive(Debug)]
 pub struct Registration<'a> {
     pub store: &'a LocalStore,
-    pub db: &'a std::sync::Mutex<Db>,
+    /// The store as the build sees it (outputs of earlier builds that wait
+    /// to be registered are valid).
+    pub view: &'a dyn Store,
     pub drv_path: &'a StorePath,
     pub drv: &'a Derivation,
     pub options: &'a BuildOptions,
@@ -79,8 +80,22 @@ impl Write for Tee<'_> {
     }
 }
 
-/// Checks and registers the outputs; the wanted outputs' paths on success.
-pub fn register_outputs(r: &Registration<'_>) -> Result<BTreeMap<String, StorePath>, BuildResult> {
+/// Outputs checked and moved into place, to be registered.
+#[derive(Debug, Default)]
+pub struct Placed {
+    /// Every output's path by name.
+    pub outputs: BTreeMap<String, StorePath>,
+    /// The outputs' infos, and the `.drv`'s when it is valid (registering
+    /// it again records its outputs); empty for `--check`.
+    pub infos: Vec<PathInfo>,
+    pub drv_outputs: BTreeMap<StorePath, BTreeMap<String, StorePath>>,
+    /// The outputs' real locations.
+    pub files: Vec<PathBuf>,
+}
+
+/// Checks the outputs and moves them into the store (or, with `check`,
+/// compares them with the valid ones).
+pub fn place_outputs(r: &Registration<'_>) -> Result<Placed, BuildResult> {
     let store_dir = r.store.store_dir();
     let drv_shown = store_dir.print_path(r.drv_path);
     let mut candidates: Vec<StorePath> = r.input_paths.iter().cloned().collect();
@@ -188,7 +203,7 @@ pub fn register_outputs(r: &Registration<'_>) -> Result<BTreeMap<String, StorePa
     if r.check {
         for f in &found {
             let valid = r
-                .store
+                .view
                 .query_path_info(&f.path)
                 .map_err(misc)?
                 .ok_or_else(|| {
@@ -209,11 +224,14 @@ pub fn register_outputs(r: &Registration<'_>) -> Result<BTreeMap<String, StorePa
                 return Err(result);
             }
         }
-        return Ok(found.into_iter().map(|f| (f.name, f.path)).collect());
+        return Ok(Placed {
+            outputs: found.into_iter().map(|f| (f.name, f.path)).collect(),
+            ..Placed::default()
+        });
     }
 
-    // Into place, durable, then valid: a registered path is always complete.
     let moved = r.built_in != r.store.real_store_dir();
+    let mut files = Vec::with_capacity(found.len());
     for f in &found {
         let dest = r.store.real_path(&f.path);
         if moved {
@@ -230,34 +248,22 @@ pub fn register_outputs(r: &Registration<'_>) -> Result<BTreeMap<String, StorePa
                 ))
             })?;
         }
-        fsutil::fsync_tree(&dest)
-            .map_err(|e| misc(format!("cannot sync '{}': {e}", dest.display())))?;
+        files.push(dest);
     }
-    fsutil::fsync_dir(r.store.real_store_dir()).map_err(misc)?;
-
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let mut infos: Vec<PathInfo> = found
-        .iter()
-        .map(|f| {
-            let mut i = f.info.clone();
-            i.registration_time = now;
-            i
-        })
-        .collect();
+    let mut infos: Vec<PathInfo> = found.iter().map(|f| f.info.clone()).collect();
     // Registering the .drv again (unchanged) records its outputs in
     // DerivationOutputs, whoever registered it first.
     let mut drv_outputs = BTreeMap::new();
-    if let Some(drv_info) = r.store.query_path_info(r.drv_path).map_err(misc)? {
+    if let Some(drv_info) = r.view.query_path_info(r.drv_path).map_err(misc)? {
         infos.push(drv_info);
         drv_outputs.insert(r.drv_path.clone(), r.outputs.clone());
     }
-    let mut db = r.db.lock().unwrap_or_else(|p| p.into_inner());
-    let tx = db.write().map_err(misc)?;
-    tx.register(&infos, &drv_outputs).map_err(misc)?;
-    tx.commit().map_err(misc)?;
-    Ok(found.into_iter().map(|f| (f.name, f.path)).collect())
+    Ok(Placed {
+        outputs: found.into_iter().map(|f| (f.name, f.path)).collect(),
+        infos,
+        drv_outputs,
+        files,
+    })
 }
 
 /// Resolves the entries of a reference list: output names of this
@@ -330,7 +336,7 @@ fn check_outputs(r: &Registration<'_>, found: &[Found]) -> Result<(), BuildResul
             || checks.disallowed_requisites.is_some()
             || checks.max_closure_size.is_some();
         let requisites = if needs_closure {
-            let mut c = closure_of(r.store, found, &[f.path.clone()].into()).map_err(misc)?;
+            let mut c = closure_of(r.view, found, &[f.path.clone()].into()).map_err(misc)?;
             if checks.ignore_self_refs {
                 c.remove(&f.path);
             }
@@ -346,7 +352,7 @@ fn check_outputs(r: &Registration<'_>, found: &[Found]) -> Result<(), BuildResul
                 }
                 size += match found.iter().find(|x| x.path == *p) {
                     Some(x) => x.info.nar_size,
-                    None => r.store.path_info_or_error(p).map_err(misc)?.nar_size,
+                    None => r.view.path_info_or_error(p).map_err(misc)?.nar_size,
                 };
             }
             if size > max {

@@ -25,7 +25,6 @@ use std::thread::JoinHandle;
 
 use kiln_formats::store_path::{StoreDir, StorePath, StorePathSet};
 use kiln_store::local::LocalStore;
-use kiln_store::local::db::Db;
 use kiln_store::local::fsutil;
 use kiln_store::{AddOptions, PathInfo, Store, StoreError};
 
@@ -66,7 +65,6 @@ struct Shared {
     /// A round ended.
     idle: Condvar,
     store: Arc<LocalStore>,
-    db: Mutex<Db>,
 }
 
 /// The committer: see the [module documentation](self).
@@ -83,14 +81,13 @@ impl Shared {
 }
 
 impl GroupCommit {
-    /// A committer registering into `store` through `db`.
-    pub fn new(store: Arc<LocalStore>, db: Db) -> GroupCommit {
+    /// A committer registering into `store`.
+    pub fn new(store: Arc<LocalStore>) -> GroupCommit {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             idle: Condvar::new(),
             store,
-            db: Mutex::new(db),
         });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
@@ -139,12 +136,6 @@ impl GroupCommit {
                 .unwrap_or_else(|p| p.into_inner());
         }
         std::mem::take(&mut state.failed)
-    }
-
-    /// The database, for writes outside the groups (none must overlap a
-    /// round: SQLite serialises them anyway).
-    pub fn db(&self) -> &Mutex<Db> {
-        &self.shared.db
     }
 }
 
@@ -231,25 +222,13 @@ fn commit_round(shared: &Shared, round: &[Pending]) -> Result<(), StoreError> {
     let store_dir = shared.store.real_store_dir();
     fsutil::fsync_dir(store_dir).map_err(|e| sync_error(store_dir.to_owned(), e))?;
 
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
     let mut infos = Vec::new();
     let mut drv_outputs = BTreeMap::new();
     for p in round {
-        for info in &p.infos {
-            let mut info = info.clone();
-            if info.registration_time == 0 {
-                info.registration_time = now;
-            }
-            infos.push(info);
-        }
+        infos.extend(p.infos.iter().cloned());
         drv_outputs.extend(p.drv_outputs.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
-    let mut db = shared.db.lock().unwrap_or_else(|p| p.into_inner());
-    let tx = db.write()?;
-    tx.register(&infos, &drv_outputs)?;
-    tx.commit()
+    shared.store.register_valid_paths(&infos, &drv_outputs)
 }
 
 /// The local store as this process sees it: paths waiting in a

@@ -25,7 +25,6 @@ use kiln_derivation::{BuildOptions, Derivation, aterm, drv_name};
 use kiln_formats::store_path::{StoreDir, StorePath, StorePathSet};
 use kiln_sandbox::{BuildDirs, Network, Sandbox, SandboxMode, SandboxSpec, UidRange};
 use kiln_store::local::LocalStore;
-use kiln_store::local::db::Db;
 use kiln_store::local::lock::PathLock;
 
 use crate::commit::{GroupCommit, Overlay, Pending};
@@ -107,7 +106,6 @@ fn now() -> i64 {
 impl LocalBackend {
     /// A backend building into `store` with `settings`.
     pub fn new(store: Arc<LocalStore>, settings: Settings) -> Result<LocalBackend, LocalError> {
-        let db = Db::open(&store.state_dir().join("db"), store.store_dir())?;
         let build_dirs = BuildDirs::open(&store.state_dir().join("builds"))?;
         let log_dir = settings
             .keep_build_log
@@ -129,7 +127,7 @@ impl LocalBackend {
             })
             .map_err(|e| LocalError::Thread(e.to_string()))?;
         Ok(LocalBackend {
-            commit: GroupCommit::new(store.clone(), db),
+            commit: GroupCommit::new(store.clone()),
             store,
             reaper: Mutex::new(Some(reaper)),
             reaper_thread: Mutex::new(Some(reaper_thread)),

@@ -392,3 +392,56 @@ fn add_signatures_keeps_old_ones_and_refuses_bad_ones() {
         "got {e:?}"
     );
 }
+
+/// Paths that running processes use are runtime roots: an open file, a
+/// path in the environment. Once the process is gone, they are garbage.
+#[test]
+fn gc_keeps_paths_running_processes_use() {
+    use kiln_store::local::gc::{GcAction, GcOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open_root(dir.path().join("root")).unwrap();
+    let opened = store
+        .add_text("opened", b"opened", &StorePathSet::new())
+        .unwrap();
+    let in_env = store
+        .add_text("in-env", b"in env", &StorePathSet::new())
+        .unwrap();
+    let unused = store
+        .add_text("unused", b"unused", &StorePathSet::new())
+        .unwrap();
+    // Our own temporary roots would keep them all.
+    store.clear_temp_roots().unwrap();
+    let mut child = std::process::Command::new("sleep")
+        .arg("120")
+        .stdin(std::fs::File::open(store.real_path(&opened.path)).unwrap())
+        .env(
+            "SOME_PATH",
+            format!("{}/bin", store.store_dir().print_path(&in_env.path)),
+        )
+        .spawn()
+        .expect("cannot run sleep");
+    let roots = store.find_roots().unwrap();
+    let dead = store
+        .collect_garbage(&GcOptions {
+            action: GcAction::ReturnDead,
+            ..Default::default()
+        })
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let fd = format!("/proc/{}/fd/0", child.id());
+    assert!(
+        roots
+            .get(&opened.path)
+            .is_some_and(|s| s.iter().any(|p| p.to_string_lossy() == fd)),
+        "the open file is a root through {fd}: {roots:?}"
+    );
+    assert!(roots.contains_key(&in_env.path), "{roots:?}");
+    assert_eq!(dead.paths, vec![unused.path.clone()]);
+    let after = store.collect_garbage(&GcOptions::default()).unwrap();
+    let mut deleted = after.paths.clone();
+    deleted.sort();
+    let mut expected = vec![opened.path, in_env.path, unused.path];
+    expected.sort();
+    assert_eq!(deleted, expected, "without the process they are garbage");
+}

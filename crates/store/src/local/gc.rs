@@ -3,7 +3,8 @@
 //! Roots are the symlinks under `gcroots/` (followed one more hop when
 //! they point outside the store — indirect roots, e.g. `gcroots/auto/*` →
 //! `~/result` → store path; dangling `auto/` links are removed), the
-//! profiles under `profiles/`, and the temporary roots of live processes.
+//! profiles under `profiles/`, the temporary roots of live processes, and
+//! the runtime roots: paths running processes use, read from `/proc`.
 //!
 //! The collector holds the GC lock for the whole run and a shared lock on
 //! every live process's temp-roots file, so no process can add a new
@@ -23,7 +24,7 @@ use kiln_formats::store_path::{StorePath, StorePathSet};
 
 use super::LocalStore;
 use super::lock::{self, FileLock, LockKind};
-use super::{fsutil, par};
+use super::{fsutil, par, runtime_roots};
 use crate::{Store, StoreError};
 
 /// What a collection does.
@@ -82,6 +83,28 @@ impl LocalStore {
             &gcroots.join("auto"),
             &mut roots,
         )?;
+        for (path, sources) in self.find_runtime_roots()? {
+            roots.entry(path).or_default().extend(sources);
+        }
+        Ok(roots)
+    }
+
+    /// The valid paths that running processes use (see
+    /// [`runtime_roots`](super::runtime_roots)), with the `/proc` entries
+    /// that show them.
+    pub fn find_runtime_roots(&self) -> Result<BTreeMap<StorePath, BTreeSet<PathBuf>>, StoreError> {
+        let prefixes = runtime_roots::StorePrefixes::new([
+            Path::new(self.config.store_dir.as_str()),
+            self.real_store.as_path(),
+        ]);
+        let found = runtime_roots::find_runtime_roots(Path::new("/proc"), &prefixes);
+        let mut roots = BTreeMap::new();
+        let db = self.reader()?;
+        for (hash_part, sources) in found {
+            if let Some(path) = db.query_path_from_hash_part(&hash_part)? {
+                roots.insert(path, sources);
+            }
+        }
         Ok(roots)
     }
 

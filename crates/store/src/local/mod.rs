@@ -27,6 +27,7 @@ pub mod gc;
 pub mod lock;
 pub mod optimise;
 pub(crate) mod par;
+pub mod runtime_roots;
 pub mod verify;
 
 pub use add::{BatchItem, Durability};

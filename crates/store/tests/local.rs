@@ -445,3 +445,50 @@ fn gc_keeps_paths_running_processes_use() {
     expected.sort();
     assert_eq!(deleted, expected, "without the process they are garbage");
 }
+
+/// A daemon keeps one temp-roots session per connection: what the client
+/// added is protected while it is connected, and no longer once it goes,
+/// although the daemon's process lives on.
+#[test]
+fn temp_roots_sessions_end_with_the_connection() {
+    use kiln_store::local::gc::{GcAction, GcOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open_root(dir.path().join("root")).unwrap();
+    let dead = |store: &LocalStore| {
+        store
+            .collect_garbage(&GcOptions {
+                action: GcAction::ReturnDead,
+                ..Default::default()
+            })
+            .unwrap()
+            .paths
+    };
+    let session = store.temp_roots_session().unwrap();
+    let added = {
+        let _entered = session.enter();
+        store
+            .add_text("by-client", b"client", &StorePathSet::new())
+            .unwrap()
+    };
+    let other = store
+        .add_text("outside", b"outside", &StorePathSet::new())
+        .unwrap();
+    store.clear_temp_roots().unwrap();
+    assert!(
+        session.file().is_file(),
+        "the session has its own temp-roots file"
+    );
+    assert_eq!(
+        dead(&store),
+        vec![other.path.clone()],
+        "the session's path is protected, the process's roots were cleared"
+    );
+    let file = session.file().to_path_buf();
+    drop(session);
+    assert!(!file.exists(), "the session's file goes with it");
+    let mut now_dead = dead(&store);
+    now_dead.sort();
+    let mut expected = vec![added.path, other.path];
+    expected.sort();
+    assert_eq!(now_dead, expected);
+}

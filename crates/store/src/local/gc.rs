@@ -217,11 +217,7 @@ impl LocalStore {
                 let path = entry.path();
                 if let Some((file, roots)) = lock::read_temp_roots(&path)? {
                     _held.push(file);
-                    if let Some(pid) = entry
-                        .file_name()
-                        .to_str()
-                        .and_then(|s| s.parse::<u32>().ok())
-                    {
+                    if let Some(pid) = entry.file_name().to_str().and_then(lock::temp_roots_owner) {
                         live_pids.insert(pid);
                     }
                     for r in roots {

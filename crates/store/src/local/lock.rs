@@ -162,6 +162,19 @@ impl FileLock {
 #[derive(Debug)]
 pub struct TempRoots {
     file: Mutex<File>,
+    path: PathBuf,
+    state_dir: PathBuf,
+    /// A session's file goes when the session does; the process's stays
+    /// until the collector finds it unlocked.
+    remove_on_drop: bool,
+}
+
+impl Drop for TempRoots {
+    fn drop(&mut self) {
+        if self.remove_on_drop {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// One temp-roots file per state directory per process: two `LocalStore`
@@ -176,15 +189,25 @@ pub fn temp_roots_for(state_dir: &Path) -> Result<Arc<TempRoots>, StoreError> {
     if let Some(t) = files.get(state_dir) {
         return Ok(t.clone());
     }
-    let roots = Arc::new(TempRoots::create(state_dir)?);
+    let roots = Arc::new(TempRoots::create(
+        state_dir,
+        &std::process::id().to_string(),
+        false,
+    )?);
     files.insert(state_dir.to_path_buf(), roots.clone());
     Ok(roots)
 }
 
 impl TempRoots {
-    fn create(state_dir: &Path) -> Result<TempRoots, StoreError> {
+    /// The temp-roots file `temproots/<name>`, made and share-locked.
+    /// Names start with the owner's pid (`<pid>` or `<pid>-<session>`).
+    pub(crate) fn create(
+        state_dir: &Path,
+        name: &str,
+        remove_on_drop: bool,
+    ) -> Result<TempRoots, StoreError> {
         let dir = state_dir.join("temproots");
-        let path = dir.join(std::process::id().to_string());
+        let path = dir.join(name);
         let gc_lock_path = state_dir.join("gc.lock");
         loop {
             // The collector deletes files of dead processes under the GC
@@ -203,6 +226,9 @@ impl TempRoots {
             if len == 0 {
                 return Ok(TempRoots {
                     file: Mutex::new(file),
+                    path,
+                    state_dir: state_dir.to_path_buf(),
+                    remove_on_drop,
                 });
             }
             // The collector removed and someone recreated it: retry.
@@ -231,6 +257,11 @@ impl TempRoots {
 }
 
 impl TempRoots {
+    /// The state directory of the store these roots are for.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
     /// Forgets every root recorded so far (for long-lived processes, once
     /// the paths they protected are registered or rooted otherwise).
     pub fn clear(&self) -> Result<(), StoreError> {
@@ -269,6 +300,11 @@ pub fn read_temp_roots(path: &Path) -> Result<Option<(File, Vec<String>)>, Store
     Ok(Some((file, roots)))
 }
 
+/// The pid a temp-roots file name (`<pid>` or `<pid>-<session>`) belongs to.
+pub fn temp_roots_owner(name: &str) -> Option<u32> {
+    name.split('-').next()?.parse().ok()
+}
+
 /// Whether process `pid` holds its temp-roots file (is alive as a store user).
 pub fn process_holds_temp_roots(state_dir: &Path, pid: u32) -> bool {
     if pid == std::process::id() {
@@ -279,4 +315,84 @@ pub fn process_holds_temp_roots(state_dir: &Path, pid: u32) -> bool {
         return false;
     };
     matches!(flock(&file, LockKind::Exclusive, false), Ok(false))
+}
+
+/// The temporary roots of one client connection of a long-lived process
+/// (the daemon serves many from one process, where Nix forks one process
+/// per connection): `temproots/<pid>-<n>`, dropped with the session, so
+/// what a client added or used stops being protected when it disconnects
+/// rather than when the daemon exits.
+///
+/// Roots go in with [`add`](TempRootsSession::add), and, while a thread
+/// has [`enter`](TempRootsSession::enter)ed the session, every temporary
+/// root the store records on that thread (adding paths, copying them)
+/// goes into the session instead of the process's file.
+#[derive(Debug, Clone)]
+pub struct TempRootsSession {
+    roots: Arc<TempRoots>,
+    store_dir: StoreDir,
+}
+
+thread_local! {
+    /// Sessions entered on this thread, innermost last.
+    static ENTERED: std::cell::RefCell<Vec<Arc<TempRoots>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl TempRootsSession {
+    pub(crate) fn create(state_dir: &Path, store_dir: &StoreDir) -> Result<Self, StoreError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{}-{n}", std::process::id());
+        Ok(TempRootsSession {
+            roots: Arc::new(TempRoots::create(state_dir, &name, true)?),
+            store_dir: store_dir.clone(),
+        })
+    }
+
+    /// Records `paths` as roots of this session.
+    pub fn add(&self, paths: &[&StorePath]) -> Result<(), StoreError> {
+        self.roots.add(&self.store_dir, paths)
+    }
+
+    /// Until the guard drops, temporary roots recorded on this thread go
+    /// into this session.
+    pub fn enter(&self) -> EnteredSession {
+        ENTERED.with(|e| e.borrow_mut().push(self.roots.clone()));
+        EnteredSession {
+            _not_send: std::marker::PhantomData,
+        }
+    }
+
+    /// The file holding the roots.
+    pub fn file(&self) -> &Path {
+        &self.roots.path
+    }
+}
+
+/// While alive, this thread's temporary roots go to a session; see
+/// [`TempRootsSession::enter`].
+#[derive(Debug)]
+pub struct EnteredSession {
+    /// Tied to the thread it was entered on.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for EnteredSession {
+    fn drop(&mut self) {
+        ENTERED.with(|e| {
+            e.borrow_mut().pop();
+        });
+    }
+}
+
+/// The innermost session entered on this thread for the store at
+/// `state_dir`, if any.
+pub(crate) fn entered_session(state_dir: &Path) -> Option<Arc<TempRoots>> {
+    ENTERED.with(|e| {
+        e.borrow()
+            .iter()
+            .rev()
+            .find(|r| r.state_dir == state_dir)
+            .cloned()
+    })
 }

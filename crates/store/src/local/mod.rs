@@ -32,6 +32,7 @@ pub mod verify;
 
 pub use add::{BatchItem, Durability};
 use db::Db;
+pub use lock::{EnteredSession, TempRootsSession};
 use lock::{FileLock, LockKind, TempRoots};
 
 /// Where a local store lives.
@@ -166,9 +167,19 @@ impl LocalStore {
         Ok(self.temp_roots.get_or_init(|| t))
     }
 
-    /// Records several temporary roots at once.
+    /// Records several temporary roots at once (in the session this
+    /// thread has entered, if any; see [`TempRootsSession`]).
     pub fn add_temp_roots(&self, paths: &[&StorePath]) -> Result<(), StoreError> {
+        if let Some(session) = lock::entered_session(&self.state_dir) {
+            return session.add(&self.config.store_dir, paths);
+        }
         self.temp_roots()?.add(&self.config.store_dir, paths)
+    }
+
+    /// Temporary roots for one client connection, released when it is
+    /// dropped; see [`TempRootsSession`].
+    pub fn temp_roots_session(&self) -> Result<TempRootsSession, StoreError> {
+        TempRootsSession::create(&self.state_dir, &self.config.store_dir)
     }
 
     /// Drops this process's temporary roots: what it added or used is no

@@ -61,6 +61,9 @@ enum Command {
     },
     /// Restart builds (and their failed dependents), in dependency order.
     Restart { ids: Vec<i64> },
+    /// Resume after a crash (builds left started are dispatched again) and
+    /// build until nothing waits.
+    Resume,
     /// Kiln's evaluator: print a recipe file's packages as nix-eval-jobs lines.
     EvalRecipe {
         file: PathBuf,
@@ -379,6 +382,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         build.id, build.status, build.job, build.drv_path
                     );
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resume => {
+            let db = open_db(&setup).await?;
+            let coordinator = Coordinator::new(db.clone(), coordinator_config(&setup, None))?;
+            coordinator.recover().await?;
+            coordinator.run_until_idle().await?;
+            for (status, count) in db.status_counts(None).await? {
+                println!("{status}\t{count}");
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1153,3 +1153,6 @@ fn build_from_row(row: &AnyRow) -> Result<Build> {
 
 #[cfg(test)]
 mod tests;
+
+mod web_queries;
+pub use web_queries::{DurationHistogram, JobStatus};

@@ -265,10 +265,7 @@ pub(super) async fn evaluation_detail(
         .ok_or_else(|| WebError::not_found("evaluation", id))?;
     let builds = state.db.builds_of_evaluation(id).await?;
     let previous = match state.db.previous_evaluation(id).await? {
-        Some(previous) => Some((
-            previous.id,
-            state.db.builds_of_evaluation(previous.id).await?,
-        )),
+        Some(previous) => Some((previous.id, state.db.job_statuses(previous.id).await?)),
         None => None,
     };
     let diff = EvaluationDiff::between(

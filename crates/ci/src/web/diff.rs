@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::db::JobStatus;
 use crate::model::{Build, BuildStatus};
 
 /// One job whose verdict is part of the diff.
@@ -46,14 +47,14 @@ fn verdict(status: BuildStatus) -> Option<bool> {
 
 impl EvaluationDiff {
     /// Compares `current`'s builds with `previous`'s (evaluation id and
-    /// builds), matching builds by job name. Builds without a verdict on
-    /// either side are left out.
-    pub fn between(current: &[Build], previous: Option<(i64, &[Build])>) -> EvaluationDiff {
+    /// its builds' statuses), matching builds by job name. Builds without a
+    /// verdict on either side are left out.
+    pub fn between(current: &[Build], previous: Option<(i64, &[JobStatus])>) -> EvaluationDiff {
         let mut diff = EvaluationDiff {
             previous_evaluation: previous.map(|(id, _)| id),
             ..EvaluationDiff::default()
         };
-        let before: HashMap<&str, &Build> = previous
+        let before: HashMap<&str, &JobStatus> = previous
             .map(|(_, builds)| builds.iter().map(|b| (b.job.as_str(), b)).collect())
             .unwrap_or_default();
         for build in current {
@@ -119,12 +120,17 @@ mod tests {
     fn sorts_jobs_into_new_fixed_and_still_failing() {
         use BuildStatus::*;
         let before = [
-            build(1, "a", Succeeded),
-            build(2, "b", Failed),
-            build(3, "c", Failed),
-            build(4, "d", FailedDependency),
-            build(5, "e", Started),
-        ];
+            (1, "a", Succeeded),
+            (2, "b", Failed),
+            (3, "c", Failed),
+            (4, "d", FailedDependency),
+            (5, "e", Started),
+        ]
+        .map(|(id, job, status)| JobStatus {
+            id,
+            job: job.into(),
+            status,
+        });
         let now = [
             build(11, "a", Failed),
             build(12, "b", Succeeded),

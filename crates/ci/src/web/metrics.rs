@@ -14,13 +14,10 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 use super::{AppState, WebError, api::ApiError};
-use crate::db::BuildFilter;
 use crate::model::{BuildStatus, EvaluationStatus, now};
 
 /// Upper bounds (seconds) of the build duration histogram's buckets.
-pub const DURATION_BUCKETS: [f64; 11] = [
-    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
-];
+pub const DURATION_BUCKETS: [i64; 11] = [1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200];
 
 /// Agents that asked for work this recently count as online.
 const AGENT_ONLINE_SECS: i64 = 300;
@@ -86,7 +83,7 @@ pub async fn render(state: &AppState) -> Result<String, WebError> {
         count(BuildStatus::Started)
     );
 
-    let evaluations = db.recent_evaluations(0).await?;
+    let evaluations = db.evaluation_counts().await?;
     header(
         &mut out,
         "kiln_ci_evaluations",
@@ -99,7 +96,7 @@ pub async fn render(state: &AppState) -> Result<String, WebError> {
         EvaluationStatus::Failed,
         EvaluationStatus::Aborted,
     ] {
-        let n = evaluations.iter().filter(|e| e.status == status).count();
+        let n = evaluations.get(&status).copied().unwrap_or(0);
         let _ = writeln!(
             out,
             "kiln_ci_evaluations{{status=\"{}\"}} {n}",
@@ -115,23 +112,16 @@ pub async fn render(state: &AppState) -> Result<String, WebError> {
     );
     let _ = writeln!(out, "kiln_ci_specifications {}", specifications.len());
 
-    // Durations of the builds that ran and ended (builds found already built
-    // never started and are left out).
-    let builds = db.list_builds(&BuildFilter::default()).await?;
-    let durations: Vec<f64> = builds
-        .iter()
-        .filter(|b| b.status.is_finished())
-        .filter_map(|b| Some((b.stopped_at? - b.started_at?).max(0) as f64))
-        .collect();
+    // Builds found already built never ran and are not counted.
+    let histogram = db.build_duration_histogram(&DURATION_BUCKETS).await?;
     let name = "kiln_ci_build_duration_seconds";
     header(&mut out, name, "histogram", "How long ended builds ran.");
-    for bound in DURATION_BUCKETS {
-        let n = durations.iter().filter(|&&d| d <= bound).count();
+    for (bound, n) in &histogram.cumulative {
         let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {n}");
     }
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", durations.len());
-    let _ = writeln!(out, "{name}_sum {}", durations.iter().sum::<f64>());
-    let _ = writeln!(out, "{name}_count {}", durations.len());
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", histogram.count);
+    let _ = writeln!(out, "{name}_sum {}", histogram.sum);
+    let _ = writeln!(out, "{name}_count {}", histogram.count);
 
     let agents = db.agents().await?;
     let now = now();

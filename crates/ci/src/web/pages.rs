@@ -258,13 +258,18 @@ async fn specification(State(state): State<AppState>, Path(name): Path<String>) 
     ))
 }
 
+/// Rows of one diff section shown on the page; the API has them all.
+const DIFF_ROWS: usize = 200;
+/// Rows of an evaluation's builds shown per page.
+const BUILD_ROWS: usize = 1000;
+
 fn diff_section(title: &str, id: &str, changes: &[JobChange]) -> Markup {
     html! {
         @if !changes.is_empty() {
             h3 id=(id) { (title) " (" (changes.len()) ")" }
             table {
                 tr { th { "Job" } th { "Now" } th { "Before" } }
-                @for c in changes {
+                @for c in changes.iter().take(DIFF_ROWS) {
                     tr {
                         td { a href={ "/builds/" (c.build) } { (c.job) } }
                         td { (build_status(c.status)) }
@@ -277,6 +282,9 @@ fn diff_section(title: &str, id: &str, changes: &[JobChange]) -> Markup {
                     }
                 }
             }
+            @if changes.len() > DIFF_ROWS {
+                p.muted { "… and " (changes.len() - DIFF_ROWS) " more." }
+            }
         }
     }
 }
@@ -284,6 +292,9 @@ fn diff_section(title: &str, id: &str, changes: &[JobChange]) -> Markup {
 #[derive(Debug, serde::Deserialize)]
 struct EvaluationPageQuery {
     status: Option<String>,
+    /// The first build row shown (pages of [`BUILD_ROWS`]).
+    #[serde(default)]
+    from: usize,
 }
 
 async fn evaluation(
@@ -305,6 +316,12 @@ async fn evaluation(
         .iter()
         .filter(|b| only.is_none_or(|s| b.build.status == s))
         .collect();
+    let from = query.from.min(shown.len());
+    let to = (from + BUILD_ROWS).min(shown.len());
+    let page_link = |start: usize| {
+        let status = only.map_or(String::new(), |s| format!("status={s}&"));
+        format!("/evals/{id}?{status}from={start}")
+    };
     let diff = &detail.diff;
     Ok(layout(
         &format!("Evaluation {id}"),
@@ -342,7 +359,14 @@ async fn evaluation(
                     a href={ "/evals/" (id) "?status=" (status.as_str()) } { (status.as_str()) " " (n) }
                 }
             }
-            (builds_table(&shown, false))
+            @if shown.len() > BUILD_ROWS {
+                p.pages {
+                    "Builds " (from + 1) "–" (to) " of " (shown.len()) ". "
+                    @if from > 0 { a rel="prev" href=(page_link(from.saturating_sub(BUILD_ROWS))) { "previous" } " " }
+                    @if to < shown.len() { a rel="next" href=(page_link(to)) { "next" } }
+                }
+            }
+            (builds_table(&shown[from..to], false))
         },
     ))
 }

@@ -643,3 +643,45 @@ async fn metrics_agree_with_the_database() {
         assert!(["gauge", "histogram", "counter"].contains(&kind), "{line}");
     }
 }
+
+#[tokio::test]
+async fn a_large_evaluation_is_shown_in_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path().join("ci.sqlite").to_str().unwrap())
+        .await
+        .unwrap();
+    db.put_specification(&spec("main")).await.unwrap();
+    let eval = db.create_evaluation("main").await.unwrap();
+    let jobs: Vec<NewBuild> = (0..1500).map(|i| job(&format!("job-{i}"), eval)).collect();
+    let ids = db.insert_builds(eval, "main", 5, &jobs, &[]).await.unwrap();
+    db.finish_evaluation(eval, EvaluationStatus::Succeeded, None)
+        .await
+        .unwrap();
+    db.set_build_statuses(&ids[..300], BuildStatus::Failed, &StatusChange::default())
+        .await
+        .unwrap();
+    let state = AppState {
+        db,
+        live: LiveLogs::default(),
+    };
+    let page = |uri: String| {
+        let state = state.clone();
+        async move {
+            let (status, _, body) = call(&state, Method::GET, &uri, None).await;
+            assert_eq!(status, StatusCode::OK, "{uri}");
+            body
+        }
+    };
+    let first = page(format!("/evals/{eval}")).await;
+    assert_eq!(first.matches(r#"<tr class="build""#).count(), 1000);
+    assert!(first.contains("Builds 1–1000 of 1500."), "{first}");
+    assert!(first.contains(&format!(r#"href="/evals/{eval}?from=1000">next"#)));
+    let second = page(format!("/evals/{eval}?from=1000")).await;
+    assert_eq!(second.matches(r#"<tr class="build""#).count(), 500);
+    assert!(second.contains(&format!(r#"data-build="{}""#, ids[1499])));
+    // The diff lists the first 200 of 300 new failures.
+    assert!(first.contains("New failures (300)") && first.contains("… and 100 more."));
+    let failed = page(format!("/evals/{eval}?status=failed")).await;
+    assert_eq!(failed.matches(r#"<tr class="build""#).count(), 300);
+    assert!(!failed.contains(r#"rel="next""#));
+}

@@ -284,11 +284,12 @@ fn evaluation_page_lists_builds_and_a_failed_build_shows_its_log() {
         rows, expected,
         "the page's builds differ from the database's"
     );
-    // The database agrees with what the page shows.
+    // The database and the API agree with what the page shows.
     let stored = site
         .runtime
         .block_on(site.state.db.builds_of_evaluation(site.evaluation))
         .unwrap();
+    assert_eq!(stored.len(), rows.len());
     for build in stored {
         assert_eq!(
             rows[&build.id].1,
@@ -297,6 +298,25 @@ fn evaluation_page_lists_builds_and_a_failed_build_shows_its_log() {
             build.id
         );
     }
+    let api: serde_json::Value = serde_json::from_str(
+        &ureq::get(format!("{}/api/evaluations/{}", site.base, site.evaluation))
+            .call()
+            .expect("the API answers")
+            .body_mut()
+            .read_to_string()
+            .unwrap(),
+    )
+    .unwrap();
+    let api_rows: BTreeMap<i64, (String, String)> = api["builds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let field = |name: &str| b[name].as_str().unwrap().to_owned();
+            (b["id"].as_i64().unwrap(), (field("job"), field("status")))
+        })
+        .collect();
+    assert_eq!(api_rows, rows, "the API's builds differ from the page's");
 
     let failed = site.builds[1];
     let dom = dump_dom(&format!("{}/builds/{failed}", site.base), 2000);

@@ -284,6 +284,39 @@ fn kiln_substitutes_from_caches_nix_wrote() {
         assert_eq!(valid, expected, "{compression}");
         f.assert_same_closure(&store);
     }
+
+    // Without --trusted-public-keys, the keys come from nix.conf, as
+    // Nix's own do: refused with Nix's default key only, accepted once
+    // nix.conf trusts the cache's key.
+    let from = format!("file://{}", f.dir("nix-cache-xz").display());
+    let conf_dir = f.dir("nix-conf-trusting");
+    fs::create_dir_all(&conf_dir).unwrap();
+    fs::write(
+        conf_dir.join("nix.conf"),
+        format!("extra-trusted-public-keys = {}\n", f.public_key),
+    )
+    .unwrap();
+    let empty_conf = f.dir("nix-conf-empty");
+    fs::create_dir_all(&empty_conf).unwrap();
+    for (conf, trusted) in [(&empty_conf, false), (&conf_dir, true)] {
+        let store = f.kiln_store(&format!("kiln-nix-conf-{trusted}"));
+        let out = Command::new(kiln_bin())
+            .args(["store", "--store", &store, "copy", "--from", &from, &f.top])
+            .env_remove("KILN_TRUSTED_PUBLIC_KEYS")
+            .env_remove("NIX_CONFIG")
+            .env("NIX_CONF_DIR", conf)
+            .env("NIX_USER_CONF_FILES", conf.join("none.conf"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run kiln");
+        if trusted {
+            ok("kiln copy trusting nix.conf's keys", out);
+            assert_eq!(f.kiln_valid_paths(&store).len(), f.closure.len());
+        } else {
+            failed("kiln copy with nix.conf trusting no key of the cache", out);
+            assert!(f.kiln_valid_paths(&store).is_empty());
+        }
+    }
 }
 
 #[test]

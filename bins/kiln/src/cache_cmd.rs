@@ -30,9 +30,9 @@ pub enum CacheCommand {
         #[arg(long)]
         no_check_sigs: bool,
         /// Public keys whose signatures are accepted, space-separated
-        /// (`name:base64 …`, as Nix's `trusted-public-keys`).
-        #[arg(long, env = "KILN_TRUSTED_PUBLIC_KEYS", default_value = "")]
-        trusted_public_keys: String,
+        /// (`name:base64 …`); default: `trusted-public-keys` of nix.conf.
+        #[arg(long, env = "KILN_TRUSTED_PUBLIC_KEYS")]
+        trusted_public_keys: Option<String>,
         /// Copy only the paths given, not their closures.
         #[arg(long)]
         no_recursive: bool,
@@ -76,8 +76,10 @@ pub fn run(store_url: &str, command: CacheCommand) -> anyhow::Result<ExitCode> {
             };
             let src = open_store(src_url).with_context(|| format!("opening '{src_url}'"))?;
             let dst = open_store(dst_url).with_context(|| format!("opening '{dst_url}'"))?;
-            let trusted = TrustedKeys::parse(&trusted_public_keys)
-                .context("reading --trusted-public-keys")?;
+            let trusted = match &trusted_public_keys {
+                Some(keys) => TrustedKeys::parse(keys).context("reading --trusted-public-keys")?,
+                None => kiln_store::nix_conf::NixConf::load()?.trusted_public_keys()?,
+            };
             // As Nix: what enters a store of this machine must be signed
             // (`require-sigs`); a binary cache takes what it is given.
             let check = !no_check_sigs && !dst_url.starts_with("file://") && !is_http(dst_url);

@@ -88,10 +88,12 @@ enum StoreCommand {
         /// Stop after freeing this many bytes.
         #[arg(long)]
         max_freed: Option<u64>,
-        /// Keep outputs of live derivations (`keep-outputs`).
+        /// Keep outputs of live derivations (as `keep-outputs = true` in
+        /// nix.conf, which is read too).
         #[arg(long)]
         keep_outputs: bool,
-        /// Do not keep the derivers of live paths (`keep-derivations = false`).
+        /// Do not keep the derivers of live paths (as `keep-derivations =
+        /// false` in nix.conf, which is read too).
         #[arg(long)]
         no_keep_derivations: bool,
     },
@@ -321,12 +323,15 @@ pub fn run(args: StoreArgs) -> anyhow::Result<ExitCode> {
                 GcAction::DeleteDead
             };
             let deleting = matches!(action, GcAction::DeleteDead | GcAction::DeleteSpecific(_));
-            let results = store.collect_garbage(&GcOptions {
-                action,
-                keep_outputs,
-                keep_derivations: !no_keep_derivations,
-                max_freed: max_freed.unwrap_or(u64::MAX),
-            })?;
+            // nix.conf's keep-outputs / keep-derivations, as Nix reads
+            // them; the flags override.
+            let conf = kiln_store::nix_conf::NixConf::load()?;
+            let mut options = GcOptions::from_nix_conf(&conf)?;
+            options.action = action;
+            options.keep_outputs |= keep_outputs;
+            options.keep_derivations &= !no_keep_derivations;
+            options.max_freed = max_freed.unwrap_or(u64::MAX);
+            let results = store.collect_garbage(&options)?;
             if deleting {
                 let mut err = io::BufWriter::new(io::stderr().lock());
                 for p in &results.paths {

@@ -22,6 +22,7 @@ pub mod derivation;
 mod error;
 pub mod export;
 pub mod local;
+pub mod nix_conf;
 mod path_info;
 pub mod refs;
 mod store;

@@ -63,6 +63,20 @@ impl Default for GcOptions {
     }
 }
 
+impl GcOptions {
+    /// Deleting dead paths, keeping what `keep-outputs` and
+    /// `keep-derivations` in Nix's configuration ask to keep.
+    pub fn from_nix_conf(
+        conf: &crate::nix_conf::NixConf,
+    ) -> Result<GcOptions, crate::nix_conf::NixConfError> {
+        Ok(GcOptions {
+            keep_outputs: conf.keep_outputs()?,
+            keep_derivations: conf.keep_derivations()?,
+            ..GcOptions::default()
+        })
+    }
+}
+
 /// What a collection found or did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct GcResults {

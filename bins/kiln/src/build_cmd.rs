@@ -379,7 +379,8 @@ pub fn run(args: BuildArgs) -> Result<ExitCode> {
         dry_run: args.dry_run,
     };
     let backend = LocalBackend::new(store.clone(), settings)?
-        .rebuild(rebuild, targets.iter().map(|(p, _)| p.clone()));
+        .rebuild(rebuild, targets.iter().map(|(p, _)| p.clone()))
+        .dry_run(args.dry_run);
     let events: Arc<dyn EventSink> = match args.log_format.as_deref() {
         Some("internal-json") => Arc::new(InternalJson::new(std::io::stderr(), store_dir.clone())),
         None | Some("plain") | Some("raw") | Some("bar") => Arc::new(PlainLines::new(
@@ -406,15 +407,23 @@ pub fn run(args: BuildArgs) -> Result<ExitCode> {
                 eprintln!("  {}", store_dir.display(p));
             }
         }
+        if !report.would_substitute.is_empty() {
+            eprintln!(
+                "these {} paths will be fetched:",
+                report.would_substitute.len()
+            );
+            for p in &report.would_substitute {
+                eprintln!("  {}", store_dir.display(p));
+            }
+        }
         if args.json {
-            let list: Vec<String> = report
-                .would_build
-                .iter()
-                .map(|p| store_dir.print_path(p))
-                .collect();
+            let print = |paths: &[StorePath]| -> Vec<String> {
+                paths.iter().map(|p| store_dir.print_path(p)).collect()
+            };
             println!(
                 "{}",
-                serde_json::json!({ "willBuild": list, "willSubstitute": [], "unknown": [] })
+                serde_json::json!({ "willBuild": print(&report.would_build),
+                    "willSubstitute": print(&report.would_substitute), "unknown": [] })
             );
         }
         return Ok(ExitCode::SUCCESS);

@@ -61,7 +61,21 @@ pub struct Loaded<D> {
     pub inputs: Vec<(StorePath, BTreeSet<String>)>,
     /// The wanted outputs are all valid: nothing to do.
     pub valid: Option<BTreeMap<String, StorePath>>,
+    /// How the outputs in `valid` came to be valid, when they were not
+    /// before: substituted (paths fetched, each with the cache it came
+    /// from), or — in a dry run — would be.
+    pub substituted: Option<Substitution>,
     pub drv: D,
+}
+
+/// Outputs fetched from binary caches instead of built.
+#[derive(Debug, Clone, Default)]
+pub struct Substitution {
+    /// Each path fetched (the outputs and what they refer to) and the URL
+    /// of the cache it came from.
+    pub fetched: Vec<(StorePath, String)>,
+    /// Only found out (dry run): nothing was fetched.
+    pub dry_run: bool,
 }
 
 /// One build for a backend to run.
@@ -186,6 +200,8 @@ pub struct RunReport {
     pub targets: Vec<(StorePath, BuildResult)>,
     /// With `dry_run`: the derivations that would be built.
     pub would_build: Vec<StorePath>,
+    /// With `dry_run`: the paths that would be fetched from binary caches.
+    pub would_substitute: Vec<StorePath>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +257,7 @@ pub async fn run<B: Backend>(
         done: 0,
         failed: 0,
         to_build: 0,
+        would_substitute: Vec::new(),
     };
     run.hook_enabled = run.backend.has_hook();
     let roots: Vec<usize> = targets
@@ -250,6 +267,7 @@ pub async fn run<B: Backend>(
     run.discover().await;
     let mut report = RunReport::default();
     if run.options.dry_run {
+        report.would_substitute = run.would_substitute.clone();
         report.would_build = run
             .goals
             .iter()
@@ -309,6 +327,7 @@ struct Run<B: Backend> {
     done: usize,
     failed: usize,
     to_build: usize,
+    would_substitute: Vec<StorePath>,
 }
 
 /// Goals loaded per blocking call during discovery.
@@ -391,9 +410,27 @@ impl<B: Backend> Run<B> {
             Ok(loaded) => {
                 self.goals[i].drv = Some(Arc::new(loaded.drv));
                 if let Some(outputs) = loaded.valid {
+                    let status = match loaded.substituted {
+                        Some(s) if s.dry_run => {
+                            self.would_substitute
+                                .extend(s.fetched.into_iter().map(|(p, _)| p));
+                            BuildStatus::Substituted
+                        }
+                        Some(s) => {
+                            let store_dir = self.backend.store_dir();
+                            for (path, from) in &s.fetched {
+                                let text = format!(
+                                    "copied path '{}' from '{from}'",
+                                    store_dir.display(path)
+                                );
+                                self.events.event(Event::Message { text: &text });
+                            }
+                            BuildStatus::Substituted
+                        }
+                        None => BuildStatus::AlreadyValid,
+                    };
                     self.goals[i].state = State::Done;
-                    self.goals[i].result =
-                        Some(BuildResult::success(BuildStatus::AlreadyValid, outputs));
+                    self.goals[i].result = Some(BuildResult::success(status, outputs));
                     return;
                 }
                 self.goals[i].state = State::NeedsBuild;

@@ -28,11 +28,14 @@ use kiln_store::local::LocalStore;
 use kiln_store::local::lock::PathLock;
 
 use crate::commit::{GroupCommit, Overlay, Pending};
+use kiln_formats::signature::TrustedKeys;
+use kiln_store::binary_cache::{BinaryCacheConfig, BinaryCacheStore};
+use kiln_store::substitute::Substituter;
 use kiln_store::{Store, StoreError, compute_closure};
 
 use crate::env::{BUILD_TOP, EnvInputs, prepare};
 use crate::events::{Event, EventSink};
-use crate::goals::{Attempt, Backend, Cancel, HookReply, Job, Loaded, Wanted};
+use crate::goals::{Attempt, Backend, Cancel, HookReply, Job, Loaded, Substitution, Wanted};
 use crate::hook::{Hook, HookBuild};
 use crate::logs::{LogSink, log_dir_for_state_dir};
 use crate::outputs::{Registration, place_outputs};
@@ -50,6 +53,31 @@ pub enum LocalError {
     Hook(String),
     #[error("cannot start a helper thread: {0}")]
     Thread(String),
+    #[error("setting 'trusted-public-keys': {0}")]
+    TrustedKeys(#[from] kiln_formats::signature::SignatureError),
+}
+
+/// The caches of `substituters` (none when `substitute` is false). A cache
+/// that cannot be opened is left out with a warning, as Nix disables it.
+fn open_substituter(settings: &Settings) -> Result<Option<Substituter>, LocalError> {
+    if !settings.substitute || settings.substituters.is_empty() {
+        return Ok(None);
+    }
+    let trusted = TrustedKeys::parse(&settings.trusted_public_keys.join(" "))?;
+    let mut caches = Vec::new();
+    for url in &settings.substituters {
+        match BinaryCacheStore::open(url, BinaryCacheConfig::default()) {
+            Ok(c) => caches.push(c),
+            Err(e) => tracing::warn!(cache = %url, error = %e, "substituter disabled"),
+        }
+    }
+    if caches.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Substituter::from_caches(
+        caches,
+        settings.require_sigs.then_some(trusted),
+    )))
 }
 
 /// Whether valid outputs are built again.
@@ -91,6 +119,18 @@ pub struct LocalBackend {
     /// The targets that `rebuild` applies to.
     rebuild_targets: HashSet<StorePath>,
     hook: Option<Mutex<Hook>>,
+    /// The binary caches of `substituters`, when substituting.
+    substituter: Option<Substituter>,
+    /// Only find out what would be substituted.
+    dry_run: bool,
+}
+
+fn print_set(store_dir: &StoreDir, paths: &StorePathSet) -> String {
+    paths
+        .iter()
+        .map(|p| format!("'{}'", store_dir.display(p)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn misc(e: impl std::fmt::Display) -> BuildResult {
@@ -126,7 +166,10 @@ impl LocalBackend {
                 }
             })
             .map_err(|e| LocalError::Thread(e.to_string()))?;
+        let substituter = open_substituter(&settings)?;
         Ok(LocalBackend {
+            substituter,
+            dry_run: false,
             commit: GroupCommit::new(store.clone()),
             store,
             reaper: Mutex::new(Some(reaper)),
@@ -138,6 +181,70 @@ impl LocalBackend {
             rebuild_targets: HashSet::new(),
             hook,
         })
+    }
+
+    /// Only finds out what would be substituted, fetching nothing.
+    pub fn dry_run(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
+        self
+    }
+
+    /// Fetches `paths` (and their closures) from the substituters when
+    /// every one of them is there with a trusted signature; what was
+    /// fetched, or `None` (then the caller builds). A cache that has a
+    /// path but fails to deliver it is a warning, not an error: building
+    /// is the fallback.
+    fn substitute(&self, paths: &StorePathSet) -> Option<Substitution> {
+        let subst = self.substituter.as_ref()?;
+        let view = self.view();
+        let mut missing = StorePathSet::new();
+        for p in paths {
+            if !view.is_valid_path(p).ok()? {
+                missing.insert(p.clone());
+            }
+        }
+        for p in &missing {
+            match subst.query_substitutable(p) {
+                Ok(Some(_)) => {}
+                Ok(None) => return None,
+                Err(e) => {
+                    // Untrusted or unreadable: Nix warns and builds.
+                    eprintln!("warning: {e}");
+                    return None;
+                }
+            }
+        }
+        let closure = compute_closure(subst, &missing, false, false, false).ok()?;
+        let mut fetched = Vec::new();
+        for p in closure {
+            if view.is_valid_path(&p).unwrap_or(false) {
+                continue;
+            }
+            let from = match subst.query_substitutable(&p) {
+                Ok(Some((cache, _))) => cache.url(),
+                _ => return None,
+            };
+            fetched.push((p, from));
+        }
+        if self.dry_run {
+            return Some(Substitution {
+                fetched,
+                dry_run: true,
+            });
+        }
+        match subst.substitute_paths(&*self.store, &missing) {
+            Ok(_) => Some(Substitution {
+                fetched,
+                dry_run: false,
+            }),
+            Err(e) => {
+                eprintln!(
+                    "warning: substituting {} failed, building instead: {e}",
+                    print_set(self.store.store_dir(), &missing)
+                );
+                None
+            }
+        }
     }
 
     /// Builds `targets` again even when valid (`--check`, `--repair`).
@@ -258,6 +365,15 @@ impl LocalBackend {
                 })?;
                 start.insert(path.clone());
             }
+        }
+        let missing_sources: StorePathSet = drv
+            .input_sources
+            .iter()
+            .filter(|p| !self.view().is_valid_path(p).unwrap_or(false))
+            .cloned()
+            .collect();
+        if !missing_sources.is_empty() {
+            let _ = self.substitute(&missing_sources);
         }
         for p in &start {
             if !self.view().is_valid_path(p).map_err(misc)? {
@@ -764,7 +880,9 @@ impl Backend for LocalBackend {
                 )));
             }
         }
-        let valid = if self.rebuilding(drv_path) {
+        let options = BuildOptions::from_derivation(&drv).map_err(|e| e.to_string());
+        let mut substituted = None;
+        let mut valid = if self.rebuilding(drv_path) {
             if self.rebuild == Rebuild::Check
                 && self
                     .wanted_outputs(&outputs, wanted)
@@ -780,15 +898,33 @@ impl Backend for LocalBackend {
         } else {
             self.wanted_outputs(&outputs, wanted).map_err(misc)?
         };
+        let allowed = options.as_ref().map_or(true, |o| o.allow_substitutes);
+        if valid.is_none() && allowed && !self.rebuilding(drv_path) {
+            let wanted_paths: StorePathSet = outputs
+                .iter()
+                .filter(|(n, _)| wanted.contains(n))
+                .map(|(_, p)| p.clone())
+                .collect();
+            if let Some(s) = self.substitute(&wanted_paths) {
+                valid = Some(
+                    outputs
+                        .iter()
+                        .filter(|(n, _)| wanted.contains(n))
+                        .map(|(n, p)| (n.clone(), p.clone()))
+                        .collect(),
+                );
+                substituted = Some(s);
+            }
+        }
         let inputs = drv
             .input_derivations
             .iter()
             .map(|(p, o)| (p.clone(), o.clone()))
             .collect();
-        let options = BuildOptions::from_derivation(&drv).map_err(|e| e.to_string());
         Ok(Loaded {
             inputs,
             valid,
+            substituted,
             drv: LocalDrv {
                 drv,
                 options,

@@ -61,6 +61,10 @@ pub struct Settings {
     pub sandbox_paths: Vec<String>,
     pub substituters: Vec<String>,
     pub trusted_public_keys: Vec<String>,
+    /// Use substituters at all (`substitute`).
+    pub substitute: bool,
+    /// Only substitute paths signed by a trusted key (`require-sigs`).
+    pub require_sigs: bool,
     /// The build hook program and its arguments (`build-hook`), none when empty.
     pub build_hook: Vec<String>,
     /// `builders`, passed on to the hook.
@@ -116,6 +120,8 @@ impl Default for Settings {
             sandbox_paths: Vec::new(),
             substituters: Vec::new(),
             trusted_public_keys: Vec::new(),
+            substitute: true,
+            require_sigs: true,
             build_hook: Vec::new(),
             builders: String::new(),
             system: default_system(),
@@ -269,6 +275,8 @@ impl Settings {
             "trusted-public-keys" | "binary-cache-public-keys" => {
                 self.trusted_public_keys = words(value)
             }
+            "substitute" | "build-use-substitutes" => self.substitute = bool_value(name, value)?,
+            "require-sigs" => self.require_sigs = bool_value(name, value)?,
             "build-hook" => self.build_hook = words(value),
             "builders" => self.builders = value.to_owned(),
             "system" => self.system = value.to_owned(),
@@ -282,11 +290,9 @@ impl Settings {
             | "fsync-metadata"
             | "show-trace"
             | "store"
-            | "require-sigs"
             | "auto-optimise-store"
             | "compress-build-log"
             | "fallback"
-            | "substitute"
             | "trusted-users"
             | "allowed-users"
             | "warn-dirty"

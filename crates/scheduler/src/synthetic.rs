@@ -103,6 +103,7 @@ impl Backend for SyntheticGraph {
                 .map(|&d| (self.paths[d].clone(), BTreeSet::new()))
                 .collect(),
             valid: None,
+            substituted: None,
             drv: i,
         })
     }

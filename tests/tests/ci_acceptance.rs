@@ -1,0 +1,464 @@
+//! kiln-ci from git to builds, through its command line, against SQLite and
+//! PostgreSQL: a recipe set of 50 jobs (some failing, some depending on
+//! failures) in a local git repository, registered as a specification;
+//! one evaluation builds them all and the database and the API agree on
+//! every status; a commit changing three jobs builds only those and their
+//! dependents; kiln-ci killed in the middle of its builds resumes them and
+//! builds nothing twice.
+//!
+//! What really ran is told by the build logs the scheduler writes (one file
+//! per derivation, written anew by each build): a job ran when its log
+//! appeared or changed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_ci::db::{BuildFilter, Db};
+use kiln_ci::model::BuildStatus;
+use kiln_ci::testing::TempPostgres;
+use kiln_e2e::workspace_bin;
+
+/// The recipe set: name → (inputs, fails, sleep seconds, variant).
+struct Jobs {
+    jobs: BTreeMap<String, (Vec<String>, bool, u32, u32)>,
+}
+
+impl Jobs {
+    fn new() -> Jobs {
+        let mut jobs = BTreeMap::new();
+        jobs.insert("base".to_owned(), (vec![], false, 0, 0));
+        // 35 in chains of five hanging off base.
+        for i in 0..35 {
+            let input = if i % 5 == 0 {
+                "base".to_owned()
+            } else {
+                format!("ok{:02}", i - 1)
+            };
+            jobs.insert(format!("ok{i:02}"), (vec![input], false, 0, 0));
+        }
+        for i in 0..5 {
+            jobs.insert(format!("bad{i}"), (vec!["base".into()], true, 0, 0));
+            jobs.insert(
+                format!("needsbad{i}"),
+                (vec![format!("bad{i}")], false, 0, 0),
+            );
+        }
+        for i in 0..4 {
+            jobs.insert(format!("leaf{i}"), (vec![], false, 0, 0));
+        }
+        assert_eq!(jobs.len(), 50);
+        Jobs { jobs }
+    }
+
+    fn recipe(&self) -> String {
+        let mut text = String::new();
+        for (name, (inputs, fails, sleep, variant)) in &self.jobs {
+            let end = if *fails {
+                "exit 1".to_owned()
+            } else {
+                format!("echo {name} {variant} > $out")
+            };
+            text.push_str(&format!(
+                "[packages.{name}]\nbuilder = \"/bin/sh\"\n\
+                 args = [\"-c\", \"echo building {name}; /bin/sleep {sleep}; {end}\"]\n\
+                 inputs = {inputs:?}\n\n"
+            ));
+        }
+        text
+    }
+
+    /// The jobs that (transitively) depend on any of `names`, and `names`.
+    fn with_dependents(&self, names: &[&str]) -> BTreeSet<String> {
+        let mut set: BTreeSet<String> = names.iter().map(|s| s.to_string()).collect();
+        loop {
+            let before = set.len();
+            for (name, (inputs, ..)) in &self.jobs {
+                if inputs.iter().any(|i| set.contains(i)) {
+                    set.insert(name.clone());
+                }
+            }
+            if set.len() == before {
+                return set;
+            }
+        }
+    }
+
+    fn expected_status(&self, name: &str) -> BuildStatus {
+        if self.jobs[name].1 {
+            BuildStatus::Failed
+        } else if self
+            .with_dependents(&["bad0", "bad1", "bad2", "bad3", "bad4"])
+            .contains(name)
+        {
+            BuildStatus::FailedDependency
+        } else {
+            BuildStatus::Succeeded
+        }
+    }
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    repo: PathBuf,
+    config: PathBuf,
+    db_url: String,
+}
+
+fn sh(dir: &Path, script: &str) {
+    let status = Command::new("sh")
+        .arg("-ec")
+        .arg(script)
+        .current_dir(dir)
+        .status()
+        .expect("sh runs");
+    assert!(status.success(), "failed: {script}");
+}
+
+fn setup(db_url: Option<String>) -> Setup {
+    assert!(
+        Command::new("git").arg("--version").output().is_ok(),
+        "git is missing: kiln-ci's inputs need it (install Debian's git package)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    sh(&dir, "chmod 755 .");
+    sh(
+        &repo,
+        "git init -q -b main . && git config user.email ci@test && git config user.name ci",
+    );
+    let db_url = db_url.unwrap_or_else(|| dir.join("ci.sqlite").to_string_lossy().into_owned());
+    let config = dir.join("ci.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{state}\"\nstore = \"{store}\"\ndb = \"{db_url}\"\nmax_jobs = 4\n\
+             [settings]\nsandbox = \"true\"\nsandbox-paths = \"/bin /usr /lib /lib64?\"\n",
+            state = dir.join("state").display(),
+            store = dir.join("store").display(),
+        ),
+    )
+    .unwrap();
+    Setup {
+        _tmp: tmp,
+        dir,
+        repo,
+        config,
+        db_url,
+    }
+}
+
+impl Setup {
+    fn kiln_ci(&self) -> Command {
+        let mut command = Command::new(workspace_bin("kiln-ci-bin", "kiln-ci"));
+        command
+            .env("KILN_CI_CONFIG", &self.config)
+            .env("KILN_CI_LOG", "warn")
+            .current_dir(&self.dir);
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let output = self.kiln_ci().args(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "kiln-ci {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn commit(&self, jobs: &Jobs, message: &str) {
+        std::fs::write(self.repo.join("ci.toml"), jobs.recipe()).unwrap();
+        sh(
+            &self.repo,
+            &format!("git add ci.toml && git commit -qm '{message}'"),
+        );
+    }
+
+    /// The build logs of the store: file name → modification time.
+    fn logs(&self) -> BTreeMap<String, std::time::SystemTime> {
+        let mut logs = BTreeMap::new();
+        let root = self.dir.join("store/nix/var/log/nix/drvs");
+        for entry in walk(&root) {
+            let name = entry.file_name().unwrap().to_string_lossy().into_owned();
+            let prefix = entry
+                .parent()
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let modified = std::fs::metadata(&entry).unwrap().modified().unwrap();
+            logs.insert(
+                format!("{prefix}{}", name.trim_end_matches(".bz2")),
+                modified,
+            );
+        }
+        logs
+    }
+
+    async fn db(&self) -> Db {
+        Db::open(&self.db_url).await.unwrap()
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// The jobs of `evaluation` whose log is new or changed between two
+/// snapshots of [`Setup::logs`].
+async fn ran(
+    db: &Db,
+    evaluation: i64,
+    before: &BTreeMap<String, std::time::SystemTime>,
+    after: &BTreeMap<String, std::time::SystemTime>,
+) -> BTreeSet<String> {
+    let changed: BTreeSet<&String> = after
+        .iter()
+        .filter(|(name, time)| before.get(*name) != Some(time))
+        .map(|(name, _)| name)
+        .collect();
+    db.builds_of_evaluation(evaluation)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|b| {
+            let base = b.drv_path.rsplit('/').next().unwrap().to_owned();
+            changed.contains(&base)
+        })
+        .map(|b| b.job)
+        .collect()
+}
+
+/// GET over plain HTTP/1.1 (the API answers with a Content-Length).
+fn http_get(addr: &str, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    body.to_owned()
+}
+
+/// Checks the API of a running `kiln-ci serve` against the database.
+async fn api_agrees_with_db(setup: &Setup, db: &Db, evaluation: i64) {
+    let mut serve = setup
+        .kiln_ci()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(serve.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+        assert!(n > 0, "kiln-ci serve ended before listening");
+        if let Some(rest) = line.trim().strip_prefix("kiln-ci: listening on http://") {
+            break rest.to_owned();
+        }
+    };
+    let body = http_get(
+        &addr,
+        &format!("/api/builds?evaluation={evaluation}&limit=1000"),
+    );
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let api: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let from_api: BTreeMap<i64, String> = api
+        .iter()
+        .map(|b| {
+            (
+                b["id"].as_i64().unwrap(),
+                b["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let from_db: BTreeMap<i64, String> = db
+        .builds_of_evaluation(evaluation)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.id, b.status.as_str().to_owned()))
+        .collect();
+    assert_eq!(from_api, from_db, "the API and the database disagree");
+}
+
+async fn statuses(db: &Db, evaluation: i64) -> BTreeMap<String, BuildStatus> {
+    db.list_builds(&BuildFilter {
+        evaluation_id: Some(evaluation),
+        ..BuildFilter::default()
+    })
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|b| (b.job, b.status))
+    .collect()
+}
+
+async fn acceptance(setup: Setup) {
+    let mut jobs = Jobs::new();
+    setup.commit(&jobs, "fifty jobs");
+    let evaluator = workspace_bin("kiln-ci-bin", "kiln-ci");
+    setup.run(&[
+        "spec",
+        "add",
+        "main",
+        "--input",
+        &format!("src={}@branch:main", setup.repo.display()),
+        "--",
+        &evaluator.to_string_lossy(),
+        "eval-recipe",
+        "ci.toml",
+    ]);
+    assert!(setup.run(&["spec", "list"]).starts_with("main"));
+
+    // One evaluation builds everything.
+    let out = setup.run(&["eval", "main", "--build"]);
+    assert!(out.contains("evaluation 1: succeeded"), "{out}");
+    let db = setup.db().await;
+    let first = statuses(&db, 1).await;
+    assert_eq!(first.len(), 50);
+    for (job, status) in &first {
+        assert_eq!(*status, jobs.expected_status(job), "job {job}");
+    }
+    let logs1 = setup.logs();
+    let ran1 = ran(&db, 1, &BTreeMap::new(), &logs1).await;
+    assert_eq!(
+        ran1.len(),
+        45,
+        "every job but the five after failures ran: {ran1:?}"
+    );
+    api_agrees_with_db(&setup, &db, 1).await;
+
+    // Three jobs change: only they and their dependents are built (and the
+    // failed jobs are tried again, as in Cuirass).
+    for name in ["ok07", "ok21", "leaf2"] {
+        jobs.jobs.get_mut(name).unwrap().3 = 1;
+    }
+    setup.commit(&jobs, "change three jobs");
+    let out = setup.run(&["eval", "main", "--build"]);
+    assert!(out.contains("evaluation 2: succeeded"), "{out}");
+    let second = statuses(&db, 2).await;
+    for (job, status) in &second {
+        assert_eq!(*status, jobs.expected_status(job), "job {job}");
+    }
+    let expected: BTreeSet<String> = jobs.with_dependents(&["ok07", "ok21", "leaf2"]);
+    let logs2 = setup.logs();
+    let ran2: BTreeSet<String> = ran(&db, 2, &logs1, &logs2)
+        .await
+        .into_iter()
+        .filter(|n| !n.starts_with("bad"))
+        .collect();
+    assert_eq!(
+        ran2, expected,
+        "only the changed jobs and their dependents ran"
+    );
+    // ok07 with ok08-09, ok21 with ok22-24, leaf2.
+    assert_eq!(expected.len(), 8, "{expected:?}");
+    api_agrees_with_db(&setup, &db, 2).await;
+
+    // Killed in the middle of a chain of slow builds, kiln-ci resumes them
+    // after a restart and builds nothing twice.
+    for i in 10..15 {
+        let job = jobs.jobs.get_mut(&format!("ok{i}")).unwrap();
+        job.2 = 1;
+        job.3 = 2;
+    }
+    setup.commit(&jobs, "slow chain");
+    let mut child = setup
+        .kiln_ci()
+        .args(["eval", "main", "--build"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if statuses(&db, 3).await.get("ok11") == Some(&BuildStatus::Succeeded) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slow chain never got going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let started_builds = db
+        .list_builds(&BuildFilter {
+            evaluation_id: Some(3),
+            status: Some(BuildStatus::Started),
+            ..BuildFilter::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        !started_builds.is_empty(),
+        "kiln-ci was killed with builds started"
+    );
+    // A builder of the killed process may still be finishing.
+    std::thread::sleep(Duration::from_secs(2));
+    let at_kill = setup.logs();
+    let done_at_kill: BTreeSet<String> = statuses(&db, 3)
+        .await
+        .into_iter()
+        .filter(|(_, status)| *status == BuildStatus::Succeeded)
+        .map(|(job, _)| job)
+        .collect();
+    setup.run(&["resume"]);
+    let third = statuses(&db, 3).await;
+    for (job, status) in &third {
+        assert_eq!(*status, jobs.expected_status(job), "job {job}");
+    }
+    // What had finished before the kill did not run again; what was
+    // interrupted or waiting ran after the restart.
+    let after = setup.logs();
+    let ran3 = ran(&db, 3, &at_kill, &after).await;
+    let again: Vec<&String> = ran3.intersection(&done_at_kill).collect();
+    assert!(again.is_empty(), "built twice: {again:?}");
+    for i in 10..15 {
+        let job = format!("ok{i}");
+        assert!(
+            done_at_kill.contains(&job) || ran3.contains(&job),
+            "{job} was never built (ran after the restart: {ran3:?})"
+        );
+    }
+    assert!(
+        ran3.len() >= 2,
+        "the restart built the rest of the chain: {ran3:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ci_acceptance_sqlite() {
+    acceptance(setup(None)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ci_acceptance_postgres() {
+    let cluster = TempPostgres::start().expect(
+        "a throwaway PostgreSQL cluster (Debian's postgresql package, /usr/lib/postgresql/15/bin)",
+    );
+    let url = cluster.create_database("kiln_ci_acceptance").unwrap();
+    acceptance(setup(Some(url))).await;
+    drop(cluster);
+}

@@ -91,6 +91,10 @@ struct AgentArgs {
     /// Destroy misbehaving VMs instead of suspending them for inspection.
     #[arg(long)]
     no_suspend: bool,
+    /// Boot every task VM instead of resuming a guest state saved once
+    /// after boot (kept beside the bootstrapped disk, per accelerator).
+    #[arg(long)]
+    cold_boot: bool,
     /// Print the machines (headers as JSON lines) and exit.
     #[arg(long)]
     dump_machines: bool,
@@ -296,6 +300,7 @@ fn run_agent(args: AgentArgs) -> Result<ExitCode> {
         build_timeout: Duration::from_secs_f64(args.build_timeout),
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
         suspend_on_failure: !args.no_suspend,
+        warm_start: !args.cold_boot,
         fake_bootstrap: args.fake_bootstrap,
         fake_build: args.fake_build,
         fake_machine,

@@ -89,6 +89,9 @@ pub struct AgentConfig {
     pub build_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub suspend_on_failure: bool,
+    /// Resume task VMs from a guest state saved once after boot (made on
+    /// first use per machine, toolchain and accelerator) instead of booting.
+    pub warm_start: bool,
     pub fake_bootstrap: bool,
     pub fake_build: bool,
     pub fake_machine: Option<MachineManifest>,
@@ -125,6 +128,13 @@ pub struct Agent<'a> {
     client: ControllerClient,
 }
 
+/// A booted guest's saved state and the frozen disk it goes with.
+#[derive(Debug, Clone)]
+struct Warm {
+    disk: PathBuf,
+    state: PathBuf,
+}
+
 /// Why a VM run ended.
 enum VmEnd {
     Done(ResultManifest),
@@ -159,8 +169,8 @@ impl<'a> Agent<'a> {
     pub fn clean_stale(&self) -> Result<(), AgentError> {
         let dir = self.config.instance_dir();
         if dir.exists() {
-            let run = dir.join("run");
-            kill_recorded_qemu(&run);
+            kill_recorded_qemu(&dir.join("run"));
+            kill_recorded_qemu(&dir.join("warm-run"));
             std::fs::remove_dir_all(&dir).map_err(io_err("remove stale", &dir))?;
             tracing::info!(dir = %dir.display(), "removed what a previous run of this instance left");
         }
@@ -352,6 +362,7 @@ impl<'a> Agent<'a> {
             match self.run_vm(
                 machine,
                 &disk,
+                None,
                 GuestTask::Bootstrap,
                 None,
                 timeout,
@@ -478,9 +489,27 @@ impl<'a> Agent<'a> {
             derivations: task.derivations.clone(),
             settings: task.settings.clone(),
         };
+        let warm = if self.config.warm_start {
+            match self.warm_state(machine) {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(
+                        machine = machine.name(),
+                        "cannot save a booted guest's state, booting each task instead: {e}"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if self.stopping() {
+            return Ok(None);
+        }
         let end = self.run_vm(
             machine,
             &bootstrapped,
+            warm.as_ref(),
             guest_task,
             Some(inputs),
             self.config.startup_timeout,
@@ -508,6 +537,7 @@ impl<'a> Agent<'a> {
         &mut self,
         machine: &Machine,
         base: &Path,
+        warm: Option<&Warm>,
         task: GuestTask,
         inputs: Option<PathBuf>,
         startup_timeout: Duration,
@@ -520,10 +550,12 @@ impl<'a> Agent<'a> {
         let upload = run.join("upload");
         let attempts = self.config.startup_retries + 1;
         for attempt in 1..=attempts {
+            // A retry boots: a saved state that failed once is not trusted.
+            let warm = warm.filter(|_| attempt == 1 && is_task);
             let disk = if is_task {
                 let overlay = run.join("overlay.qcow2");
                 let _ = std::fs::remove_file(&overlay);
-                create_overlay(base, &overlay)?;
+                create_overlay(warm.map_or(base, |w| &w.disk), &overlay)?;
                 overlay
             } else {
                 base.to_owned()
@@ -538,11 +570,22 @@ impl<'a> Agent<'a> {
                 relay,
                 append: String::new(),
                 cache_unsafe: is_task,
+                incoming: warm.map(|w| w.state.clone()),
             };
             if is_task {
                 tracing::info!(overlay = %disk.display(), base = %base.display(), "task overlay created");
             }
             let mut vm = Vm::start(machine, &spec)?;
+            if warm.is_some()
+                && let Err(e) = vm.resume_incoming(startup_timeout)
+            {
+                // The retry boots instead; the startup watchdog below says so.
+                tracing::warn!(
+                    machine = machine.name(),
+                    "resuming the saved guest failed: {e}"
+                );
+                vm.force_down();
+            }
             // Startup watchdog: the guest must fetch its task in time.
             let fetched = loop {
                 if self.stopping() {
@@ -610,8 +653,12 @@ impl<'a> Agent<'a> {
                     self.give_up(machine, vm, &disk, is_task, message),
                 ));
             };
-            // Shutdown watchdog: the guest powers itself off after its result.
-            if !vm.wait_exit(self.config.shutdown_timeout) {
+            // A task's overlay is thrown away: once the result is in, nothing
+            // in the guest is worth a clean shutdown. A bootstrap's disk is
+            // kept, so the guest syncs and powers itself off, watched.
+            if is_task {
+                vm.kill();
+            } else if !vm.wait_exit(self.config.shutdown_timeout) {
                 tracing::warn!(
                     machine = machine.name(),
                     "guest did not power off within {:?}; powering it down",
@@ -632,9 +679,98 @@ impl<'a> Agent<'a> {
             t.insert("shutdown".into(), (ended - result_at).as_secs_f64());
             t.insert("vm-total".into(), (ended - vm.started).as_secs_f64());
             t.insert(format!("accel-{}", accel.as_str()), 1.0);
+            if warm.is_some() {
+                t.insert("warm-start".into(), 1.0);
+            }
             return Ok(VmEnd::Done(result));
         }
         unreachable!("the last attempt always returns")
+    }
+
+    /// The saved state of a booted guest of `machine` waiting for its task,
+    /// with the disk it belongs to; made once (by booting the bootstrapped
+    /// disk on an overlay that is then kept frozen) and reused by every
+    /// task. `None` when the agent was stopped meanwhile.
+    fn warm_state(&mut self, machine: &Machine) -> Result<Option<Warm>, AgentError> {
+        let accel = self.resolve_accel(machine);
+        let dir = machine.bootstrapped_dir(&self.config.toolchain_name);
+        let warm = Warm {
+            disk: dir.join(format!("warm-{}.qcow2", accel.as_str())),
+            state: dir.join(format!("warm-{}.state", accel.as_str())),
+        };
+        if warm.disk.exists() && warm.state.exists() {
+            return Ok(Some(warm));
+        }
+        let started = Instant::now();
+        let _ = std::fs::remove_file(&warm.state);
+        let _ = std::fs::remove_file(&warm.disk);
+        create_overlay(&dir.join("disk.qcow2"), &warm.disk)?;
+        let run = self.config.instance_dir().join("warm-run");
+        let _ = std::fs::remove_dir_all(&run);
+        std::fs::create_dir_all(&run).map_err(io_err("create", &run))?;
+        let channel = Channel::serve(GuestTask::Wait, None, &run.join("upload"))?;
+        let mut relay = self.config.relay.clone();
+        relay.push(channel.addr.to_string());
+        let spec = VmSpec {
+            accel,
+            disk: warm.disk.clone(),
+            run_dir: run.clone(),
+            relay,
+            append: String::new(),
+            cache_unsafe: false,
+            incoming: None,
+        };
+        let mut vm = Vm::start(machine, &spec)?;
+        let timeout = self.config.bootstrap_timeout;
+        let failed = |vm: &mut Vm, what: String| {
+            vm.force_down();
+            let _ = std::fs::remove_file(&warm.disk);
+            let _ = std::fs::remove_file(&warm.state);
+            AgentError::Io {
+                action: "save a booted guest",
+                path: warm.state.clone(),
+                source: std::io::Error::other(format!(
+                    "{what}; serial log tail:\n{}",
+                    serial_tail(&vm.serial_log)
+                )),
+            }
+        };
+        // Two answered polls: the guest is in its wait loop, between polls.
+        loop {
+            if self.stopping() {
+                let _ = failed(&mut vm, "stopped".into());
+                return Ok(None);
+            }
+            if let (n, Some(last)) = channel.task_requests()
+                && n >= 2
+                && last.elapsed() > Duration::from_millis(15)
+            {
+                break;
+            }
+            if vm.exited().is_some() || vm.started.elapsed() > timeout {
+                return Err(failed(
+                    &mut vm,
+                    format!("the guest did not start polling within {timeout:?}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let partial = warm.state.with_extension("state.partial");
+        if let Err(e) = vm.save_state(&partial, timeout) {
+            let _ = std::fs::remove_file(&partial);
+            return Err(failed(&mut vm, e.to_string()));
+        }
+        // `quit` closes the disk cleanly: the overlay is complete on disk.
+        vm.force_down();
+        std::fs::rename(&partial, &warm.state).map_err(io_err("rename", &partial))?;
+        let _ = std::fs::remove_dir_all(&run);
+        tracing::info!(
+            machine = machine.name(),
+            seconds = started.elapsed().as_secs_f64(),
+            bytes = std::fs::metadata(&warm.state).map_or(0, |m| m.len()),
+            "saved a booted guest's state; tasks resume it instead of booting"
+        );
+        Ok(Some(warm))
     }
 
     /// Ends a misbehaving VM: suspended for inspection (paused, kept with its

@@ -41,12 +41,19 @@ pub enum GuestTask {
         derivations: Vec<String>,
         settings: BTreeMap<String, String>,
     },
+    /// Nothing yet: ask again shortly. Served while the agent saves a
+    /// booted guest's state, so that a restored copy of it is already
+    /// polling and picks up its real task within one poll interval.
+    Wait,
 }
 
 /// What the channel has seen so far.
 #[derive(Debug, Default)]
 pub struct ChannelState {
     pub task_fetched: Option<Instant>,
+    /// Every `GET /task`, with the last one's time (for [`GuestTask::Wait`]).
+    pub task_requests: u32,
+    pub last_task_request: Option<Instant>,
     pub result: Option<(Instant, ResultManifest)>,
     pub uploads: Vec<PathBuf>,
 }
@@ -99,6 +106,12 @@ impl Channel {
         self.state.lock().unwrap().task_fetched
     }
 
+    /// How many times the guest asked for its task, and when it last did.
+    pub fn task_requests(&self) -> (u32, Option<Instant>) {
+        let state = self.state.lock().unwrap();
+        (state.task_requests, state.last_task_request)
+    }
+
     pub fn result(&self) -> Option<(Instant, ResultManifest)> {
         self.state.lock().unwrap().result.clone()
     }
@@ -145,12 +158,13 @@ fn handle(
     };
     match (&method, url.as_str()) {
         (tiny_http::Method::Get, "/task") => {
-            state
-                .lock()
-                .unwrap()
-                .task_fetched
-                .get_or_insert_with(Instant::now);
+            // Answer first: the time recorded is when the guest has it.
             respond(request, 200, task.to_vec());
+            let mut state = state.lock().unwrap();
+            let now = Instant::now();
+            state.task_fetched.get_or_insert(now);
+            state.task_requests += 1;
+            state.last_task_request = Some(now);
         }
         (tiny_http::Method::Get, "/inputs") => match inputs.map(std::fs::File::open) {
             Some(Ok(file)) => {

@@ -133,7 +133,16 @@ pub struct VmSpec {
     /// Extra kernel command line (e.g. `kiln.mode=bootstrap`).
     pub append: String,
     pub cache_unsafe: bool,
+    /// Resume from this saved state (see [`Vm::save_state`]) instead of
+    /// booting; `disk` must then be an overlay of the disk the state was
+    /// saved with, unchanged since.
+    pub incoming: Option<PathBuf>,
 }
+
+/// The MAC address guests get when the manifest names none: a saved state
+/// and the VM it is restored into must agree on it (and each guest has a
+/// user-mode network of its own, so they never meet).
+pub const DEFAULT_MAC: &str = "52:54:00:6b:69:6c";
 
 /// A running (or ended) qemu.
 #[derive(Debug)]
@@ -158,7 +167,7 @@ impl Vm {
         let pid_file = spec.run_dir.join("qemu.pid");
         let _ = std::fs::remove_file(&qmp_path);
         let relay = spec.relay.join(" ");
-        let mac = m.mac.clone().unwrap_or_else(random_mac);
+        let mac = m.mac.clone().unwrap_or_else(|| DEFAULT_MAC.to_owned());
         let mut command = Command::new(qemu_program());
         command
             .args(["-accel", spec.accel.as_str(), "-M", "pc", "-m", "512"])
@@ -195,7 +204,14 @@ impl Vm {
                     "writeback"
                 }
             ))
-            .args(&m.options)
+            .args(&m.options);
+        if let Some(state) = &spec.incoming {
+            // qemu 7 has no `file:` migration; `exec:` reads it through cat.
+            command
+                .arg("-incoming")
+                .arg(format!("exec:cat {}", shell_quote_path(state)));
+        }
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(
@@ -279,6 +295,74 @@ impl Vm {
         }
     }
 
+    /// Kills qemu at once: for a task VM whose result is in, whose overlay
+    /// is thrown away anyway, there is nothing to shut down cleanly.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Pauses the guest and saves its whole state (RAM and devices) to
+    /// `path`, for [`VmSpec::incoming`]; qemu is left paused.
+    pub fn save_state(&self, path: &Path, timeout: Duration) -> Result<(), QemuError> {
+        self.qmp("stop")?;
+        let uri = format!("exec:cat > {}", shell_quote_path(path));
+        let command = serde_json::json!({"execute": "migrate", "arguments": {"uri": uri}});
+        self.qmp(&command.to_string())?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.qmp("query-migrate")?;
+            if status.contains("\"completed\"") {
+                return Ok(());
+            }
+            if status.contains("\"failed\"") || status.contains("\"cancelled\"") {
+                return Err(QemuError::Qmp {
+                    path: self.qmp_path.clone(),
+                    message: format!("saving the guest state failed: {}", status.trim()),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(QemuError::Qmp {
+                    path: self.qmp_path.clone(),
+                    message: format!("saving the guest state took over {timeout:?}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// After a start from [`VmSpec::incoming`]: waits for the state to be
+    /// loaded and lets the guest run (a state saved paused stays paused).
+    pub fn resume_incoming(&mut self, timeout: Duration) -> Result<(), QemuError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                return Err(QemuError::Failed {
+                    program: qemu_program(),
+                    status: status.to_string(),
+                    stderr: "qemu ended while loading the saved guest state".into(),
+                });
+            }
+            let reply = self.qmp("query-status")?;
+            let status = serde_json::from_str::<serde_json::Value>(&reply)
+                .ok()
+                .and_then(|v| v["return"]["status"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            match status.as_str() {
+                "running" => return Ok(()),
+                "inmigrate" => {}
+                _ => return self.resume(),
+            }
+            if Instant::now() > deadline {
+                return Err(QemuError::Qmp {
+                    path: self.qmp_path.clone(),
+                    message: format!("loading the saved guest state took over {timeout:?}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Leaves the (suspended) qemu running after this value is gone.
     pub fn detach(self) -> u32 {
         let pid = self.child.id();
@@ -315,7 +399,12 @@ pub fn qmp_command(path: &Path, command: &str) -> Result<String, QemuError> {
         .read_line(&mut line)
         .map_err(|e| err(format!("no greeting: {e}")))?;
     let mut send = |cmd: &str| -> Result<String, QemuError> {
-        writeln!(writer, "{{\"execute\":\"{cmd}\"}}").map_err(|e| err(e.to_string()))?;
+        // A bare name, or a whole command object (one with arguments).
+        if cmd.starts_with('{') {
+            writeln!(writer, "{cmd}").map_err(|e| err(e.to_string()))?;
+        } else {
+            writeln!(writer, "{{\"execute\":\"{cmd}\"}}").map_err(|e| err(e.to_string()))?;
+        }
         loop {
             let mut reply = String::new();
             let n = reader
@@ -338,7 +427,7 @@ pub fn qmp_command(path: &Path, command: &str) -> Result<String, QemuError> {
     send(command)
 }
 
-fn random_mac() -> String {
-    let b: [u8; 3] = rand::random();
-    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+/// Quotes a path for the shell qemu runs `exec:` migrations with.
+fn shell_quote_path(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
 }

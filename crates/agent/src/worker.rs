@@ -95,6 +95,18 @@ impl Client {
         self.check(path, self.agent.get(&self.url(path)).call())
     }
 
+    /// A GET that gives up within seconds (polling: a dead connection is
+    /// retried rather than waited on).
+    fn get_quick(&self, path: &str) -> Result<ureq::http::Response<ureq::Body>, WorkerError> {
+        let request = self
+            .agent
+            .get(&self.url(path))
+            .config()
+            .timeout_global(Some(Duration::from_secs(3)))
+            .build();
+        self.check(path, request.call())
+    }
+
     fn put_file(&self, path: &str, file: std::fs::File) -> Result<(), WorkerError> {
         self.check(path, self.agent.put(&self.url(path)).send(file))
             .map(drop)
@@ -118,24 +130,55 @@ impl Client {
     }
 }
 
+/// How often a waiting guest asks for its task again.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Asks for the task until it is not [`GuestTask::Wait`]. Once the agent
+/// has answered at all, failures are retried too: a guest restored from a
+/// saved state finds the connection it had open gone.
+fn fetch_task(client: &Client) -> Result<(GuestTask, Instant), WorkerError> {
+    let mut answered = false;
+    let mut failures = 0u32;
+    loop {
+        let start = Instant::now();
+        let body = client.get_quick("/task").and_then(|r| {
+            r.into_body()
+                .read_to_vec()
+                .map_err(|e| WorkerError::Transport {
+                    url: client.url("/task"),
+                    message: e.to_string(),
+                })
+        });
+        match body {
+            Ok(body) => {
+                answered = true;
+                failures = 0;
+                match serde_json::from_slice(&body).map_err(WorkerError::BadTask)? {
+                    GuestTask::Wait => std::thread::sleep(POLL),
+                    task => return Ok((task, start)),
+                }
+            }
+            Err(e) if answered && failures < 100 => {
+                failures += 1;
+                tracing::debug!("asking for the task again after: {e}");
+                std::thread::sleep(POLL);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Runs the worker against the agent at `agent_url` with the store under `root`.
 pub fn run(agent_url: &str, root: &Path) -> Result<ResultStatus, WorkerError> {
     let client = Client::new(agent_url);
-    let start = Instant::now();
-    let body = client
-        .get("/task")?
-        .into_body()
-        .read_to_vec()
-        .map_err(|e| WorkerError::Transport {
-            url: client.url("/task"),
-            message: e.to_string(),
-        })?;
-    let task: GuestTask = serde_json::from_slice(&body).map_err(WorkerError::BadTask)?;
     let store_err = |source| WorkerError::Store {
         root: root.to_owned(),
         source,
     };
+    // Opened before the task is asked for, so a guest state saved while it
+    // waits (see `GuestTask::Wait`) has the store open already.
     let store = Arc::new(LocalStore::open_root(root).map_err(store_err)?);
+    let (task, start) = fetch_task(&client)?;
     let (derivations, settings) = match task {
         GuestTask::Bootstrap => {
             // Opening the store made its directories and database; that is the preparation.
@@ -147,6 +190,7 @@ pub fn run(agent_url: &str, root: &Path) -> Result<ResultStatus, WorkerError> {
             derivations,
             settings,
         } => (derivations, settings),
+        GuestTask::Wait => unreachable!("fetch_task waits these out"),
     };
     let mut timings = BTreeMap::new();
     let inputs = client.get("/inputs")?;

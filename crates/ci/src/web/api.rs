@@ -47,6 +47,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(list_evaluations))
         .routes(routes!(get_evaluation))
+        .routes(routes!(evaluation_log))
         .routes(routes!(list_builds))
         .routes(routes!(get_build))
         .routes(routes!(restart_build))
@@ -297,6 +298,32 @@ async fn get_evaluation(
     Path(id): Path<i64>,
 ) -> ApiResult<Json<EvaluationDetail>> {
     Ok(Json(evaluation_detail(&state, id).await?))
+}
+
+/// The log of an evaluation (fetching its inputs and the evaluator's
+/// stderr) as far as it goes.
+pub(super) async fn evaluation_log_text(
+    evaluation: &crate::model::Evaluation,
+) -> Result<Vec<u8>, WebError> {
+    match &evaluation.log_path {
+        Some(path) => Ok(logs::read_stored(path).await?.unwrap_or_default()),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// An evaluation's log, as plain text.
+#[utoipa::path(get, path = "/api/evaluations/{id}/log", tag = "evaluations",
+    params(("id" = i64, Path, description = "Evaluation id")),
+    responses((status = 200, content_type = "text/plain", body = String),
+        (status = 404, body = ErrorBody)))]
+async fn evaluation_log(State(state): State<AppState>, Path(id): Path<i64>) -> ApiResult<Response> {
+    let evaluation = state
+        .db
+        .evaluation(id)
+        .await?
+        .ok_or_else(|| WebError::not_found("evaluation", id))?;
+    let bytes = evaluation_log_text(&evaluation).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response())
 }
 
 // ---- builds --------------------------------------------------------------

@@ -35,7 +35,14 @@ fn read_blocking(path: &Path) -> io::Result<Option<Vec<u8>>> {
             bzip2::read::MultiBzDecoder::new(file).read_to_end(&mut out)?;
         }
         Some("zst") => {
-            zstd::stream::read::Decoder::new(file)?.read_to_end(&mut out)?;
+            // The log of a running evaluation is a zstd stream still being
+            // written: show what decodes so far rather than nothing.
+            let mut decoder = zstd::stream::read::Decoder::new(file)?;
+            if let Err(e) = decoder.read_to_end(&mut out) {
+                if out.is_empty() {
+                    return Err(e);
+                }
+            }
         }
         _ => {
             io::BufReader::new(file).read_to_end(&mut out)?;
@@ -89,6 +96,14 @@ mod tests {
             let got = read_stored(path.to_str().unwrap()).await.unwrap();
             assert_eq!(got.as_deref(), Some(&text[..]), "{}", path.display());
         }
+        // A zstd stream still being written (flushed, not finished).
+        let partial = dir.path().join("running.log.zst");
+        let mut enc = zstd::Encoder::new(Vec::new(), 3).unwrap();
+        enc.write_all(b"fetching inputs\n").unwrap();
+        enc.flush().unwrap();
+        std::fs::write(&partial, enc.get_ref()).unwrap();
+        let got = read_stored(partial.to_str().unwrap()).await.unwrap();
+        assert_eq!(got.as_deref(), Some(&b"fetching inputs\n"[..]));
         let missing = dir.path().join("none.bz2");
         assert_eq!(read_stored(missing.to_str().unwrap()).await.unwrap(), None);
     }

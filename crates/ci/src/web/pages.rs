@@ -323,6 +323,12 @@ async fn evaluation(
         format!("/evals/{id}?{status}from={start}")
     };
     let diff = &detail.diff;
+    let eval_log = if e.status == EvaluationStatus::Failed {
+        api::evaluation_log_text(e).await?
+    } else {
+        Vec::new()
+    };
+    let eval_log_from = eval_log.len().saturating_sub(PAGE_LOG_LIMIT);
     Ok(layout(
         &format!("Evaluation {id}"),
         html! {
@@ -334,6 +340,12 @@ async fn evaluation(
                 dt { "Finished" } dd { (time(e.finished_at)) }
                 dt { "Builds" } dd { (counts(id, &detail.summary.counts)) }
                 @if let Some(error) = &e.error { dt { "Error" } dd.error { pre { (error) } } }
+                @if e.log_path.is_some() { dt { "Log" } dd { a href={ "/api/evaluations/" (id) "/log" } { "evaluation log" } } }
+            }
+            @if e.status == EvaluationStatus::Failed && !eval_log.is_empty() {
+                h2 { "Evaluation log" }
+                @if eval_log_from > 0 { p.muted { "The first " (eval_log_from) " bytes are left out; the whole log is one link above." } }
+                pre.log #evaluation-log { (String::from_utf8_lossy(&eval_log[eval_log_from..])) }
             }
             h2 { "Changes" }
             @match diff.previous_evaluation {

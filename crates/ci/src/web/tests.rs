@@ -584,7 +584,7 @@ async fn the_openapi_document_describes_the_routes() {
     }
     assert_eq!(
         operations,
-        13,
+        14,
         "{}",
         serde_json::to_string_pretty(paths).unwrap()
     );
@@ -684,4 +684,44 @@ async fn a_large_evaluation_is_shown_in_pages() {
     let failed = page(format!("/evals/{eval}?status=failed")).await;
     assert_eq!(failed.matches(r#"<tr class="build""#).count(), 300);
     assert!(!failed.contains(r#"rel="next""#));
+}
+
+#[tokio::test]
+async fn a_failed_evaluation_shows_its_log() {
+    let f = fixture().await;
+    let db = &f.state.db;
+    let eval = db.create_evaluation("main").await.unwrap();
+    let log_path = f._dir.path().join(format!("{eval}.log.zst"));
+    let text = "fetching src\nerror: attribute 'hello' missing <at> ci.nix:3\n";
+    std::fs::write(&log_path, zstd::encode_all(text.as_bytes(), 3).unwrap()).unwrap();
+    db.set_evaluation_checkouts(eval, &[], Some(log_path.to_str().unwrap()))
+        .await
+        .unwrap();
+    db.finish_evaluation(
+        eval,
+        EvaluationStatus::Failed,
+        Some("the evaluator exited with 1"),
+    )
+    .await
+    .unwrap();
+    let (status, content_type, body) = call(
+        &f.state,
+        Method::GET,
+        &format!("/api/evaluations/{eval}/log"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(content_type.starts_with("text/plain"));
+    assert_eq!(body, text);
+    let (status, _, page) = call(&f.state, Method::GET, &format!("/evals/{eval}"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("the evaluator exited with 1"), "{page}");
+    assert!(
+        page.contains("error: attribute 'hello' missing &lt;at&gt; ci.nix:3"),
+        "{page}"
+    );
+    // A failed evaluation is not the previous one a later diff compares with.
+    let diff = get_json(&f.state, &format!("/api/evaluations/{}", f.second)).await;
+    assert_eq!(diff["diff"]["previous_evaluation"], f.first);
 }

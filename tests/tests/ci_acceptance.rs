@@ -395,7 +395,11 @@ async fn acceptance(setup: Setup) {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        if statuses(&db, 3).await.get("ok11") == Some(&BuildStatus::Succeeded) {
+        // Killed with ok12 building, after ok11 finished.
+        let now = statuses(&db, 3).await;
+        if now.get("ok11") == Some(&BuildStatus::Succeeded)
+            && now.get("ok12") == Some(&BuildStatus::Started)
+        {
             break;
         }
         assert!(Instant::now() < deadline, "the slow chain never got going");

@@ -39,7 +39,7 @@ struct ApiDoc;
 /// The API's routes with their OpenAPI document.
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .routes(routes!(list_specifications))
+        .routes(routes!(list_specifications, create_specification))
         .routes(routes!(
             get_specification,
             put_specification,
@@ -94,6 +94,30 @@ type ApiResult<T> = Result<T, ApiError>;
     responses((status = 200, body = Vec<Specification>)))]
 async fn list_specifications(State(state): State<AppState>) -> ApiResult<Json<Vec<Specification>>> {
     Ok(Json(state.db.list_specifications().await?))
+}
+
+/// Adds a specification; fails if one of that name exists (as
+/// `kiln-ci spec add` does).
+#[utoipa::path(post, path = "/api/specs", tag = "specifications",
+    request_body = Specification,
+    responses((status = 201, description = "The specification as stored", body = Specification),
+        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_specification(
+    State(state): State<AppState>,
+    Json(spec): Json<Specification>,
+) -> ApiResult<(StatusCode, Json<Specification>)> {
+    check_specification(&spec.name, &spec)?;
+    if state.db.specification(&spec.name).await?.is_some() {
+        return Err(WebError::Conflict(format!(
+            "a specification named '{}' exists already (PUT /api/specs/{} replaces it)",
+            spec.name, spec.name
+        ))
+        .into());
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(state.db.put_specification(&spec).await?),
+    ))
 }
 
 /// One specification.

@@ -82,6 +82,8 @@ pub enum WebError {
     NotFound { what: &'static str, key: String },
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Log(#[from] logs::LogReadError),
 }
@@ -98,6 +100,7 @@ impl WebError {
         match self {
             WebError::NotFound { .. } => StatusCode::NOT_FOUND,
             WebError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            WebError::Conflict(_) => StatusCode::CONFLICT,
             WebError::Db(_) | WebError::Log(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

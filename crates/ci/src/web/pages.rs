@@ -70,7 +70,7 @@ dl { display: grid; grid-template-columns: max-content auto; gap: .2em 1.2em; } 
 .s-started, .e-started { background: #d4e4fb; color: #123f7a; }
 .s-canceled, .e-aborted { background: #e6e6e3; color: #555; text-decoration: line-through; }
 .e-succeeded { background: #d3f0d6; color: #14521d; }
-.counts span { margin-right: .6em; } .muted { color: #777; } .error { color: #7c1610; }
+.counts > span { margin-right: .9em; white-space: nowrap; } .muted { color: #777; } .error { color: #7c1610; }
 nav.filter a { margin-right: .8em; }
 "#;
 

@@ -276,6 +276,18 @@ async fn specifications_are_listed_created_checked_and_removed() {
     let (status, _, _) = call(&f.state, Method::PUT, "/api/specs/nightly", Some(high)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
+    let mut added = serde_json::to_value(spec("added")).unwrap();
+    let (status, _, body) = call(&f.state, Method::POST, "/api/specs", Some(added.clone())).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    added["priority"] = 1.into();
+    let (status, _, body) = call(&f.state, Method::POST, "/api/specs", Some(added)).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(
+        body.contains("a specification named 'added' exists already"),
+        "{body}"
+    );
+    assert_eq!(get_json(&f.state, "/api/specs/added").await["priority"], 5);
+
     let (status, _, _) = call(&f.state, Method::DELETE, "/api/specs/nightly", None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _, body) = call(&f.state, Method::GET, "/api/specs/nightly", None).await;
@@ -567,14 +579,17 @@ async fn the_openapi_document_describes_the_routes() {
         for (method, op) in item.as_object().unwrap() {
             operations += 1;
             assert!(
-                op["responses"]["200"].is_object() || op["responses"]["204"].is_object(),
-                "{method} {path}"
+                ["200", "201", "204"]
+                    .iter()
+                    .any(|code| op["responses"][code].is_object()),
+                "{method} {path} documents no success response"
             );
             let uri = path
                 .replace("{name}", "main")
                 .replace("{id}", &f.builds["d"].to_string());
             let method: Method = method.to_uppercase().parse().unwrap();
-            let body = (method == Method::PUT).then(|| serde_json::to_value(spec("main")).unwrap());
+            let body = (method == Method::PUT || method == Method::POST)
+                .then(|| serde_json::to_value(spec("main")).unwrap());
             let (status, content_type, body) = call(&f.state, method.clone(), &uri, body).await;
             assert!(
                 status != StatusCode::METHOD_NOT_ALLOWED && !content_type.starts_with("text/html"),
@@ -584,7 +599,7 @@ async fn the_openapi_document_describes_the_routes() {
     }
     assert_eq!(
         operations,
-        14,
+        15,
         "{}",
         serde_json::to_string_pretty(paths).unwrap()
     );

@@ -51,12 +51,14 @@ fn guest_that_never_fetches_is_retried_then_suspended() {
     let controller =
         TestController::start(TrustedKeys::parse(&key.to_public().to_string()).unwrap());
     controller.queue(derivations.task(&controller, "a", "kiln-test"));
-    // The guest needs seconds to boot: one second is never enough to fetch the task.
+    // A booting guest needs seconds: one second is never enough to fetch the
+    // task (a resumed one may be quicker, hence --cold-boot).
     let mut agent = start_agent(
         dir.path(),
         &key_path,
         &machines,
         &[
+            "--cold-boot",
             "--startup-timeout",
             "1",
             "--startup-retries",

@@ -424,7 +424,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("kiln-ci: listening on http://{}", listener.local_addr()?);
             let app = kiln_ci::web::router(kiln_ci::web::AppState {
                 db: db.clone(),
-                live: kiln_ci::web::LiveLogs::default(),
+                live: coordinator.live_logs().clone(),
             });
             let web = tokio::spawn(async move { axum::serve(listener, app).await });
             let periodic = tokio::spawn(periodic_evaluations(coordinator.clone()));

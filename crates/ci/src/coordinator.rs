@@ -25,6 +25,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::db::{Db, DbError, StatusChange};
 use crate::eval::{self, EvalError, EvalLog, Job};
 use crate::model::{Build, BuildStatus, EvaluationStatus, NewBuild, now};
+use crate::web::{LiveLogSink, LiveLogs};
 
 /// What went wrong in the coordinator.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +119,8 @@ struct Inner {
     systems: BTreeSet<String>,
     wake: Notify,
     running: AtomicUsize,
+    /// Logs of running builds, for the web interface's live tail.
+    live: LiveLogs,
 }
 
 /// One status change, as sent to webhooks.
@@ -163,6 +166,7 @@ impl Coordinator {
                 config,
                 wake: Notify::new(),
                 running: AtomicUsize::new(0),
+                live: LiveLogs::default(),
             }),
         })
     }
@@ -173,6 +177,11 @@ impl Coordinator {
 
     pub fn store(&self) -> &Arc<LocalStore> {
         &self.inner.store
+    }
+
+    /// The logs of running builds as they come (give them to the web state).
+    pub fn live_logs(&self) -> &LiveLogs {
+        &self.inner.live
     }
 
     pub fn config(&self) -> &Config {
@@ -620,10 +629,18 @@ impl Coordinator {
             }
         }
         let (sender, mut receiver) = mpsc::unbounded_channel::<(String, BuildResult)>();
+        let live = LiveLogSink::new(
+            self.inner.live.clone(),
+            self.inner.store.store_dir().clone(),
+            by_drv
+                .iter()
+                .flat_map(|(drv, builds)| builds.iter().map(|b| (drv.clone(), b.id))),
+        );
         let sink = Arc::new(FinishedSink {
             sender,
             store_dir: self.inner.store.store_dir().clone(),
             wanted: by_drv.keys().cloned().collect(),
+            live,
         });
         let this = self.clone();
         let store = self.inner.store.clone();
@@ -719,15 +736,18 @@ impl Coordinator {
     }
 }
 
-/// Forwards the scheduler's `Finished` events of the batch's targets.
+/// Forwards the scheduler's `Finished` events of the batch's targets, and
+/// its log lines to the live logs.
 struct FinishedSink {
     sender: mpsc::UnboundedSender<(String, BuildResult)>,
     store_dir: kiln_formats::store_path::StoreDir,
     wanted: BTreeSet<String>,
+    live: LiveLogSink,
 }
 
 impl EventSink for FinishedSink {
     fn event(&self, event: Event<'_>) {
+        self.live.event(event.clone());
         if let Event::Finished { drv, result, .. } = event {
             let drv = self.store_dir.print_path(drv);
             if self.wanted.contains(&drv) {

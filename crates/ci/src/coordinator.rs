@@ -419,6 +419,8 @@ impl Coordinator {
         } else {
             db.promote_ready_builds().await?;
         }
+        // Webhooks hear of the builds that failed with these, too.
+        let notified = ended.clone();
         let mut output_roots = Vec::new();
         if status == BuildStatus::Succeeded {
             let expires = now() + self.inner.config.output_root_ttl.as_secs() as i64;
@@ -454,7 +456,7 @@ impl Coordinator {
         .map_err(|e| CoordinatorError::Join(e.to_string()))?;
         db.close_finished_evaluations().await?;
         if !self.inner.config.webhooks.is_empty() {
-            self.notify(ids).await;
+            self.notify(&notified).await;
         }
         Ok(())
     }

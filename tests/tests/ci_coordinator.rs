@@ -27,6 +27,11 @@ builder = "/bin/sh"
 args = ["-c", "echo after > $out"]
 inputs = ["flaky"]
 
+[packages.needs-feature]
+builder = "/bin/sh"
+args = ["-c", "echo never > $out"]
+env = { requiredSystemFeatures = "kiln-ci-test-feature" }
+
 [packages.elsewhere]
 builder = "/bin/sh"
 args = ["-c", "echo never > $out"]
@@ -121,7 +126,7 @@ async fn roots_unbuildable_systems_restarts_and_webhooks() {
         })
         .collect();
     let eval = db.create_evaluation("lib").await.unwrap();
-    assert_eq!(coordinator.register(eval, "lib", 3, jobs).await.unwrap(), 4);
+    assert_eq!(coordinator.register(eval, "lib", 3, jobs).await.unwrap(), 5);
     let builds = db.builds_of_evaluation(eval).await.unwrap();
     let id_of = |job: &str| builds.iter().find(|b| b.job == job).unwrap().id;
 
@@ -159,6 +164,16 @@ async fn roots_unbuildable_systems_restarts_and_webhooks() {
             .contains("no machine can build system 'riscv64-plan9'"),
         "{elsewhere:?}"
     );
+    let needs_feature = status("needs-feature").await;
+    assert_eq!(needs_feature.status, BuildStatus::FailedOther);
+    assert!(
+        needs_feature
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("kiln-ci-test-feature"),
+        "{needs_feature:?}"
+    );
     // Ended builds drop their .drv roots; the success has an output root.
     assert!(links(&drv_roots).is_empty(), "{:?}", links(&drv_roots));
     let good = status("good").await;
@@ -181,6 +196,15 @@ async fn roots_unbuildable_systems_restarts_and_webhooks() {
         BuildStatus::FailedDependency
     );
     assert_eq!(status("flaky").await.attempts, 1);
+
+    // An evaluation whose input is unreachable fails, saying so, with its log.
+    let failed = coordinator.evaluate("lib").await.unwrap();
+    let failed = db.evaluation(failed).await.unwrap().unwrap();
+    assert_eq!(failed.status, kiln_ci::model::EvaluationStatus::Failed);
+    let error = failed.error.clone().unwrap_or_default();
+    assert!(error.contains("'/nowhere' is unreachable"), "{error}");
+    let log = kiln_ci::eval::read_log(Path::new(failed.log_path.as_deref().unwrap())).unwrap();
+    assert!(log.contains("evaluation failed"), "{log}");
 
     // Webhooks heard of every end.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -554,28 +554,22 @@ impl Coordinator {
             return Ok(0);
         }
         let candidates = db.dispatchable_builds((free * 4).max(64) as i64).await?;
-        let (unbuildable, buildable): (Vec<Build>, Vec<Build>) = candidates
-            .into_iter()
-            .partition(|b| !self.inner.systems.contains(&b.system));
-        for build in &unbuildable {
-            self.finish_builds(
-                &[build.id],
-                BuildStatus::FailedOther,
-                StatusChange {
-                    error: Some(format!(
-                        "no machine can build system '{}' (this coordinator builds: {})",
-                        build.system,
-                        self.inner
-                            .systems
-                            .iter()
-                            .cloned()
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )),
-                    ..StatusChange::default()
-                },
-            )
-            .await?;
+        let mut buildable = Vec::with_capacity(candidates.len());
+        for build in candidates {
+            match self.unbuildable_reason(&build) {
+                None => buildable.push(build),
+                Some(reason) => {
+                    self.finish_builds(
+                        &[build.id],
+                        BuildStatus::FailedOther,
+                        StatusChange {
+                            error: Some(reason),
+                            ..StatusChange::default()
+                        },
+                    )
+                    .await?
+                }
+            }
         }
         let chosen = fair_share(buildable, free);
         if chosen.is_empty() {
@@ -586,6 +580,32 @@ impl Coordinator {
             self.start_batch(batch.to_vec()).await?;
         }
         Ok(started)
+    }
+
+    /// Why no machine can take `build`, if none can: its system, or a
+    /// required feature (`kvm`, `big-parallel`, …) no machine has.
+    fn unbuildable_reason(&self, build: &Build) -> Option<String> {
+        let list = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>().join(", ");
+        if !self.inner.systems.contains(&build.system) {
+            return Some(format!(
+                "no machine can build system '{}' (this coordinator builds: {})",
+                build.system,
+                list(&self.inner.systems)
+            ));
+        }
+        let features = &self.inner.settings.system_features;
+        let missing: Vec<&String> = build
+            .required_features
+            .iter()
+            .filter(|f| !features.contains(*f))
+            .collect();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "no machine has the required system features {missing:?} for system '{}' (this coordinator has: {})",
+                build.system,
+                list(features)
+            )
+        })
     }
 
     async fn start_batch(&self, batch: Vec<Build>) -> Result<()> {

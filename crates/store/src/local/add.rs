@@ -849,8 +849,7 @@ fn restore_canonical(
         path: label.to_owned(),
         source,
     };
-    // Files are fsync'd on background threads while restoring goes on, so
-    // waiting for the disk overlaps with hashing and writing the next ones.
+    // Files are fsync'd in groups once written (see `Syncer`).
     let mut syncer = Syncer::default();
     while let Some(event) = reader.next().map_err(bad)? {
         let target = match event.path() {
@@ -867,14 +866,13 @@ fn restore_canonical(
             Event::EndDirectory { .. } => {
                 fs::set_permissions(&target, fs::Permissions::from_mode(0o555))
                     .and_then(|()| set_canonical_times(&target))
-                    .and_then(|()| {
-                        if fsync_each {
-                            fsutil::fsync_dir(&target)
-                        } else {
-                            Ok(())
-                        }
-                    })
                     .map_err(|e| StoreError::io("finish directory", &target, e))?;
+                if fsync_each {
+                    // After the files in it, which are submitted earlier.
+                    let dir = File::open(&target)
+                        .map_err(|e| StoreError::io("open directory", &target, e))?;
+                    syncer.submit(dir, target);
+                }
             }
             Event::Symlink { target: link, .. } => {
                 std::os::unix::fs::symlink(OsStr::from_bytes(link), &target)
@@ -929,68 +927,47 @@ fn restore_canonical(
     syncer.finish()
 }
 
-/// fsyncs files handed to it: the first one inline at the end (most paths
-/// are one small file), more on a few background threads, since fsyncs
-/// wait on the disk and several waiting together share journal commits.
+/// fsyncs the files and directories handed to it, in groups: writeback of
+/// each file starts as soon as it is written (`sync_file_range`), and the
+/// fsyncs of a group are issued together on several threads, so the file
+/// system folds them into a few journal commits instead of one per file.
+/// Open handles are bounded by the group size.
 #[derive(Debug, Default)]
 struct Syncer {
-    first: Option<(File, PathBuf)>,
-    queue: Option<mpsc::SyncSender<(File, PathBuf)>>,
-    workers: Vec<std::thread::JoinHandle<Result<(), StoreError>>>,
+    pending: Vec<(File, PathBuf)>,
+    result: Option<StoreError>,
 }
 
-const SYNC_WORKERS: usize = 4;
+/// fsyncs in flight at once, and files held open before a group is synced.
+const SYNC_WORKERS: usize = 16;
+const SYNC_GROUP: usize = 512;
 
 impl Syncer {
     fn submit(&mut self, file: File, path: PathBuf) {
-        if self.queue.is_none() && self.first.is_none() {
-            self.first = Some((file, path));
-            return;
+        self.pending.push((file, path));
+        if self.pending.len() >= SYNC_GROUP {
+            self.flush();
         }
-        if self.queue.is_none() {
-            let (tx, rx) = mpsc::sync_channel::<(File, PathBuf)>(64);
-            let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
-            for _ in 0..SYNC_WORKERS {
-                let rx = rx.clone();
-                self.workers.push(std::thread::spawn(move || {
-                    let mut result = Ok(());
-                    loop {
-                        let next = rx.lock().expect("sync queue").recv();
-                        let Ok((file, path)) = next else { break };
-                        if result.is_ok() {
-                            result = file
-                                .sync_all()
-                                .map_err(|e| StoreError::io("fsync", &path, e));
-                        }
-                    }
-                    result
-                }));
-            }
-            self.queue = Some(tx);
+    }
+
+    fn flush(&mut self) {
+        let group = std::mem::take(&mut self.pending);
+        let results = par::map_on(SYNC_WORKERS, group, |(file, path)| {
+            file.sync_all()
+                .map_err(|e| StoreError::io("fsync", &path, e))
+        });
+        if self.result.is_none() {
+            self.result = results.into_iter().find_map(Result::err);
         }
-        let queue = self.queue.as_ref().expect("started above");
-        if let Some(first) = self.first.take() {
-            let _ = queue.send(first);
-        }
-        let _ = queue.send((file, path));
     }
 
     /// Waits for every fsync; the first failure, if any.
     fn finish(mut self) -> Result<(), StoreError> {
-        let mut result = Ok(());
-        if let Some((file, path)) = self.first.take() {
-            result = file
-                .sync_all()
-                .map_err(|e| StoreError::io("fsync", &path, e));
+        self.flush();
+        match self.result.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        drop(self.queue.take());
-        for w in self.workers.drain(..) {
-            let r = w.join().expect("fsync worker panicked");
-            if result.is_ok() {
-                result = r;
-            }
-        }
-        result
     }
 }
 

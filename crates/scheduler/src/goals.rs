@@ -242,13 +242,25 @@ pub async fn run<B: Backend>(
     options: RunOptions,
     events: Arc<dyn EventSink>,
 ) -> RunReport {
+    run_cancellable(backend, targets, options, events, Arc::default()).await
+}
+
+/// [`run`], which the caller can also stop through `cancel` (a daemon
+/// whose client hung up): running builds are killed, no new one starts.
+pub async fn run_cancellable<B: Backend>(
+    backend: Arc<B>,
+    targets: Vec<(StorePath, Wanted)>,
+    options: RunOptions,
+    events: Arc<dyn EventSink>,
+    cancel: Arc<Cancel>,
+) -> RunReport {
     let mut run = Run::<B> {
         backend,
         events,
         goals: Vec::new(),
         index: HashMap::new(),
         tasks: JoinSet::new(),
-        cancel: Arc::new(Cancel::default()),
+        cancel,
         options,
         running_local: 0,
         running_total: 0,
@@ -569,7 +581,7 @@ impl<B: Backend> Run<B> {
     }
 
     fn start_ready(&mut self, ready: &mut VecDeque<usize>) {
-        while !self.stop {
+        while !self.stop && !self.cancel.is_cancelled() {
             let slot_free = self.running_local < self.options.max_jobs;
             if !slot_free && !self.hook_enabled {
                 break;

@@ -7,6 +7,8 @@
 //! - `nix-build` (Nix 2.8's client) of the wide graph — 1,000 trivial
 //!   derivations plus one that depends on them all, `-j2` — through each
 //!   daemon, instantiation included, each on an empty store.
+//!
+//! `cargo xtask bench daemon -- query` (or `-- wide`) runs one part only.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -31,7 +33,7 @@ fn store_daemon_bin() -> PathBuf {
     let dir = exe.parent().unwrap();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = Command::new(cargo);
-    build.args([
+    build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
         "build",
         "--quiet",
         "-p",
@@ -189,15 +191,36 @@ fn wide_build(client: &NixStore, url: &str, file: &Path) -> Duration {
 }
 
 fn main() {
+    let parts: Vec<String> = std::env::args().skip(1).collect();
+    for p in &parts {
+        assert!(
+            p == "query" || p == "wide",
+            "unknown part '{p}': expected 'query', 'wide' or nothing (both)"
+        );
+    }
+    let wanted = |part: &str| parts.is_empty() || parts.iter().any(|p| p == part);
     let work = tempfile::tempdir().unwrap();
+    if wanted("query") {
+        bench_query(work.path());
+    }
+    if wanted("wide") {
+        bench_wide(work.path());
+    }
+    let _ = std::process::Command::new("chmod")
+        .args(["-R", "u+w"])
+        .arg(work.path())
+        .status();
+}
+
+fn bench_query(work: &Path) {
     // One store's worth of paths, made by Kiln and imported by Nix, so both
     // daemons serve the same 10,000 paths.
     let nix_store = NixStore::new();
-    let kiln_root = work.path().join("kiln-root");
+    let kiln_root = work.join("kiln-root");
     let started = Instant::now();
     let paths = {
         let store = LocalStore::open_root(&kiln_root).unwrap();
-        let src = work.path().join("src");
+        let src = work.join("src");
         std::fs::create_dir_all(&src).unwrap();
         let mut items = Vec::new();
         for i in 0..PATHS {
@@ -228,8 +251,8 @@ fn main() {
     );
     let paths = Arc::new(paths);
 
-    let kiln_socket = work.path().join("kiln.sock");
-    let nix_socket = work.path().join("nix.sock");
+    let kiln_socket = work.join("kiln.sock");
+    let nix_socket = work.join("nix.sock");
     let kiln_rate = {
         let _d = start_kiln(&kiln_root, &kiln_socket, &nix_store);
         query_rate(&kiln_socket, &paths)
@@ -242,17 +265,19 @@ fn main() {
     println!("  kiln store-daemon  {kiln_rate:>10.0} req/s");
     println!("  nix-daemon 2.8     {nix_rate:>10.0} req/s");
     println!("  ratio              {:>10.2}x", kiln_rate / nix_rate);
+}
 
+fn bench_wide(work: &Path) {
     // The wide graph, each daemon on a fresh, empty store.
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
-    let file = work.path().join("wide.nix");
+    let file = work.join("wide.nix");
     std::fs::write(&file, wide_nix(seed, WIDE)).unwrap();
     let client = NixStore::new();
-    let kiln_wide_root = work.path().join("kiln-wide");
-    let kiln_wide_socket = work.path().join("kiln-wide.sock");
+    let kiln_wide_root = work.join("kiln-wide");
+    let kiln_wide_socket = work.join("kiln-wide.sock");
     let kiln_time = {
         let _d = start_kiln(&kiln_wide_root, &kiln_wide_socket, &client);
         let url = format!(
@@ -263,7 +288,7 @@ fn main() {
         wide_build(&client, &url, &file)
     };
     let nix_wide = NixStore::new();
-    let nix_wide_socket = work.path().join("nix-wide.sock");
+    let nix_wide_socket = work.join("nix-wide.sock");
     let nix_time = {
         let _d = start_nix(&nix_wide, &nix_wide_socket);
         let url = format!(
@@ -280,8 +305,4 @@ fn main() {
         "  ratio              {:>10.2}x",
         nix_time.as_secs_f64() / kiln_time.as_secs_f64()
     );
-    let _ = std::process::Command::new("chmod")
-        .args(["-R", "u+w"])
-        .arg(work.path())
-        .status();
 }

@@ -203,8 +203,8 @@ async fn serve_socket(daemon: Arc<Daemon>, access: Access, socket: PathBuf) -> a
                 let access = access.clone();
                 let active = active.clone();
                 active.fetch_add(1, Ordering::SeqCst);
-                tokio::task::spawn_blocking(move || {
-                    serve_one(&daemon, &access, stream);
+                tokio::spawn(async move {
+                    serve_one(daemon, access, stream).await;
                     active.fetch_sub(1, Ordering::SeqCst);
                 });
             }
@@ -226,45 +226,48 @@ async fn serve_socket(daemon: Arc<Daemon>, access: Access, socket: PathBuf) -> a
     Ok(())
 }
 
-fn serve_one(daemon: &Daemon, access: &Access, stream: tokio::net::UnixStream) {
-    let stream = match stream
-        .into_std()
-        .and_then(|s| s.set_nonblocking(false).map(|()| s))
-    {
+async fn serve_one(daemon: Arc<Daemon>, access: Arc<Access>, stream: tokio::net::UnixStream) {
+    use tracing::Instrument;
+    let stream = match stream.into_std() {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot take over a connection");
             return;
         }
     };
-    let (trusted, who) = match peer_cred(&stream) {
+    // Looking up the user may read files or ask NSS: a blocking thread's job.
+    let admitted =
+        tokio::task::spawn_blocking(move || admit(&access, &stream).map(|a| (a, stream)))
+            .await
+            .ok()
+            .flatten();
+    let Some(((trusted, who), stream)) = admitted else {
+        return;
+    };
+    let span = tracing::info_span!("connection", user = %who, trusted);
+    if let Err(e) = daemon.serve_unix(trusted, stream).instrument(span).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Whether the peer may connect, and then whether it is trusted and who it is.
+fn admit(access: &Access, stream: &std::os::unix::net::UnixStream) -> Option<(bool, String)> {
+    match peer_cred(stream) {
         Ok(cred) => {
             let user = UserInfo::lookup(cred.uid, cred.gid);
             let who = user.name.clone().unwrap_or_else(|| cred.uid.to_string());
             match access.admit(&user) {
-                Admission::Trusted => (true, who),
-                Admission::Untrusted => (false, who),
+                Admission::Trusted => Some((true, who)),
+                Admission::Untrusted => Some((false, who)),
                 Admission::Refused => {
                     tracing::warn!(user = %who, "refused: not in allowed-users");
-                    return;
+                    None
                 }
             }
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot read peer credentials; refusing");
-            return;
+            None
         }
-    };
-    let span = tracing::info_span!("connection", user = %who, trusted);
-    let _guard = span.enter();
-    let input = match stream.try_clone() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot clone the connection");
-            return;
-        }
-    };
-    if let Err(e) = daemon.serve_connection(trusted, input, &stream) {
-        tracing::debug!(error = %e, "connection ended with an error");
     }
 }

@@ -6,6 +6,7 @@
 //! - [`worker`]: the daemon protocol's operations, log framing and
 //!   per-version serialisation of path infos, derived paths and results;
 //! - [`server`]: serving a local store to daemon clients;
+//! - [`fast`]: socket connections, with hot reads answered on the reactor;
 //! - [`client`]: a [`kiln_store::Store`] that talks to a daemon;
 //! - [`serve`]: the serve protocol, server and client;
 //! - [`trust`]: peer credentials, `allowed-users` and `trusted-users`.
@@ -27,6 +28,7 @@
 //! without bound; every length from the wire is checked first.
 
 pub mod client;
+pub mod fast;
 pub mod serve;
 pub mod serve_client;
 pub mod server;
@@ -39,8 +41,17 @@ use kiln_store::{Store, StoreError};
 /// Opens the store a URL names, as [`kiln_store::open_store`] does, and
 /// also daemon stores (`daemon`, `unix://PATH`), which `kiln-store` cannot
 /// open itself (the protocol sits above it). `daemon` means the machine's
-/// socket, or `$NIX_DAEMON_SOCKET_PATH` when set, as in Nix.
+/// socket, or `$NIX_DAEMON_SOCKET_PATH` when set, as in Nix; `auto` (or
+/// nothing) means `$NIX_REMOTE` when that is set, as Nix's default store.
 pub fn open_store(url: &str) -> Result<Box<dyn Store>, StoreError> {
+    if url.is_empty() || url == "auto" {
+        if let Some(remote) = std::env::var("NIX_REMOTE")
+            .ok()
+            .filter(|r| !r.is_empty() && r != "auto")
+        {
+            return open_store(&remote);
+        }
+    }
     // Validates the URL and its parameters the one way the project has.
     let _: kiln_store::StoreUrl = url.parse()?;
     let base = url.split_once('?').map_or(url, |(b, _)| b);

@@ -28,8 +28,8 @@ use kiln_scheduler::goals::{self, RunOptions, RunReport, Wanted};
 use kiln_scheduler::local::{LocalBackend, Rebuild};
 use kiln_scheduler::result::{BuildResult, BuildStatus};
 use kiln_scheduler::settings::Settings;
-use kiln_store::local::LocalStore;
 use kiln_store::local::gc::{GcAction, GcOptions};
+use kiln_store::local::{LocalStore, TempRootsSession};
 use kiln_store::{AddOptions, PathInfo, Store, StoreError};
 
 use crate::wire::{self, FramedReader, WireError};
@@ -51,6 +51,8 @@ pub enum ServerError {
     TooOld(u64),
     #[error("client sent unknown operation {0}")]
     UnknownOp(u64),
+    #[error("cannot keep the connection's temporary roots: {0}")]
+    TempRoots(#[from] StoreError),
     #[error("connection error while writing a reply: {0}")]
     Io(#[from] io::Error),
 }
@@ -105,6 +107,7 @@ pub struct Daemon {
     store: Arc<LocalStore>,
     settings: Settings,
     runtime: tokio::runtime::Handle,
+    pub(crate) answers: crate::fast::AnswerCache,
 }
 
 impl Daemon {
@@ -113,10 +116,12 @@ impl Daemon {
         settings: Settings,
         runtime: tokio::runtime::Handle,
     ) -> Daemon {
+        let answers = crate::fast::AnswerCache::new(store.real_store_dir());
         Daemon {
             store,
             settings,
             runtime,
+            answers,
         }
     }
 
@@ -141,17 +146,79 @@ impl Daemon {
         input: R,
         output: W,
     ) -> Result<(), ServerError> {
+        let mut state = ConnState::new(trusted, self.settings.clone());
+        self.serve_blocking(&mut state, input, output, false, None)
+            .map(drop)
+    }
+
+    /// Serves operations on the calling (blocking) thread, beginning with
+    /// the handshake if `state` has not had it. With `hand_back`, returns
+    /// the code of the first operation the async side answers itself
+    /// (see [`crate::fast`]) together with the bytes read after it;
+    /// `None` when the client hung up.
+    pub(crate) fn serve_blocking<R: Read, W: Write>(
+        &self,
+        state: &mut ConnState,
+        input: R,
+        output: W,
+        hand_back: bool,
+        hangup_fd: Option<std::os::fd::RawFd>,
+    ) -> Result<Option<(u64, Vec<u8>)>, ServerError> {
+        if state.temp_roots.is_none() {
+            state.temp_roots = Some(self.store.temp_roots_session()?);
+        }
+        let temp_roots = state.temp_roots.clone().expect("made above");
+        // What the store roots while serving this client (paths it adds or
+        // copies) is the connection's, as in Nix's process per client.
+        let _entered = temp_roots.enter();
         let mut conn = Connection {
             daemon: self,
             store_dir: self.store.store_dir().clone(),
             r: BufReader::with_capacity(64 << 10, input),
             w: BufWriter::with_capacity(64 << 10, output),
+            version: state.version,
+            trusted: state.trusted,
+            settings: std::mem::take(&mut state.settings),
+            hand_back,
+            hangup_fd,
+            temp_roots,
+        };
+        let result = (|| {
+            if !state.handshake_done {
+                conn.handshake()?;
+                state.handshake_done = true;
+            }
+            conn.serve()
+        })();
+        state.version = conn.version;
+        state.settings = std::mem::take(&mut conn.settings);
+        let code = result?;
+        conn.w.flush()?;
+        Ok(code.map(|code| (code, conn.r.buffer().to_vec())))
+    }
+}
+
+/// What a connection carries from one operation to the next.
+#[derive(Debug)]
+pub(crate) struct ConnState {
+    pub(crate) version: Version,
+    pub(crate) trusted: bool,
+    pub(crate) settings: Settings,
+    pub(crate) handshake_done: bool,
+    /// The connection's temporary roots, released when it ends (made on
+    /// its first operation).
+    pub(crate) temp_roots: Option<TempRootsSession>,
+}
+
+impl ConnState {
+    pub(crate) fn new(trusted: bool, settings: Settings) -> ConnState {
+        ConnState {
             version: worker::PROTOCOL_VERSION,
             trusted,
-            settings: self.settings.clone(),
-        };
-        conn.handshake()?;
-        conn.serve()
+            settings,
+            handshake_done: false,
+            temp_roots: None,
+        }
     }
 }
 
@@ -163,6 +230,11 @@ struct Connection<'d, R: Read, W: Write> {
     version: Version,
     trusted: bool,
     settings: Settings,
+    /// Return to the caller at operations the async side answers.
+    hand_back: bool,
+    /// The client's socket, watched for a hang-up while builds run.
+    hangup_fd: Option<std::os::fd::RawFd>,
+    temp_roots: TempRootsSession,
 }
 
 /// Settings an untrusted client may still set, as in Nix: they only limit
@@ -216,13 +288,20 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
         Ok(())
     }
 
-    fn serve(&mut self) -> Result<(), ServerError> {
+    fn serve(&mut self) -> Result<Option<u64>, ServerError> {
+        // The first operation is this side's in any case: the async side
+        // sends here what it could not answer.
+        let mut first = true;
         loop {
             let code = match wire::read_u64(&mut self.r) {
                 Ok(code) => code,
-                Err(e) if e.is_eof() => return Ok(()),
+                Err(e) if e.is_eof() => return Ok(None),
                 Err(e) => return Err(e.into()),
             };
+            if self.hand_back && !first && crate::fast::answers_itself(code, self.version) {
+                return Ok(Some(code));
+            }
+            first = false;
             let Some(op) = Op::from_code(code) else {
                 // Its arguments are unknown, so the stream cannot be resynchronised.
                 let _ = self.send_error(&format!("invalid worker operation {code}"), 1);
@@ -230,7 +309,13 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
             };
             let span = tracing::debug_span!("op", ?op);
             let _guard = span.enter();
-            match self.op(op) {
+            let outcome = self.op(op);
+            if !crate::fast::keeps_answers(op) {
+                // Whatever this changed (signatures, deletions, repairs)
+                // must not be answered from before.
+                self.daemon.answers.forget_all();
+            }
+            match outcome {
                 Ok(()) => {}
                 Err(OpError::Failed { message, status }) => {
                     tracing::debug!(%message, "operation failed");
@@ -279,8 +364,13 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
         match op {
             Op::IsValidPath => {
                 let path = self.read_path()?;
-                let valid = self.store().is_valid_path(&path)?;
-                wire::write_bool(self.last()?, valid)?;
+                // The path info, not just validity: it fills the cache the
+                // async side answers from.
+                let info = self.store().query_path_info(&path)?;
+                if let Some(info) = &info {
+                    self.remember(info);
+                }
+                wire::write_bool(self.last()?, info.is_some())?;
             }
             Op::QueryValidPaths => {
                 let paths = worker::read_paths(&mut self.r, &sd)?;
@@ -303,6 +393,9 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
                         "path '{}' is not valid",
                         sd.print_path(&path)
                     )));
+                }
+                if let Some(info) = &info {
+                    self.remember(info);
                 }
                 let w = self.last()?;
                 if minor(version) >= 17 {
@@ -525,7 +618,7 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
             }
             Op::AddTempRoot => {
                 let path = self.read_path()?;
-                self.store().add_temp_root(&path)?;
+                self.temp_roots.add(&[&path])?;
                 wire::write_u64(self.last()?, 1)?;
             }
             Op::AddIndirectRoot => {
@@ -662,6 +755,22 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
             Op::SetOptions => self.set_options()?,
         }
         Ok(())
+    }
+
+    /// Keeps `info`'s answer for the async side (clients from 1.17 on).
+    fn remember(&self, info: &PathInfo) {
+        if minor(self.version) >= 17 {
+            let mut unkeyed = Vec::with_capacity(256);
+            if worker::write_path_info_unkeyed(&mut unkeyed, &self.store_dir, info, self.version)
+                .is_ok()
+            {
+                self.daemon.answers.remember(
+                    self.store_dir.print_path(&info.path).into_bytes(),
+                    &info.path,
+                    unkeyed,
+                );
+            }
+        }
     }
 
     fn bool_setting(&self, name: &str, default: bool) -> bool {
@@ -939,49 +1048,49 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
         backend: Arc<LocalBackend>,
         targets: Vec<(StorePath, Wanted)>,
     ) -> Result<RunReport, OpError> {
-        let (tx, rx) = mpsc::channel::<String>();
+        let (tx, rx) = mpsc::channel::<ToSend>();
         let events: Arc<dyn EventSink> = Arc::new(ToClient {
             tx,
             store_dir: self.store_dir.clone(),
+            started: Default::default(),
         });
         let options = RunOptions {
             max_jobs: self.settings.max_jobs,
             keep_going: self.settings.keep_going,
             dry_run: false,
         };
-        let run = self
-            .daemon
-            .runtime
-            .spawn(goals::run(backend, targets, options, events));
-        // Forward log lines while the run goes on; a client that hangs up
-        // ends the forwarding (the run still finishes and registers, so
-        // nothing is left half-done).
+        let cancel = Arc::new(goals::Cancel::default());
+        let run = self.daemon.runtime.spawn(goals::run_cancellable(
+            backend,
+            targets,
+            options,
+            events,
+            cancel.clone(),
+        ));
+        // Forward the run's log while it goes on. A client that hangs up
+        // cancels it: its builds are killed and register nothing.
         let mut client_gone = None;
         loop {
-            match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(line) => {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(message) => {
                     if client_gone.is_none() {
-                        if let Err(e) = worker::write_next(&mut self.w, &line).and_then(|()| {
-                            if rx_is_idle(&rx) {
-                                self.w.flush()
-                            } else {
-                                Ok(())
-                            }
-                        }) {
+                        let sent = message.write(&mut self.w).and_then(|()| self.w.flush());
+                        if let Err(e) = sent {
+                            cancel.cancel();
                             client_gone = Some(e);
                         }
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if client_gone.is_none() {
-                        if let Err(e) = self.w.flush() {
-                            client_gone = Some(e);
-                        }
+                    if client_gone.is_none() && self.peer_hung_up() {
+                        tracing::info!("client hung up during a build; cancelling it");
+                        cancel.cancel();
+                        client_gone = Some(io::ErrorKind::BrokenPipe.into());
                     }
                     if run.is_finished() {
-                        while let Ok(line) = rx.try_recv() {
+                        while let Ok(message) = rx.try_recv() {
                             if client_gone.is_none() {
-                                let _ = worker::write_next(&mut self.w, &line);
+                                let _ = message.write(&mut self.w);
                             }
                         }
                         break;
@@ -999,6 +1108,22 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
             return Err(OpError::Fatal(ServerError::Io(e)));
         }
         Ok(report)
+    }
+
+    /// Whether the client closed its end (checked without reading, so a
+    /// request it sent early stays unread).
+    fn peer_hung_up(&self) -> bool {
+        let Some(fd) = self.hangup_fd else {
+            return false;
+        };
+        let mut poll = libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no wait.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        ready > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 
     fn build_derivation(
@@ -1216,20 +1341,7 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
     }
 
     fn add_signatures(&self, path: &StorePath, sigs: Vec<String>) -> OpResult {
-        let mut parsed = Vec::new();
-        for s in &sigs {
-            let sig: Signature = s
-                .parse()
-                .map_err(|e| OpError::failed(format!("signature '{s}' is malformed: {e}")))?;
-            parsed.push(sig.to_string());
-        }
-        let mut info = self.store().path_info_or_error(path)?;
-        info.sigs.extend(parsed);
-        let mut db =
-            kiln_store::local::db::Db::open(&self.store().state_dir().join("db"), &self.store_dir)?;
-        let tx = db.write()?;
-        tx.register(&[info], &BTreeMap::new())?;
-        tx.commit()?;
+        self.store().add_signatures(path, &sigs)?;
         Ok(())
     }
 
@@ -1242,12 +1354,6 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
         sink.finish().map_err(|e| OpError::failed(e.to_string()))?;
         Ok(())
     }
-}
-
-fn rx_is_idle<T>(_rx: &mpsc::Receiver<T>) -> bool {
-    // Flushing after every line keeps the client's view live; lines come
-    // at human speed, so there is nothing to batch.
-    true
 }
 
 fn wanted(outputs: &[String]) -> Wanted {
@@ -1402,25 +1508,96 @@ impl<R: BufRead, W: Write> Read for Tunnel<'_, R, W> {
     }
 }
 
-/// Sends a run's events to the client as log lines.
+/// What a run's events become on the wire: Nix's activities (a build
+/// is an `actBuild` activity whose log lines are `resBuildLogLine`
+/// results), as `nix-daemon` sends them, and plain messages.
+enum ToSend {
+    Next(String),
+    Start {
+        id: u64,
+        text: String,
+        fields: Vec<worker::Field>,
+    },
+    LogLine {
+        id: u64,
+        line: String,
+    },
+    Stop {
+        id: u64,
+    },
+}
+
+impl ToSend {
+    fn write<W: Write>(&self, w: &mut W) -> io::Result<()> {
+        match self {
+            ToSend::Next(text) => worker::write_next(w, text),
+            ToSend::Start { id, text, fields } => {
+                // Level 3 is Nix's lvlInfo, which builds are logged at.
+                worker::write_start_activity(w, *id, 3, worker::ACT_BUILD, text, fields, 0)
+            }
+            ToSend::LogLine { id, line } => worker::write_result(
+                w,
+                *id,
+                worker::RES_BUILD_LOG_LINE,
+                &[worker::Field::Str(line.clone())],
+            ),
+            ToSend::Stop { id } => worker::write_stop_activity(w, *id),
+        }
+    }
+}
+
+/// Sends a run's events to the connection's thread.
 struct ToClient {
-    tx: mpsc::Sender<String>,
+    tx: mpsc::Sender<ToSend>,
     store_dir: StoreDir,
+    /// Activities started, so that only those are stopped.
+    started: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl EventSink for ToClient {
     fn event(&self, event: Event<'_>) {
-        let line = match event {
-            Event::BuildStarted { drv, machine, .. } => match machine {
-                Some(m) => format!("building '{}' on '{m}'...", self.store_dir.print_path(drv)),
-                None => format!("building '{}'...", self.store_dir.print_path(drv)),
+        let message = match event {
+            Event::BuildStarted { id, drv, machine } => {
+                let path = self.store_dir.print_path(drv);
+                let text = match machine {
+                    Some(m) => format!("building '{path}' on '{m}'"),
+                    None => format!("building '{path}'"),
+                };
+                self.started
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id);
+                ToSend::Start {
+                    id,
+                    text,
+                    fields: vec![
+                        worker::Field::Str(path),
+                        worker::Field::Str(machine.unwrap_or("").to_owned()),
+                        worker::Field::Int(1),
+                        worker::Field::Int(1),
+                    ],
+                }
+            }
+            Event::LogLine { id, line } => ToSend::LogLine {
+                id,
+                line: String::from_utf8_lossy(line)
+                    .trim_end_matches('\n')
+                    .to_owned(),
             },
-            Event::LogLine { line, .. } => String::from_utf8_lossy(line)
-                .trim_end_matches('\n')
-                .to_owned(),
-            Event::Message { text } => text.to_owned(),
+            Event::Finished { id, .. } => {
+                let was_started = self
+                    .started
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                if !was_started {
+                    return;
+                }
+                ToSend::Stop { id }
+            }
+            Event::Message { text } => ToSend::Next(text.to_owned()),
             _ => return,
         };
-        let _ = self.tx.send(line);
+        let _ = self.tx.send(message);
     }
 }

@@ -1,0 +1,309 @@
+//! Serving a socket connection with the hot read-only operations
+//! (`QueryPathInfo`, `IsValidPath`) answered on the async reactor from a
+//! cache of encoded answers, and everything else on a blocking thread.
+//!
+//! Why: a thread per connection costs two context switches per request
+//! (client → daemon thread → client), and with dozens of clients on a few
+//! cores those switches, not the lookups, are the daemon's work. On the
+//! reactor, one worker thread answers every connection that is ready in
+//! turn, without switching, and a cached answer is a hash lookup and a
+//! copy. A cache miss, or any other operation, moves the connection to a
+//! blocking thread ([`Daemon::serve_blocking`]) until it asks for a hot
+//! operation again; the bytes either side has read ahead travel with it.
+//!
+//! The cache holds only what the store has confirmed: entries come from
+//! the blocking side's lookups, every operation that may change a path's
+//! metadata (deletions, signatures, repairs) clears it, and a hit is only
+//! used while the path is still on disk, so a collector in another
+//! process cannot make the daemon call a deleted path valid.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use kiln_formats::store_path::StorePath;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::server::{ConnState, Daemon, ServerError};
+use crate::wire;
+use crate::worker::{self, Op, Version, minor};
+
+/// Bytes the async side buffers: also the most it hands to the blocking
+/// side, whose reader takes them in its first fill.
+const BUFFER: usize = 64 << 10;
+
+/// Entries kept before the cache starts over.
+const MAX_ENTRIES: usize = 200_000;
+
+/// Longest path string answered here (longer ones take the checked path).
+const MAX_PATH: usize = 1024;
+
+/// Encoded `QueryPathInfo` answers by the path string clients send.
+#[derive(Debug)]
+pub(crate) struct AnswerCache {
+    real_store: PathBuf,
+    entries: RwLock<HashMap<Box<[u8]>, Arc<Answer>>>,
+}
+
+#[derive(Debug)]
+struct Answer {
+    /// The path info as sent after `true` (protocol 1.17 and later).
+    unkeyed: Vec<u8>,
+    /// Where the path is on disk.
+    real: PathBuf,
+}
+
+impl AnswerCache {
+    pub(crate) fn new(real_store: &Path) -> AnswerCache {
+        AnswerCache {
+            real_store: real_store.to_owned(),
+            entries: RwLock::default(),
+        }
+    }
+
+    pub(crate) fn remember(&self, printed: Vec<u8>, path: &StorePath, unkeyed: Vec<u8>) {
+        let answer = Arc::new(Answer {
+            unkeyed,
+            real: self.real_store.join(path.base_name()),
+        });
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= MAX_ENTRIES {
+            entries.clear();
+        }
+        entries.insert(printed.into_boxed_slice(), answer);
+    }
+
+    pub(crate) fn forget_all(&self) {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        if !entries.is_empty() {
+            entries.clear();
+        }
+    }
+
+    fn get(&self, printed: &[u8]) -> Option<Arc<Answer>> {
+        let answer = self
+            .entries
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(printed)
+            .cloned()?;
+        // One stat: cheap, and it keeps a deletion by another process from
+        // being answered as valid.
+        std::fs::symlink_metadata(&answer.real).ok()?;
+        Some(answer)
+    }
+}
+
+/// Whether the async side answers operation `code` for a client of
+/// `version` (it knows only the 1.17+ form of `QueryPathInfo`).
+pub(crate) fn answers_itself(code: u64, version: Version) -> bool {
+    minor(version) >= 17 && (code == Op::QueryPathInfo as u64 || code == Op::IsValidPath as u64)
+}
+
+/// Whether `op` leaves every valid path's metadata as it was (so cached
+/// answers stay true). Additions do not change paths that were valid.
+pub(crate) fn keeps_answers(op: Op) -> bool {
+    use Op::*;
+    matches!(
+        op,
+        IsValidPath
+            | HasSubstitutes
+            | QueryReferrers
+            | AddTextToStore
+            | EnsurePath
+            | AddTempRoot
+            | AddIndirectRoot
+            | SyncWithGC
+            | FindRoots
+            | QueryDeriver
+            | SetOptions
+            | QuerySubstitutablePathInfo
+            | QueryDerivationOutputs
+            | QueryAllValidPaths
+            | QueryPathInfo
+            | QueryDerivationOutputNames
+            | QueryPathFromHashPart
+            | QuerySubstitutablePathInfos
+            | QueryValidPaths
+            | QuerySubstitutablePaths
+            | QueryValidDerivers
+            | NarFromPath
+            | QueryMissing
+            | QueryDerivationOutputMap
+            | QueryRealisation
+            | AddBuildLog
+    )
+}
+
+/// A hot request at the head of `buf`, if it is whole.
+enum Parsed<'a> {
+    /// Operation code, path string, bytes taken.
+    Request(u64, &'a [u8], usize),
+    /// More bytes are needed.
+    Partial,
+    /// Not for this side (other operations, odd lengths or padding).
+    Elsewhere,
+}
+
+fn parse(buf: &[u8], version: Version) -> Parsed<'_> {
+    let word = |at: usize| {
+        buf.get(at..at + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("eight bytes")))
+    };
+    let Some(code) = word(0) else {
+        return Parsed::Partial;
+    };
+    if !answers_itself(code, version) {
+        return Parsed::Elsewhere;
+    }
+    let Some(len) = word(8) else {
+        return Parsed::Partial;
+    };
+    if len > MAX_PATH as u64 {
+        return Parsed::Elsewhere;
+    }
+    let len = len as usize;
+    let end = 16 + len.div_ceil(8) * 8;
+    if buf.len() < end {
+        return Parsed::Partial;
+    }
+    if buf[16 + len..end].iter().any(|&b| b != 0) {
+        return Parsed::Elsewhere;
+    }
+    Parsed::Request(code, &buf[16..16 + len], end)
+}
+
+/// Read-ahead bytes in front of a stream, for the blocking side.
+struct Carried<'a> {
+    head: io::Cursor<Vec<u8>>,
+    stream: &'a std::os::unix::net::UnixStream,
+}
+
+impl Read for Carried<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = Read::read(&mut self.head, buf)?;
+        if n > 0 || buf.is_empty() {
+            return Ok(n);
+        }
+        let mut stream = self.stream;
+        Read::read(&mut stream, buf)
+    }
+}
+
+impl Daemon {
+    /// Serves a client connected on a Unix socket until it hangs up, as
+    /// described in [`crate::fast`]. `trusted` as for
+    /// [`Daemon::serve_connection`].
+    pub async fn serve_unix(
+        self: Arc<Self>,
+        trusted: bool,
+        stream: std::os::unix::net::UnixStream,
+    ) -> Result<(), ServerError> {
+        let mut state = ConnState::new(trusted, self.settings().clone());
+        let mut stream = stream;
+        let mut carried = Vec::new();
+        loop {
+            stream.set_nonblocking(false)?;
+            let daemon = self.clone();
+            let (back, returned_state, outcome) = tokio::task::spawn_blocking(move || {
+                let mut reader = Carried {
+                    head: io::Cursor::new(carried),
+                    stream: &stream,
+                };
+                let outcome = daemon
+                    .serve_blocking(
+                        &mut state,
+                        &mut reader,
+                        &stream,
+                        true,
+                        Some(stream.as_raw_fd()),
+                    )
+                    .map(|handed| {
+                        handed.map(|(code, mut buffered)| {
+                            // What the blocking side's reader had not taken yet.
+                            let at = reader.head.position() as usize;
+                            buffered.extend_from_slice(&reader.head.get_ref()[at..]);
+                            (code, buffered)
+                        })
+                    });
+                (stream, state, outcome)
+            })
+            .await
+            .map_err(|e| ServerError::Io(io::Error::other(format!("connection thread: {e}"))))?;
+            stream = back;
+            state = returned_state;
+            let Some((code, rest)) = outcome? else {
+                return Ok(());
+            };
+            let mut head = Vec::with_capacity(8 + rest.len());
+            head.extend_from_slice(&code.to_le_bytes());
+            head.extend_from_slice(&rest);
+            stream.set_nonblocking(true)?;
+            let async_stream = tokio::net::UnixStream::from_std(stream)?;
+            match self.serve_hot(&state, async_stream, head).await? {
+                None => return Ok(()),
+                Some((async_stream, rest)) => {
+                    stream = async_stream.into_std()?;
+                    carried = rest;
+                }
+            }
+        }
+    }
+
+    /// Answers hot requests from the cache until one it cannot answer:
+    /// then gives back the stream and the unanswered bytes. `None` when
+    /// the client hung up.
+    async fn serve_hot(
+        &self,
+        state: &ConnState,
+        mut stream: tokio::net::UnixStream,
+        head: Vec<u8>,
+    ) -> Result<Option<(tokio::net::UnixStream, Vec<u8>)>, ServerError> {
+        let mut buf = vec![0u8; BUFFER.max(head.len())];
+        buf[..head.len()].copy_from_slice(&head);
+        let (mut start, mut end) = (0, head.len());
+        let mut out = Vec::with_capacity(BUFFER);
+        loop {
+            match parse(&buf[start..end], state.version) {
+                Parsed::Request(code, printed, taken) => {
+                    let Some(answer) = self.answers.get(printed) else {
+                        break;
+                    };
+                    wire::write_u64(&mut out, worker::STDERR_LAST)?;
+                    wire::write_u64(&mut out, 1)?;
+                    if code == Op::QueryPathInfo as u64 {
+                        out.extend_from_slice(&answer.unkeyed);
+                    }
+                    start += taken;
+                }
+                Parsed::Elsewhere => break,
+                Parsed::Partial => {
+                    // Answers go out before waiting: the client waits for them.
+                    if !out.is_empty() {
+                        stream.write_all(&out).await?;
+                        out.clear();
+                    }
+                    if start > 0 {
+                        buf.copy_within(start..end, 0);
+                        end -= start;
+                        start = 0;
+                    }
+                    if end == buf.len() {
+                        break;
+                    }
+                    let n = stream.read(&mut buf[end..]).await?;
+                    if n == 0 {
+                        return Ok(None);
+                    }
+                    end += n;
+                }
+            }
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+        }
+        Ok(Some((stream, buf[start..end].to_vec())))
+    }
+}

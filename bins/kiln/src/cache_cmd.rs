@@ -9,10 +9,11 @@ use anyhow::{Context, bail};
 use clap::Subcommand;
 use kiln_formats::signature::TrustedKeys;
 use kiln_formats::store_path::{StorePath, StorePathSet};
+use kiln_protocol::open_store;
+use kiln_store::Store;
 use kiln_store::binary_cache::read_secret_key;
 use kiln_store::binary_cache::serve::{CacheServer, ServeOptions};
 use kiln_store::substitute::{CopyOptions, copy_paths};
-use kiln_store::{Store, open_store};
 
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {

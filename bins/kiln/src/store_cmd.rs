@@ -13,14 +13,16 @@ use anyhow::{Context, bail};
 use clap::Subcommand;
 use kiln_formats::hash::HashAlgo;
 use kiln_formats::store_path::{FileIngestionMethod, StorePath, StorePathSet};
+use kiln_protocol::open_store;
 use kiln_store::local::gc::{GcAction, GcOptions};
 use kiln_store::local::{BatchItem, Durability, LocalStore};
-use kiln_store::{AddOptions, Store, StoreUrl, compute_closure, open_store, topo_sort};
+use kiln_store::{AddOptions, Store, StoreUrl, compute_closure, topo_sort};
 
 #[derive(Debug, clap::Args)]
 pub struct StoreArgs {
     /// The store to use: `local`, a directory (a store rooted there),
-    /// `local?root=DIR`, … Created on first use.
+    /// `local?root=DIR`, a daemon (`daemon`, `unix://SOCKET`), … Local
+    /// stores are created on first use; `auto` follows `$NIX_REMOTE` when set.
     #[arg(long, global = true, env = "KILN_STORE", default_value = "auto")]
     store: String,
     #[command(subcommand)]

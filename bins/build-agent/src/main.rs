@@ -349,7 +349,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("build-agent: error: {e:#}");
+            eprintln!("build-agent: error: {}", kiln_formats::report::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

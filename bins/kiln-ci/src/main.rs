@@ -484,7 +484,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("kiln-ci: {e:#}");
+            eprintln!("kiln-ci: {}", kiln_formats::report::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

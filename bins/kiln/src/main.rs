@@ -49,7 +49,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("kiln: {err:#}");
+            eprintln!("kiln: {}", kiln_formats::report::chain(err.as_ref()));
             ExitCode::FAILURE
         }
     }

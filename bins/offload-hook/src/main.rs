@@ -72,7 +72,7 @@ fn main() -> ExitCode {
     match res {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("offload-hook: error: {e:#}");
+            eprintln!("offload-hook: error: {}", kiln_formats::report::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

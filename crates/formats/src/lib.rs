@@ -4,7 +4,7 @@
 //! and print in base16, nixbase32, base64 and SRI), [`store_path`] (store
 //! directories as a parameter, path validation and computation), [`nar`]
 //! (archives: write, read, restore), [`narinfo`] and [`signature`] (ed25519 in
-//! Nix's `name:base64` form).
+//! Nix's `name:base64` form); [`report`] prints an error chain for people.
 //!
 //! ```
 //! use kiln_formats::hash::{Hash, HashAlgo};
@@ -26,5 +26,6 @@ pub mod hash;
 pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;
+pub mod report;
 pub mod signature;
 pub mod store_path;

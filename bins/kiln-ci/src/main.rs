@@ -142,6 +142,15 @@ struct FileConfig {
     /// nix.conf settings for the embedded scheduler.
     #[serde(default)]
     settings: BTreeMap<String, String>,
+    /// Builds requiring one of these system features go to build agents.
+    #[serde(default)]
+    agent_features: Vec<String>,
+    /// Public keys (`name:base64`) of the trusted build agents.
+    #[serde(default)]
+    agent_keys: Vec<String>,
+    /// nix.conf settings sent with agent tasks (e.g. `sandbox-paths`).
+    #[serde(default)]
+    agent_task_settings: BTreeMap<String, String>,
 }
 
 fn parse_input(text: &str) -> Result<Input> {
@@ -261,7 +270,31 @@ fn coordinator_config(setup: &Setup, max_jobs: Option<usize>) -> Config {
         .cancel_older_than_days
         .map(|days| Duration::from_secs(days * 24 * 3600));
     config.webhooks = file.webhooks.clone();
+    config.agent_features = file.agent_features.iter().cloned().collect();
     config
+}
+
+/// Makes the configured agent keys the trusted set's rows (a row's
+/// `last_seen` survives the restart).
+async fn register_agent_keys(db: &Db, keys: &[String]) -> Result<()> {
+    let known = db.agents().await?;
+    for text in keys {
+        let key: kiln_formats::signature::PublicKey = text
+            .parse()
+            .with_context(|| format!("agent key '{text}': expected NAME:BASE64"))?;
+        let name = key.name().to_owned();
+        let existing = known.iter().find(|a| a.name == name);
+        db.put_agent(&kiln_ci::model::Agent {
+            name: name.clone(),
+            public_key: text.clone(),
+            machines: existing.map(|a| a.machines.clone()).unwrap_or_default(),
+            enabled: true,
+            registered_at: existing.map_or(0, |a| a.registered_at),
+            last_seen: existing.and_then(|a| a.last_seen),
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 async fn open_db(setup: &Setup) -> Result<Db> {
@@ -422,10 +455,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             eprintln!("kiln-ci: listening on http://{}", listener.local_addr()?);
+            register_agent_keys(&db, &setup.file.agent_keys).await?;
             let app = kiln_ci::web::router(kiln_ci::web::AppState {
                 db: db.clone(),
                 live: coordinator.live_logs().clone(),
-            });
+            })
+            .merge(kiln_ci::agents::router(
+                coordinator.clone(),
+                kiln_ci::agents::AgentsConfig {
+                    task_settings: setup.file.agent_task_settings.clone(),
+                },
+            ));
             let web = tokio::spawn(async move { axum::serve(listener, app).await });
             let periodic = tokio::spawn(periodic_evaluations(coordinator.clone()));
             let stop = Arc::new(tokio::sync::Notify::new());

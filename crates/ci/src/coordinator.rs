@@ -84,6 +84,9 @@ pub struct Config {
     pub cancel_older_than: Option<Duration>,
     /// URLs that get a `POST` of JSON on every build status change.
     pub webhooks: Vec<String>,
+    /// Builds requiring one of these system features (e.g. `vm`) are left
+    /// to build agents ([`crate::agents`]) instead of the embedded scheduler.
+    pub agent_features: BTreeSet<String>,
 }
 
 impl Config {
@@ -100,6 +103,7 @@ impl Config {
             retry_backoff: Duration::from_secs(10),
             cancel_older_than: None,
             webhooks: Vec::new(),
+            agent_features: BTreeSet::new(),
         }
     }
 }
@@ -405,7 +409,7 @@ impl Coordinator {
     /// Ends builds with `status`: time stamps, failure propagation, GC
     /// roots (the `.drv` root goes; successful outputs get a root with a TTL),
     /// webhooks.
-    async fn finish_builds(
+    pub(crate) async fn finish_builds(
         &self,
         ids: &[i64],
         status: BuildStatus,
@@ -556,6 +560,9 @@ impl Coordinator {
         let candidates = db.dispatchable_builds((free * 4).max(64) as i64).await?;
         let mut buildable = Vec::with_capacity(candidates.len());
         for build in candidates {
+            if crate::agents::is_agent_build(&self.inner.config, &build) {
+                continue;
+            }
             match self.unbuildable_reason(&build) {
                 None => buildable.push(build),
                 Some(reason) => {

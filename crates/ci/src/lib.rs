@@ -9,6 +9,7 @@
 //! - [`db`]: the database (SQLite or PostgreSQL, same migrations);
 //! - [`eval`]: git inputs, the evaluator and its log;
 //! - [`recipe_jobs`]: Kiln's evaluator for its recipe files;
+//! - [`agents`]: the build-agent protocol's endpoints (kiln-ci as controller);
 //! - [`coordinator`]: registration of jobs as builds, dispatch, recovery;
 //! - [`testing`]: a throwaway PostgreSQL cluster for tests and benchmarks.
 //! - [`web`]: the JSON API, HTML pages and Prometheus metrics.
@@ -23,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod agents;
 pub mod coordinator;
 pub mod db;
 pub mod eval;

@@ -1,0 +1,601 @@
+//! kiln-ci as the controller of `build-agent`s: the agent protocol
+//! ([`kiln_agent::protocol`]) served on the web listener under `/agent`.
+//!
+//! Which builds go to agents: those whose derivation requires one of the
+//! system features in [`Config::agent_features`] (e.g. `vm`, through
+//! `requiredSystemFeatures`). It is the way Nix already routes builds to
+//! machines, it needs no new field in specifications, and it is stored with
+//! every build (`required_features`). The embedded scheduler leaves such
+//! builds alone; they wait until an agent asks for work.
+//!
+//! The exchange, for one build per task:
+//! - `POST /agent/task`: the agent's [`TaskRequest`]. Its key fingerprint
+//!   must be that of an enabled agent row of the database (the trusted set),
+//!   or the answer is 403. The row's `last_seen` and machines are updated;
+//!   the answer is the next agent build (priority, fair share, age) as a
+//!   [`Task`] for the first machine the agent offered, with a fresh
+//!   challenge, or an empty [`TaskResponse`] when there is nothing to do.
+//!   The build becomes started, with the agent as its machine.
+//! - `GET /agent/inputs/{session}`: the export stream of the derivation's
+//!   closure, with the outputs of its input derivations that are valid here.
+//! - `PUT /agent/result/{session}/nar/{name}` and `.../log/{drv name}`: the
+//!   outputs' NARs and the build log, spooled to the state directory.
+//! - `POST /agent/result/{session}`: the [`ResultRequest`]. Its challenge
+//!   signature must verify with the key of the agent that took the task;
+//!   if not, 403 and the build goes back to scheduled for another attempt.
+//!   Otherwise each output's NAR is checked against the manifest (hash and
+//!   size) and the path the derivation names, imported into the CI store,
+//!   and the build ends succeeded or failed like a local one.
+//!
+//! Sessions live in memory: after a restart of kiln-ci, builds left started
+//! are scheduled again by [`Coordinator::recover`], and results of the old
+//! sessions are refused (404).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use kiln_agent::protocol::{
+    ResultRequest, ResultStatus, Task, TaskRequest, TaskResponse, key_fingerprint, new_challenge,
+    verify_challenge,
+};
+use kiln_formats::hash::{Hash, HashAlgo};
+use kiln_formats::signature::{PublicKey, TrustedKeys};
+use kiln_formats::store_path::{StorePath, StorePathSet};
+use kiln_store::{AddOptions, PathInfo, Store as _};
+use sha2::Digest as _;
+
+use crate::coordinator::{Config, Coordinator, fair_share};
+use crate::db::{DbError, StatusChange};
+use crate::model::{Build, BuildStatus};
+
+/// Whether `build` is for agents rather than the embedded scheduler.
+pub fn is_agent_build(config: &Config, build: &Build) -> bool {
+    build
+        .required_features
+        .iter()
+        .any(|f| config.agent_features.contains(f))
+}
+
+/// What went wrong while serving an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the request body is not a {what}: {source}")]
+    BadRequest {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+    #[error(
+        "no enabled agent has the key with fingerprint {fingerprint} (agent '{agent}'); add its public key to the trusted agents"
+    )]
+    UntrustedKey { agent: String, fingerprint: String },
+    #[error("agent '{agent}' offered no machine")]
+    NoMachine { agent: String },
+    #[error("no open session '{0}' (finished, rejected, or from before a restart)")]
+    UnknownSession(String),
+    #[error("result for session '{given}' posted to session '{session}'")]
+    WrongSession { given: String, session: String },
+    #[error("challenge signature rejected for session '{session}': {reason}")]
+    BadSignature { session: String, reason: String },
+    #[error("'{0}' is not a file name")]
+    BadName(String),
+    #[error("the result of build {build} is unusable: {reason}")]
+    BadResult { build: i64, reason: String },
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("store: {0}")]
+    Store(#[from] kiln_store::StoreError),
+    #[error("{what} '{}': {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("background task failed: {0}")]
+    Join(String),
+}
+
+impl AgentError {
+    fn status(&self) -> StatusCode {
+        match self {
+            AgentError::BadRequest { .. } | AgentError::BadName(_) => StatusCode::BAD_REQUEST,
+            AgentError::UntrustedKey { .. }
+            | AgentError::BadSignature { .. }
+            | AgentError::WrongSession { .. } => StatusCode::FORBIDDEN,
+            AgentError::NoMachine { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            AgentError::UnknownSession(_) => StatusCode::NOT_FOUND,
+            AgentError::BadResult { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            AgentError::Db(_)
+            | AgentError::Store(_)
+            | AgentError::Io { .. }
+            | AgentError::Join(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "agent request failed");
+        } else {
+            tracing::warn!(error = %self, "agent request refused");
+        }
+        (status, format!("{self}\n")).into_response()
+    }
+}
+
+type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+/// How tasks are made.
+#[derive(Debug, Clone, Default)]
+pub struct AgentsConfig {
+    /// `nix.conf` settings for the guest's build (e.g. `sandbox-paths`);
+    /// `system-features` gets the build's required features added.
+    pub task_settings: BTreeMap<String, String>,
+}
+
+/// A task handed out and not yet answered.
+#[derive(Debug, Clone)]
+struct Session {
+    build: Build,
+    agent: String,
+    key: PublicKey,
+    challenge: String,
+    dir: PathBuf,
+}
+
+#[derive(Debug)]
+struct Controller {
+    coordinator: Coordinator,
+    config: AgentsConfig,
+    sessions: Mutex<HashMap<String, Session>>,
+    /// Handing out is one at a time, so that two agents never get one build.
+    handout: tokio::sync::Mutex<()>,
+}
+
+/// The agent endpoints, to merge into the web router.
+pub fn router(coordinator: Coordinator, config: AgentsConfig) -> Router {
+    let state = Arc::new(Controller {
+        coordinator,
+        config,
+        sessions: Mutex::new(HashMap::new()),
+        handout: tokio::sync::Mutex::new(()),
+    });
+    Router::new()
+        .route("/agent/task", post(task))
+        .route("/agent/inputs/{session}", get(inputs))
+        .route("/agent/result/{session}", post(result))
+        .route("/agent/result/{session}/{kind}/{name}", put(upload))
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> AgentError + use<> {
+    let path = path.to_owned();
+    move |source| AgentError::Io { what, path, source }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Join(e.to_string()))?
+}
+
+fn sessions_dir(c: &Controller) -> PathBuf {
+    c.coordinator.config().state_dir.join("agent-sessions")
+}
+
+async fn task(
+    State(c): State<Arc<Controller>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<TaskResponse>> {
+    let request: TaskRequest =
+        serde_json::from_slice(&body).map_err(|source| AgentError::BadRequest {
+            what: "task request",
+            source,
+        })?;
+    let db = c.coordinator.db();
+    let known = db
+        .agents()
+        .await?
+        .into_iter()
+        .filter(|a| a.enabled)
+        .find_map(|a| {
+            let key: PublicKey = a.public_key.parse().ok()?;
+            (key_fingerprint(&key) == request.fingerprint).then_some((a, key))
+        });
+    let Some((agent, key)) = known else {
+        return Err(AgentError::UntrustedKey {
+            agent: request.agent,
+            fingerprint: request.fingerprint,
+        });
+    };
+    let machines: Vec<String> = request.machines.iter().map(|m| m.name.clone()).collect();
+    db.touch_agent(&agent.name, &machines).await?;
+    let Some(machine) = machines.first().cloned() else {
+        return Err(AgentError::NoMachine { agent: agent.name });
+    };
+
+    let _one_at_a_time = c.handout.lock().await;
+    let config = c.coordinator.config();
+    let candidates: Vec<Build> = db
+        .dispatchable_builds(256)
+        .await?
+        .into_iter()
+        .filter(|b| is_agent_build(config, b))
+        .collect();
+    let Some(build) = fair_share(candidates, 1).pop() else {
+        return Ok(axum::Json(TaskResponse::default()));
+    };
+
+    let challenge = new_challenge();
+    let session: String = sha2::Sha256::digest(format!("{}:{challenge}", build.id))
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let dir = sessions_dir(&c).join(&session);
+    let store = c.coordinator.store().clone();
+    let drv = build.drv_path.clone();
+    let inputs_file = dir.join("inputs");
+    blocking(move || write_inputs(&store, &drv, &inputs_file)).await?;
+
+    db.set_build_status(
+        build.id,
+        BuildStatus::Started,
+        &StatusChange {
+            machine: Some(agent.name.clone()),
+            ..StatusChange::default()
+        },
+    )
+    .await?;
+    let base = format!(
+        "http://{}",
+        headers
+            .get(axum::http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost")
+    );
+    let mut settings = c.config.task_settings.clone();
+    let mut features: BTreeSet<String> = settings
+        .get("system-features")
+        .map(|s| s.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    features.extend(build.required_features.iter().cloned());
+    settings.insert(
+        "system-features".into(),
+        features.into_iter().collect::<Vec<_>>().join(" "),
+    );
+    let task = Task {
+        machine,
+        repository: format!("{base}/api/evaluations/{}", build.evaluation_id),
+        derivations: vec![build.drv_path.clone()],
+        inputs_url: format!("{base}/agent/inputs/{session}"),
+        settings,
+    };
+    tracing::info!(build = build.id, agent = %agent.name, session, "build handed to an agent");
+    c.sessions.lock().expect("sessions lock").insert(
+        session.clone(),
+        Session {
+            build,
+            agent: agent.name,
+            key,
+            challenge: challenge.clone(),
+            dir,
+        },
+    );
+    Ok(axum::Json(TaskResponse {
+        result_url: format!("{base}/agent/result/{session}"),
+        session,
+        challenge,
+        task: Some(task),
+    }))
+}
+
+/// The derivation's closure plus the valid outputs of the derivations in
+/// it (so that the guest builds only what is missing), as an export stream.
+fn write_inputs(store: &kiln_store::local::LocalStore, drv: &str, file: &Path) -> Result<()> {
+    let dir = store.store_dir();
+    let drv = dir.parse_path(drv).map_err(|e| AgentError::BadResult {
+        build: 0,
+        reason: format!("'{drv}' is not a store path: {e}"),
+    })?;
+    let start = StorePathSet::from([drv.clone()]);
+    let mut paths = kiln_store::compute_closure(store, &start, false, false, false)?;
+    let mut built = StorePathSet::new();
+    for path in paths.iter().filter(|p| p.is_derivation() && **p != drv) {
+        for (_, out) in store.query_derivation_outputs(path)? {
+            if store.is_valid_path(&out)? {
+                built.insert(out);
+            }
+        }
+    }
+    paths.extend(kiln_store::compute_closure(
+        store, &built, false, false, false,
+    )?);
+    if let Some(parent) = file.parent() {
+        std::fs::create_dir_all(parent).map_err(io("create session directory", parent))?;
+    }
+    let out = std::fs::File::create(file).map_err(io("create", file))?;
+    let mut out = std::io::BufWriter::new(out);
+    kiln_store::export::export_paths(store, &paths, &mut out)?;
+    out.flush().map_err(io("write", file))
+}
+
+fn session(c: &Controller, id: &str) -> Result<Session> {
+    c.sessions
+        .lock()
+        .expect("sessions lock")
+        .get(id)
+        .cloned()
+        .ok_or_else(|| AgentError::UnknownSession(id.to_owned()))
+}
+
+async fn inputs(State(c): State<Arc<Controller>>, UrlPath(id): UrlPath<String>) -> Result<Vec<u8>> {
+    let s = session(&c, &id)?;
+    let file = s.dir.join("inputs");
+    tokio::fs::read(&file)
+        .await
+        .map_err(|e| io("read", &file)(e))
+}
+
+/// Plain file names only: they become files of the session directory.
+fn file_name(name: &str) -> Result<&str> {
+    if name.is_empty() || name.starts_with('.') || name.contains('/') {
+        return Err(AgentError::BadName(name.to_owned()));
+    }
+    Ok(name)
+}
+
+async fn upload(
+    State(c): State<Arc<Controller>>,
+    UrlPath((id, kind, name)): UrlPath<(String, String, String)>,
+    body: Bytes,
+) -> Result<StatusCode> {
+    let s = session(&c, &id)?;
+    if kind != "nar" && kind != "log" {
+        return Err(AgentError::BadName(kind));
+    }
+    let dir = s.dir.join(&kind);
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| io("create", &dir)(e))?;
+    let file = dir.join(file_name(&name)?);
+    tokio::fs::write(&file, &body)
+        .await
+        .map_err(|e| io("write", &file)(e))?;
+    Ok(StatusCode::OK)
+}
+
+async fn result(
+    State(c): State<Arc<Controller>>,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> Result<StatusCode> {
+    let s = session(&c, &id)?;
+    let request: ResultRequest =
+        serde_json::from_slice(&body).map_err(|source| AgentError::BadRequest {
+            what: "result request",
+            source,
+        })?;
+    let mut keys = TrustedKeys::new();
+    keys.insert(s.key.clone());
+    let verdict = if request.session != id {
+        Err(AgentError::WrongSession {
+            given: request.session.clone(),
+            session: id.clone(),
+        })
+    } else {
+        verify_challenge(&keys, &id, &s.challenge, &request.challenge_signature).map_err(|e| {
+            AgentError::BadSignature {
+                session: id.clone(),
+                reason: e.to_string(),
+            }
+        })
+    };
+    // Whatever happens now, this session is over.
+    c.sessions.lock().expect("sessions lock").remove(&id);
+    let db = c.coordinator.db();
+    if let Err(rejected) = verdict {
+        db.set_build_status(
+            s.build.id,
+            BuildStatus::Scheduled,
+            &StatusChange {
+                error: Some(rejected.to_string()),
+                ..StatusChange::default()
+            },
+        )
+        .await?;
+        c.coordinator.wake();
+        let dir = s.dir.clone();
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        return Err(rejected);
+    }
+
+    let outcome = request
+        .result
+        .builds
+        .iter()
+        .find(|b| b.drv == s.build.drv_path)
+        .cloned();
+    let built = matches!(
+        request.result.status,
+        ResultStatus::Success | ResultStatus::Warning
+    ) && outcome.as_ref().is_some_and(|o| {
+        matches!(
+            o.status.as_str(),
+            "Built" | "Substituted" | "AlreadyValid" | "ResolvesToAlreadyValid"
+        )
+    });
+    let log_path = keep_log(&c, &s).await;
+    let (status, error) = if built {
+        let outcome = outcome.expect("checked above");
+        let store = c.coordinator.store().clone();
+        let (build, dir) = (s.build.clone(), s.dir.clone());
+        match blocking(move || import_outputs(&store, &build, &outcome, &dir)).await {
+            Ok(()) => (BuildStatus::Succeeded, None),
+            Err(e @ AgentError::BadResult { .. }) => {
+                finish(
+                    &c,
+                    &s,
+                    BuildStatus::FailedOther,
+                    log_path,
+                    Some(e.to_string()),
+                )
+                .await?;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        let why = match &outcome {
+            Some(o) if !o.error.is_empty() => o.error.clone(),
+            Some(o) => format!("{} on agent '{}'", o.status, s.agent),
+            None => format!(
+                "{} on agent '{}': {}",
+                request.result.status.as_str(),
+                s.agent,
+                request.result.message
+            ),
+        };
+        let status = match request.result.status {
+            ResultStatus::Success | ResultStatus::Warning | ResultStatus::Error => {
+                BuildStatus::Failed
+            }
+            _ => BuildStatus::FailedOther,
+        };
+        (status, Some(why))
+    };
+    finish(&c, &s, status, log_path, error).await?;
+    Ok(StatusCode::OK)
+}
+
+async fn finish(
+    c: &Controller,
+    s: &Session,
+    status: BuildStatus,
+    log_path: Option<String>,
+    error: Option<String>,
+) -> Result<()> {
+    c.coordinator
+        .finish_builds(
+            &[s.build.id],
+            status,
+            StatusChange {
+                machine: Some(s.agent.clone()),
+                log_path,
+                error,
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            crate::coordinator::CoordinatorError::Db(e) => AgentError::Db(e),
+            other => AgentError::Join(other.to_string()),
+        })?;
+    let _ = tokio::fs::remove_dir_all(&s.dir).await;
+    c.coordinator.wake();
+    Ok(())
+}
+
+/// Moves the uploaded log (if any) next to the coordinator's logs.
+async fn keep_log(c: &Controller, s: &Session) -> Option<String> {
+    let name = s.build.drv_path.rsplit('/').next()?.to_owned();
+    let uploaded = s.dir.join("log").join(&name);
+    if !tokio::fs::try_exists(&uploaded).await.unwrap_or(false) {
+        return None;
+    }
+    let dir = c.coordinator.config().state_dir.join("logs").join("agents");
+    tokio::fs::create_dir_all(&dir).await.ok()?;
+    let kept = dir.join(format!("{}.log", s.build.id));
+    tokio::fs::rename(&uploaded, &kept).await.ok()?;
+    Some(kept.to_string_lossy().into_owned())
+}
+
+/// Checks each output against the manifest and the derivation and adds it
+/// to the store, references first.
+fn import_outputs(
+    store: &kiln_store::local::LocalStore,
+    build: &Build,
+    outcome: &kiln_agent::protocol::BuildOutcome,
+    dir: &Path,
+) -> Result<()> {
+    let bad = |reason: String| AgentError::BadResult {
+        build: build.id,
+        reason,
+    };
+    let store_dir = store.store_dir();
+    let deriver = store_dir.parse_path(&build.drv_path).ok();
+    let mut pending: Vec<(PathInfo, PathBuf)> = Vec::new();
+    for (name, expected) in &build.outputs {
+        let Some(out) = outcome.outputs.get(name) else {
+            return Err(bad(format!(
+                "output '{name}' ({expected}) did not come back"
+            )));
+        };
+        if &out.path != expected {
+            return Err(bad(format!(
+                "output '{name}' came back as {}, the derivation says {expected}",
+                out.path
+            )));
+        }
+        let path: StorePath = store_dir
+            .parse_path(&out.path)
+            .map_err(|e| bad(format!("'{}': {e}", out.path)))?;
+        let base = out.path.rsplit('/').next().unwrap_or_default();
+        let file = dir.join("nar").join(base);
+        let nar = std::fs::read(&file)
+            .map_err(|e| bad(format!("no NAR uploaded for {} ({e})", out.path)))?;
+        let claimed: Hash = out
+            .nar_hash
+            .parse()
+            .map_err(|e| bad(format!("NAR hash '{}' of {}: {e}", out.nar_hash, out.path)))?;
+        let actual = Hash::digest(HashAlgo::Sha256, &nar);
+        if actual != claimed || nar.len() as u64 != out.nar_size {
+            return Err(bad(format!(
+                "the NAR uploaded for {} is {actual} ({} bytes), the manifest says {} ({} bytes)",
+                out.path,
+                nar.len(),
+                out.nar_hash,
+                out.nar_size
+            )));
+        }
+        let mut info = PathInfo::new(path, actual, out.nar_size);
+        for r in &out.references {
+            info.references.insert(
+                store_dir
+                    .parse_path(r)
+                    .map_err(|e| bad(format!("reference '{r}' of {}: {e}", out.path)))?,
+            );
+        }
+        info.deriver = deriver.clone();
+        pending.push((info, file));
+    }
+    // Outputs may refer to each other (e.g. `doc` to `out`): add each once
+    // the outputs it refers to are in.
+    let mut added: BTreeSet<StorePath> = BTreeSet::new();
+    let ours: BTreeSet<StorePath> = pending.iter().map(|(i, _)| i.path.clone()).collect();
+    while !pending.is_empty() {
+        let ready = pending.iter().position(|(info, _)| {
+            info.references
+                .iter()
+                .all(|r| *r == info.path || !ours.contains(r) || added.contains(r))
+        });
+        let Some(index) = ready else {
+            return Err(bad("the outputs refer to each other in a cycle".into()));
+        };
+        let (info, file) = pending.remove(index);
+        let nar = std::fs::read(&file).map_err(io("read", &file))?;
+        store.add_nar(&info, &mut &nar[..], AddOptions::default())?;
+        added.insert(info.path);
+    }
+    Ok(())
+}

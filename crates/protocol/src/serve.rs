@@ -80,9 +80,16 @@ pub fn serve<R: Read, W: Write>(
         };
         match cmd {
             1 => {
-                let _lock = wire::read_bool(&mut r)?;
+                let lock = wire::read_bool(&mut r)?;
                 let _substitute = wire::read_bool(&mut r)?;
                 let paths = worker::read_paths(&mut r, &sd)?;
+                if lock && write {
+                    // As `nix-store --serve`: the client is about to use
+                    // these paths (as a build's inputs), so the collector
+                    // must keep them while this session lasts.
+                    let roots: Vec<&StorePath> = paths.iter().collect();
+                    store.add_temp_roots(&roots)?;
+                }
                 let valid = store.query_valid_paths(&paths)?;
                 worker::write_paths(&mut w, &sd, &valid)?;
             }

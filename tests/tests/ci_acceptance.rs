@@ -1,6 +1,7 @@
 //! kiln-ci from git to builds, through its command line, against SQLite and
-//! PostgreSQL: a recipe set of 50 jobs (some failing, some depending on
-//! failures) in a local git repository, registered as a specification;
+//! PostgreSQL: a recipe set of 53 jobs (some failing, some depending on
+//! failures, three fixed-output ones of which one has the wrong hash) in a
+//! local git repository, registered as a specification;
 //! one evaluation builds them all and the database and the API agree on
 //! every status; a commit changing three jobs builds only those and their
 //! dependents; kiln-ci killed in the middle of its builds resumes them and
@@ -20,10 +21,24 @@ use kiln_ci::db::{BuildFilter, Db};
 use kiln_ci::model::BuildStatus;
 use kiln_ci::testing::TempPostgres;
 use kiln_e2e::workspace_bin;
+use kiln_formats::hash::{Hash, HashAlgo};
+use kiln_formats::nar::Node;
 
-/// The recipe set: name → (inputs, fails, sleep seconds, variant).
+/// The recipe set: name → (inputs, fails, sleep seconds, variant); the
+/// fixed-output jobs' recipe lines (`hash`, `hash-mode`) apart.
 struct Jobs {
     jobs: BTreeMap<String, (Vec<String>, bool, u32, u32)>,
+    fixed: BTreeMap<String, String>,
+}
+
+/// The hash `badfod` declares, which is not that of what it makes.
+fn wrong_fod_hash() -> Hash {
+    Hash::digest(HashAlgo::Sha256, "not what badfod makes\n")
+}
+
+/// What the fixed-output jobs write to `$out`.
+fn fixed_content(name: &str) -> String {
+    format!("{name}\n")
 }
 
 impl Jobs {
@@ -49,14 +64,42 @@ impl Jobs {
         for i in 0..4 {
             jobs.insert(format!("leaf{i}"), (vec![], false, 0, 0));
         }
-        assert_eq!(jobs.len(), 50);
-        Jobs { jobs }
+        // Fixed outputs: a flat one with an SRI hash, a recursive one with
+        // a nixbase32 hash, and one whose hash is not that of what it makes
+        // (named bad… so that it is tried again like the other failures).
+        let mut fixed = BTreeMap::new();
+        let flat = Hash::digest(HashAlgo::Sha256, fixed_content("fodflat"));
+        fixed.insert(
+            "fodflat".to_owned(),
+            format!("hash = \"{}\"\nhash-mode = \"flat\"\n", flat.to_sri()),
+        );
+        let nar = Node::file(fixed_content("fodnar")).to_nar();
+        let nar = Hash::digest(HashAlgo::Sha256, nar);
+        fixed.insert(
+            "fodnar".to_owned(),
+            format!("hash = \"sha256:{}\"\n", nar.to_nixbase32()),
+        );
+        fixed.insert(
+            "badfod".to_owned(),
+            format!(
+                "hash = \"{}\"\nhash-mode = \"flat\"\n",
+                wrong_fod_hash().to_sri()
+            ),
+        );
+        for name in fixed.keys() {
+            jobs.insert(name.clone(), (vec![], name == "badfod", 0, 0));
+        }
+        assert_eq!(jobs.len(), 53);
+        Jobs { jobs, fixed }
     }
 
     fn recipe(&self) -> String {
         let mut text = String::new();
         for (name, (inputs, fails, sleep, variant)) in &self.jobs {
-            let end = if *fails {
+            let fixed = self.fixed.get(name);
+            let end = if fixed.is_some() {
+                format!("echo {name} > $out")
+            } else if *fails {
                 "exit 1".to_owned()
             } else {
                 format!("echo {name} {variant} > $out")
@@ -64,7 +107,8 @@ impl Jobs {
             text.push_str(&format!(
                 "[packages.{name}]\nbuilder = \"/bin/sh\"\n\
                  args = [\"-c\", \"echo building {name}; /bin/sleep {sleep}; {end}\"]\n\
-                 inputs = {inputs:?}\n\n"
+                 inputs = {inputs:?}\n{}\n",
+                fixed.map_or("", String::as_str)
             ));
         }
         text
@@ -318,6 +362,26 @@ async fn statuses(db: &Db, evaluation: i64) -> BTreeMap<String, BuildStatus> {
     .collect()
 }
 
+/// The fixed-output job with the wrong hash failed, and what it says has
+/// the hash it declared and the hash of what it made.
+async fn fixed_output_mismatch_is_told(db: &Db) {
+    let build = db
+        .builds_of_evaluation(1)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| b.job == "badfod")
+        .expect("badfod is a job");
+    assert_eq!(build.status, BuildStatus::Failed);
+    let told = build.error.clone().unwrap_or_default();
+    let specified = wrong_fod_hash().to_sri();
+    let got = Hash::digest(HashAlgo::Sha256, fixed_content("badfod")).to_sri();
+    assert!(
+        told.contains(&specified) && told.contains(&got),
+        "badfod's failure does not give both hashes ({specified}, {got}): {build:?}"
+    );
+}
+
 async fn acceptance(setup: Setup) {
     let mut jobs = Jobs::new();
     setup.commit(&jobs, "fifty jobs");
@@ -340,7 +404,7 @@ async fn acceptance(setup: Setup) {
     assert!(out.contains("evaluation 1: succeeded"), "{out}");
     let db = setup.db().await;
     let first = statuses(&db, 1).await;
-    assert_eq!(first.len(), 50);
+    assert_eq!(first.len(), 53);
     for (job, status) in &first {
         assert_eq!(*status, jobs.expected_status(job), "job {job}");
     }
@@ -348,10 +412,11 @@ async fn acceptance(setup: Setup) {
     let ran1 = ran(&db, 1, &BTreeMap::new(), &logs1).await;
     assert_eq!(
         ran1.len(),
-        45,
+        48,
         "every job but the five after failures ran: {ran1:?}"
     );
     api_agrees_with_db(&setup, &db, 1).await;
+    fixed_output_mismatch_is_told(&db).await;
 
     // Three jobs change: only they and their dependents are built (and the
     // failed jobs are tried again, as in Cuirass).

@@ -11,13 +11,22 @@
 //! args = ["-c", "cc -o $out/bin/hello $hello_src/hello.c"]
 //! inputs = ["hello-src"]       # sources or other packages
 //! env = { CFLAGS = "-O2" }
+//!
+//! [packages.tarball]             # a fixed-output package (a download)
+//! builder = "/bin/sh"
+//! args = ["-c", "fetch … > $out"]
+//! hash = "sha256-…"              # SRI, or sha256:… in base16/nixbase32/base64
+//! hash-mode = "flat"             # or "recursive" (the default): a NAR hash
 //! ```
 //!
 //! Each input is passed to the builder as a variable named after it (`-`
 //! becomes `_`) holding its store path, and `${name}` in arguments and
 //! environment values is replaced by that path too. A package's outputs are
 //! `["out"]` unless `outputs` says otherwise; `system` defaults to this
-//! machine's.
+//! machine's. A package with a `hash` is a fixed-output derivation with the
+//! one output `out`, given `outputHash`, `outputHashAlgo` and
+//! `outputHashMode` as a Nix user would write them, so that the same package
+//! in Nix is the same `.drv`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

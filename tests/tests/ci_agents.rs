@@ -250,6 +250,7 @@ fn vm_jobs_run_on_the_agent_and_forged_results_are_rejected() {
                     "sandbox-paths".to_owned(),
                     "/bin/sh=/bin/busybox".to_owned(),
                 )]),
+                ..AgentsConfig::default()
             },
         ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

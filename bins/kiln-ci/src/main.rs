@@ -151,6 +151,8 @@ struct FileConfig {
     /// nix.conf settings sent with agent tasks (e.g. `sandbox-paths`).
     #[serde(default)]
     agent_task_settings: BTreeMap<String, String>,
+    /// Seconds before an unanswered agent task is taken back (default 3 hours).
+    agent_session_timeout_secs: Option<u64>,
 }
 
 fn parse_input(text: &str) -> Result<Input> {
@@ -464,6 +466,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 coordinator.clone(),
                 kiln_ci::agents::AgentsConfig {
                     task_settings: setup.file.agent_task_settings.clone(),
+                    session_timeout: setup
+                        .file
+                        .agent_session_timeout_secs
+                        .map(Duration::from_secs)
+                        .unwrap_or(kiln_ci::agents::AgentsConfig::default().session_timeout),
                 },
             ));
             let web = tokio::spawn(async move { axum::serve(listener, app).await });

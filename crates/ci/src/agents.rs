@@ -35,6 +35,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -90,8 +91,14 @@ pub enum AgentError {
     BadResult { build: i64, reason: String },
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error("build {build}: '{drv}' is not a derivation's store path: {reason}")]
+    BadDerivation {
+        build: i64,
+        drv: String,
+        reason: String,
+    },
     #[error("store: {0}")]
-    Store(#[from] kiln_store::StoreError),
+    Store(Box<kiln_store::StoreError>),
     #[error("{what} '{}': {source}", path.display())]
     Io {
         what: &'static str,
@@ -100,6 +107,12 @@ pub enum AgentError {
     },
     #[error("background task failed: {0}")]
     Join(String),
+}
+
+impl From<kiln_store::StoreError> for AgentError {
+    fn from(e: kiln_store::StoreError) -> AgentError {
+        AgentError::Store(Box::new(e))
+    }
 }
 
 impl AgentError {
@@ -113,6 +126,7 @@ impl AgentError {
             AgentError::UnknownSession(_) => StatusCode::NOT_FOUND,
             AgentError::BadResult { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Db(_)
+            | AgentError::BadDerivation { .. }
             | AgentError::Store(_)
             | AgentError::Io { .. }
             | AgentError::Join(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -135,11 +149,23 @@ impl IntoResponse for AgentError {
 type Result<T, E = AgentError> = std::result::Result<T, E>;
 
 /// How tasks are made.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AgentsConfig {
     /// `nix.conf` settings for the guest's build (e.g. `sandbox-paths`);
     /// `system-features` gets the build's required features added.
     pub task_settings: BTreeMap<String, String>,
+    /// A task not answered within this time is taken back (its build is
+    /// scheduled again), so that a vanished agent does not hold it forever.
+    pub session_timeout: Duration,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> AgentsConfig {
+        AgentsConfig {
+            task_settings: BTreeMap::new(),
+            session_timeout: Duration::from_secs(3 * 3600),
+        }
+    }
 }
 
 /// A task handed out and not yet answered.
@@ -150,6 +176,7 @@ struct Session {
     key: PublicKey,
     challenge: String,
     dir: PathBuf,
+    handed_out: Instant,
 }
 
 #[derive(Debug)]
@@ -226,6 +253,7 @@ async fn task(
     };
 
     let _one_at_a_time = c.handout.lock().await;
+    take_back_expired(&c).await?;
     let config = c.coordinator.config();
     let candidates: Vec<Build> = db
         .dispatchable_builds(256)
@@ -247,7 +275,8 @@ async fn task(
     let store = c.coordinator.store().clone();
     let drv = build.drv_path.clone();
     let inputs_file = dir.join("inputs");
-    blocking(move || write_inputs(&store, &drv, &inputs_file)).await?;
+    let id = build.id;
+    blocking(move || write_inputs(&store, id, &drv, &inputs_file)).await?;
 
     db.set_build_status(
         build.id,
@@ -291,6 +320,7 @@ async fn task(
             key,
             challenge: challenge.clone(),
             dir,
+            handed_out: Instant::now(),
         },
     );
     Ok(axum::Json(TaskResponse {
@@ -301,13 +331,52 @@ async fn task(
     }))
 }
 
+/// Schedules again the builds of sessions older than the timeout.
+async fn take_back_expired(c: &Controller) -> Result<()> {
+    let expired: Vec<Session> = {
+        let mut sessions = c.sessions.lock().expect("sessions lock");
+        let old: Vec<String> = sessions
+            .iter()
+            .filter(|(_, s)| s.handed_out.elapsed() > c.config.session_timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        old.iter().filter_map(|id| sessions.remove(id)).collect()
+    };
+    for s in expired {
+        tracing::warn!(build = s.build.id, agent = %s.agent, "agent did not answer in time; build scheduled again");
+        c.coordinator
+            .db()
+            .set_build_status(
+                s.build.id,
+                BuildStatus::Scheduled,
+                &StatusChange {
+                    error: Some(format!(
+                        "agent '{}' did not answer within {} s",
+                        s.agent,
+                        c.config.session_timeout.as_secs()
+                    )),
+                    ..StatusChange::default()
+                },
+            )
+            .await?;
+        let _ = tokio::fs::remove_dir_all(&s.dir).await;
+    }
+    Ok(())
+}
+
 /// The derivation's closure plus the valid outputs of the derivations in
 /// it (so that the guest builds only what is missing), as an export stream.
-fn write_inputs(store: &kiln_store::local::LocalStore, drv: &str, file: &Path) -> Result<()> {
+fn write_inputs(
+    store: &kiln_store::local::LocalStore,
+    build: i64,
+    drv: &str,
+    file: &Path,
+) -> Result<()> {
     let dir = store.store_dir();
-    let drv = dir.parse_path(drv).map_err(|e| AgentError::BadResult {
-        build: 0,
-        reason: format!("'{drv}' is not a store path: {e}"),
+    let drv = dir.parse_path(drv).map_err(|e| AgentError::BadDerivation {
+        build,
+        drv: drv.to_owned(),
+        reason: e.to_string(),
     })?;
     let start = StorePathSet::from([drv.clone()]);
     let mut paths = kiln_store::compute_closure(store, &start, false, false, false)?;
@@ -598,4 +667,221 @@ fn import_outputs(
         added.insert(info.path);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Agent;
+    use axum::body::Body;
+    use axum::http::Request;
+    use kiln_agent::protocol::{
+        BuildOutcome, InteractiveMode, MachineHeader, OutputInfo, ResultManifest, sign_challenge,
+    };
+    use kiln_formats::signature::SecretKey;
+    use tower::ServiceExt as _;
+
+    async fn call(app: &Router, method: &str, uri: &str, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
+        let response = app
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .method(method)
+                    .uri(uri)
+                    .header("host", "ci.example")
+                    .body(Body::from(body))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, body.to_vec())
+    }
+
+    fn request(key: &SecretKey) -> Vec<u8> {
+        serde_json::to_vec(&TaskRequest {
+            agent: key.name().into(),
+            toolchain_name: "kiln".into(),
+            toolchain_version: "0".into(),
+            instance: 1,
+            interactive: InteractiveMode::False,
+            fingerprint: key_fingerprint(&key.to_public()),
+            machines: vec![MachineHeader {
+                id: "m1".into(),
+                name: "vm-machine".into(),
+                summary: String::new(),
+            }],
+        })
+        .unwrap()
+    }
+
+    /// Without a VM: trust, hand-out, take-back after the timeout, forged
+    /// signatures, and a well-signed result whose NAR does not match.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn sessions_signatures_and_nar_checks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let recipe = tmp.path().join("ci.toml");
+        std::fs::write(
+            &recipe,
+            "[packages.on-vm]\nbuilder = \"/bin/sh\"\nargs = [\"-c\", \"echo x > $out\"]\n\
+             env = { requiredSystemFeatures = \"vm\" }\n",
+        )
+        .unwrap();
+        let mut config = Config::new(tmp.path().join("state"));
+        config.store_root = Some(tmp.path().join("store"));
+        config.agent_features = BTreeSet::from(["vm".to_owned()]);
+        let db = crate::db::Db::open(&tmp.path().join("ci.sqlite").to_string_lossy())
+            .await
+            .unwrap();
+        let coordinator = Coordinator::new(db.clone(), config).unwrap();
+        let key = SecretKey::generate("vm-agent").unwrap();
+        db.put_agent(&Agent {
+            name: "vm-agent".into(),
+            public_key: key.to_public().to_string(),
+            machines: vec![],
+            enabled: true,
+            registered_at: 0,
+            last_seen: None,
+        })
+        .await
+        .unwrap();
+        let jobs = crate::recipe_jobs::recipe_jobs(coordinator.store(), &recipe, "x86_64-linux")
+            .unwrap()
+            .into_iter()
+            .map(|l| crate::eval::Job {
+                attr: l.attr,
+                drv_path: l.drv_path,
+                outputs: l.outputs,
+                system: l.system,
+                error: None,
+            })
+            .collect();
+        let spec = crate::model::Specification {
+            name: "s".into(),
+            inputs: vec![],
+            eval_input: "src".into(),
+            evaluator: vec!["true".into()],
+            systems: vec![],
+            priority: 0,
+            period_secs: 0,
+            build_targets: Default::default(),
+            enabled: true,
+            created_at: 0,
+            updated_at: 0,
+        };
+        db.put_specification(&spec).await.unwrap();
+        let eval = db.create_evaluation("s").await.unwrap();
+        coordinator.register(eval, "s", 0, jobs).await.unwrap();
+        let id = db.builds_of_evaluation(eval).await.unwrap()[0].id;
+        // The embedded scheduler leaves it to agents.
+        assert_eq!(coordinator.dispatch_once().await.unwrap(), 0);
+
+        let app = router(
+            coordinator.clone(),
+            AgentsConfig {
+                session_timeout: Duration::ZERO,
+                ..AgentsConfig::default()
+            },
+        );
+        let stranger = SecretKey::generate("vm-agent").unwrap();
+        let (status, _) = call(&app, "POST", "/agent/task", request(&stranger)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+
+        let take = || async {
+            let (status, body) = call(&app, "POST", "/agent/task", request(&key)).await;
+            assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+            serde_json::from_slice::<TaskResponse>(&body).unwrap()
+        };
+        let first = take().await;
+        assert!(first.has_task());
+        assert!(
+            first
+                .result_url
+                .starts_with("http://ci.example/agent/result/")
+        );
+        assert_eq!(
+            db.build(id).await.unwrap().unwrap().status,
+            BuildStatus::Started
+        );
+        // With a zero timeout the next request takes the task back and hands it out anew.
+        let second = take().await;
+        assert!(second.has_task());
+        assert_ne!(first.session, second.session);
+        let path = |s: &TaskResponse| format!("/agent/result/{}", s.session);
+        assert_eq!(
+            call(&app, "POST", &path(&first), b"{}".to_vec()).await.0,
+            StatusCode::NOT_FOUND
+        );
+
+        let drv = second.task.as_ref().unwrap().derivations[0].clone();
+        let out = db.build(id).await.unwrap().unwrap().outputs["out"].clone();
+        let result = |signer: &SecretKey| {
+            serde_json::to_vec(&ResultRequest {
+                session: second.session.clone(),
+                challenge_signature: sign_challenge(signer, &second.session, &second.challenge),
+                agent: "vm-agent".into(),
+                result: ResultManifest {
+                    status: ResultStatus::Success,
+                    message: String::new(),
+                    builds: vec![BuildOutcome {
+                        drv: drv.clone(),
+                        status: "Built".into(),
+                        error: String::new(),
+                        outputs: BTreeMap::from([(
+                            "out".to_owned(),
+                            OutputInfo {
+                                path: out.clone(),
+                                nar_hash: Hash::digest(HashAlgo::Sha256, b"other").to_string(),
+                                nar_size: 4,
+                                references: vec![],
+                            },
+                        )]),
+                    }],
+                    timings: BTreeMap::new(),
+                },
+            })
+            .unwrap()
+        };
+        let (status, _) = call(&app, "POST", &path(&second), result(&stranger)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            db.build(id).await.unwrap().unwrap().status,
+            BuildStatus::Scheduled
+        );
+
+        // Well signed, but the uploaded NAR is not what the manifest claims.
+        let third = take().await;
+        let name = out.rsplit('/').next().unwrap();
+        let (status, _) = call(
+            &app,
+            "PUT",
+            &format!("/agent/result/{}/nar/{name}", third.session),
+            b"nope".to_vec(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let body = String::from_utf8(result(&key))
+            .unwrap()
+            .replace(&second.session, &third.session);
+        let mut parsed: ResultRequest = serde_json::from_str(&body).unwrap();
+        parsed.challenge_signature = sign_challenge(&key, &third.session, &third.challenge);
+        let (status, body) = call(
+            &app,
+            "POST",
+            &path(&third),
+            serde_json::to_vec(&parsed).unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(String::from_utf8_lossy(&body).contains("the manifest says"));
+        let build = db.build(id).await.unwrap().unwrap();
+        assert_eq!(build.status, BuildStatus::FailedOther);
+        assert_eq!(build.machine.as_deref(), Some("vm-agent"));
+        let agents = db.agents().await.unwrap();
+        assert_eq!(agents[0].machines, ["vm-machine"]);
+        assert!(agents[0].last_seen.is_some());
+    }
 }

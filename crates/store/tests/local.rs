@@ -420,6 +420,13 @@ fn gc_keeps_paths_running_processes_use() {
         )
         .spawn()
         .expect("cannot run sleep");
+    // Until `sleep` is exec'd, /proc shows the forked test's environment.
+    let environ = format!("/proc/{}/environ", child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read(&environ).is_ok_and(|env| env.windows(10).any(|w| w == b"SOME_PATH=")) {
+        assert!(std::time::Instant::now() < deadline, "sleep never started");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let roots = store.find_roots().unwrap();
     let dead = store
         .collect_garbage(&GcOptions {

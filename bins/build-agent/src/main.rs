@@ -349,7 +349,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("build-agent: error: {}", kiln_formats::report::chain(e.as_ref()));
+            eprintln!(
+                "build-agent: error: {}",
+                kiln_formats::report::chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

@@ -72,7 +72,10 @@ fn main() -> ExitCode {
     match res {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("offload-hook: error: {}", kiln_formats::report::chain(e.as_ref()));
+            eprintln!(
+                "offload-hook: error: {}",
+                kiln_formats::report::chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

@@ -60,7 +60,10 @@ fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("store-daemon: error: {}", kiln_formats::report::chain(e.as_ref()));
+            eprintln!(
+                "store-daemon: error: {}",
+                kiln_formats::report::chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

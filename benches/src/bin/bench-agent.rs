@@ -56,30 +56,6 @@ fn run_agent(
     )
 }
 
-/// Binary `bin` of `package` beside this benchmark (same profile), built
-/// first so a stale one is never measured. (`kiln_e2e::workspace_bin`
-/// expects a test executable under `deps/`, which a bench is not.)
-/// `KILN_BENCH_PREBUILT=1` skips the build.
-fn profile_bin(package: &str, bin: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("the benchmark has a path");
-    let dir = exe.parent().expect("target/<profile>").to_owned();
-    // For re-runs while others hold cargo's build lock: measure what is built.
-    if std::env::var_os("KILN_BENCH_PREBUILT").is_some() {
-        return dir.join(bin);
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "-p", package, "--bin", bin]);
-    if dir.ends_with("release") {
-        build.arg("--release");
-    }
-    let status = build
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run cargo to build {bin}: {e}"));
-    assert!(status.success(), "building {bin} failed");
-    dir.join(bin)
-}
-
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     let nix = NixStore::new();
@@ -100,7 +76,7 @@ fn main() {
     let export = dir.path().join("inputs.export");
     std::fs::write(&export, nix.run_bytes("nix-store", &args, b"").unwrap()).unwrap();
 
-    let bin = profile_bin("build-agent", "build-agent");
+    let bin = kiln_benches::profile_bin("build-agent", "build-agent");
     let machines = dir.path().join("machines");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)

@@ -10,46 +10,11 @@
 //! store of its own first (untimed, with `--dry-run`), so both time only
 //! the builds. A seed in every derivation makes each run build afresh.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kiln_e2e::NixStore;
-
-fn kiln_bin() -> PathBuf {
-    // This program lives in target/<profile>/; so does kiln once built.
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "-p", "kiln", "--bin", "kiln"]);
-    if dir.ends_with("release") {
-        build.arg("--release");
-    }
-    assert!(build.status().unwrap().success(), "building kiln failed");
-    dir.join("kiln")
-}
-
-fn wide_nix(seed: u64, n: usize) -> String {
-    format!(
-        r#"let
-  mk = i: derivation {{
-    name = "wide-${{toString i}}";
-    builder = "/bin/sh";
-    args = [ "-c" "echo {seed}-${{toString i}} > $out" ];
-    system = builtins.currentSystem;
-  }};
-  leaves = builtins.genList mk {n};
-in derivation {{
-  name = "wide-top";
-  builder = "/bin/sh";
-  args = [ "-c" "echo $leaves > $out" ];
-  leaves = leaves;
-  system = builtins.currentSystem;
-}}
-"#
-    )
-}
 
 fn deep_nix(seed: u64, n: usize) -> String {
     format!(
@@ -122,12 +87,12 @@ fn main() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let kiln = kiln_bin();
+    let kiln = kiln_benches::profile_bin("kiln", "kiln");
     let cases = [
         Case {
             name: "wide (1,000 + 1, -j2)",
             count: 1001,
-            expr: wide_nix(seed, 1000),
+            expr: kiln_benches::wide_nix(seed, 1000),
         },
         Case {
             name: "deep (chain of 300)",

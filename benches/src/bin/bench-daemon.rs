@@ -10,7 +10,7 @@
 //!
 //! `cargo xtask bench daemon -- query` (or `-- wide`) runs one part only.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,29 +27,6 @@ const PATHS: usize = 10_000;
 const CLIENTS: usize = 32;
 const QUERY_TIME: Duration = Duration::from_secs(5);
 const WIDE: usize = 1_000;
-
-fn store_daemon_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-        "build",
-        "--quiet",
-        "-p",
-        "store-daemon",
-        "--bin",
-        "store-daemon",
-    ]);
-    if dir.ends_with("release") {
-        build.arg("--release");
-    }
-    assert!(
-        build.status().unwrap().success(),
-        "building store-daemon failed"
-    );
-    dir.join("store-daemon")
-}
 
 fn sandbox_paths(nix: &NixStore) -> String {
     let conf = std::fs::read_to_string(nix.conf_dir().join("nix.conf")).unwrap();
@@ -87,7 +64,7 @@ fn wait_for(socket: &Path, child: &mut Child) {
 }
 
 fn start_kiln(root: &Path, socket: &Path, nix: &NixStore) -> Running {
-    let mut child = Command::new(store_daemon_bin())
+    let mut child = Command::new(kiln_benches::profile_bin("store-daemon", "store-daemon"))
         .arg("--store")
         .arg(format!("local?root={}", root.display()))
         .arg("--socket")
@@ -149,27 +126,6 @@ fn query_rate(socket: &Path, paths: &Arc<Vec<StorePath>>) -> f64 {
         t.join().unwrap();
     }
     done as f64 / elapsed.as_secs_f64()
-}
-
-fn wide_nix(seed: u64, n: usize) -> String {
-    format!(
-        r#"let
-  mk = i: derivation {{
-    name = "wide-${{toString i}}";
-    builder = "/bin/sh";
-    args = [ "-c" "echo {seed}-${{toString i}} > $out" ];
-    system = builtins.currentSystem;
-  }};
-  leaves = builtins.genList mk {n};
-in derivation {{
-  name = "wide-top";
-  builder = "/bin/sh";
-  args = [ "-c" "echo $leaves > $out" ];
-  leaves = leaves;
-  system = builtins.currentSystem;
-}}
-"#
-    )
 }
 
 /// `nix-build -j2` of the wide graph through the daemon at `url`.
@@ -274,7 +230,7 @@ fn bench_wide(work: &Path) {
         .unwrap()
         .as_nanos() as u64;
     let file = work.join("wide.nix");
-    std::fs::write(&file, wide_nix(seed, WIDE)).unwrap();
+    std::fs::write(&file, kiln_benches::wide_nix(seed, WIDE)).unwrap();
     let client = NixStore::new();
     let kiln_wide_root = work.join("kiln-wide");
     let kiln_wide_socket = work.join("kiln-wide.sock");

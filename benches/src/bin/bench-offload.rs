@@ -46,7 +46,8 @@ impl Drop for Remote {
     }
 }
 
-fn start_remote(base: &Path, n: usize, kind: &str, client_pub: &Path) -> Remote {
+/// `daemon` is Kiln's `store-daemon`, run by a `kiln` remote.
+fn start_remote(base: &Path, n: usize, kind: &str, client_pub: &Path, daemon: &Path) -> Remote {
     let dir = base.join(format!("r{n}"));
     std::fs::create_dir_all(dir.join("root")).unwrap();
     std::fs::create_dir_all(dir.join("etc")).unwrap();
@@ -66,7 +67,7 @@ fn start_remote(base: &Path, n: usize, kind: &str, client_pub: &Path) -> Remote 
     let script = match kind {
         "kiln" => format!(
             "#!/bin/sh\nexec {} --store 'local?root={}' --option sandbox-paths '/bin /usr /lib /lib64?' \"$@\"\n",
-            profile_bin("store-daemon", "store-daemon").display(),
+            daemon.display(),
             dir.join("root").display()
         ),
         _ => format!(
@@ -171,35 +172,11 @@ fn make_closure(
     prev.unwrap()
 }
 
-/// Binary `bin` of `package` beside this benchmark (same profile), built
-/// first so a stale one is never measured. (`kiln_e2e::workspace_bin`
-/// expects a test executable under `deps/`, which a bench is not.)
-/// `KILN_BENCH_PREBUILT=1` skips the build.
-fn profile_bin(package: &str, bin: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("the benchmark has a path");
-    let dir = exe.parent().expect("target/<profile>").to_owned();
-    // For re-runs while others hold cargo's build lock: measure what is built.
-    if std::env::var_os("KILN_BENCH_PREBUILT").is_some() {
-        return dir.join(bin);
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "-p", package, "--bin", bin]);
-    if dir.ends_with("release") {
-        build.arg("--release");
-    }
-    let status = build
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run cargo to build {bin}: {e}"));
-    assert!(status.success(), "building {bin} failed");
-    dir.join(bin)
-}
-
 fn main() {
     // Built (or found up to date) before anything is timed.
-    let kiln = profile_bin("kiln", "kiln");
-    let hook = profile_bin("offload-hook", "offload-hook");
-    profile_bin("store-daemon", "store-daemon");
+    let kiln = kiln_benches::profile_bin("kiln", "kiln");
+    let hook = kiln_benches::profile_bin("offload-hook", "offload-hook");
+    let daemon = kiln_benches::profile_bin("store-daemon", "store-daemon");
     let base = tempfile::Builder::new()
         .prefix("kiln-bench-offload-")
         .tempdir()
@@ -232,8 +209,8 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
     drop(src);
-    let r_kiln = start_remote(base, 0, "kiln", &key_pub);
-    let r_nix = start_remote(base, 1, "nix", &key_pub);
+    let r_kiln = start_remote(base, 0, "kiln", &key_pub, &daemon);
+    let r_nix = start_remote(base, 1, "nix", &key_pub, &daemon);
     let src = LocalStore::open_root(&src_root).unwrap();
     let m = &parse_builders(
         &line(&r_kiln, &key, "bin/store-daemon", 1),
@@ -323,7 +300,7 @@ fn main() {
 
     // 2. Wide graph on three remotes running nix-store --serve.
     let remotes: Vec<Remote> = (2..5)
-        .map(|n| start_remote(base, n, "nix", &key_pub))
+        .map(|n| start_remote(base, n, "nix", &key_pub, &daemon))
         .collect();
     let machines = base.join("machines");
     let text: Vec<String> = remotes

@@ -11,7 +11,6 @@ mod agent_common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,55 +60,6 @@ fn instantiate() -> Derivations {
         drvs.insert(attr.to_owned(), out.trim().to_owned());
     }
     Derivations { nix, drvs }
-}
-
-/// Output path → NAR hash from a local `kiln build` (with the `vm` feature
-/// granted) of the VM jobs.
-fn local_hashes(d: &Derivations) -> BTreeMap<String, String> {
-    let root = tempfile::tempdir().unwrap();
-    let url = format!("local?root={}", root.path().display());
-    let conf = std::fs::read_to_string(d.nix.conf_dir().join("nix.conf")).unwrap();
-    let sandbox = conf
-        .lines()
-        .find_map(|l| l.strip_prefix("sandbox-paths = "))
-        .unwrap()
-        .to_owned();
-    let drvs: Vec<_> = VM_JOBS
-        .iter()
-        .map(|a| d.nix.physical(&d.drvs[*a]))
-        .collect();
-    let run = Command::new(kiln_e2e::kiln_bin())
-        .args(["build", "--store", &url, "--no-out-link"])
-        .args(["--option", "sandbox-paths", &sandbox])
-        .args(["--option", "system-features", "vm"])
-        .args(&drvs)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "local kiln build failed: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let mut hashes = BTreeMap::new();
-    for attr in VM_JOBS {
-        let outs = d
-            .nix
-            .nix_store(["--query", "--outputs", &d.drvs[attr]])
-            .unwrap();
-        for out in outs.lines() {
-            let hash = d
-                .nix
-                .nix_store(["--store", &url, "--query", "--hash", out])
-                .unwrap();
-            hashes.insert(out.to_owned(), hash.trim().to_owned());
-        }
-    }
-    let _ = Command::new("chmod")
-        .arg("-R")
-        .arg("u+w")
-        .arg(root.path())
-        .status();
-    hashes
 }
 
 fn spec() -> Specification {
@@ -180,7 +130,9 @@ fn vm_jobs_run_on_the_agent_and_forged_results_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let machines = machines_dir(dir.path());
     let derivations = instantiate();
-    let expected = local_hashes(&derivations);
+    // The local build is granted the `vm` feature the agent's jobs require.
+    let expected =
+        derivations.local_kiln_build_with(&VM_JOBS, &["--option", "system-features", "vm"]);
     let (key, key_path) = agent_key(dir.path(), "ci-agent");
 
     // The CI store gets the .drv closures, as an evaluation would leave them.

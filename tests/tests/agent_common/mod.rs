@@ -357,6 +357,15 @@ impl Derivations {
 
     /// Output path → NAR hash from a local `kiln build` of `attrs`.
     pub fn local_kiln_build(&self, attrs: &[&str]) -> BTreeMap<String, String> {
+        self.local_kiln_build_with(attrs, &[])
+    }
+
+    /// As [`Self::local_kiln_build`], with `extra` arguments to `kiln build`.
+    pub fn local_kiln_build_with(
+        &self,
+        attrs: &[&str],
+        extra: &[&str],
+    ) -> BTreeMap<String, String> {
         let kiln = kiln_e2e::kiln_bin();
         let root = tempfile::tempdir().unwrap();
         let url = format!("local?root={}", root.path().display());
@@ -380,6 +389,7 @@ impl Derivations {
                 "sandbox-paths",
                 &sandbox,
             ])
+            .args(extra)
             .args(&drvs)
             .output()
             .unwrap();

@@ -23,7 +23,7 @@ use kiln_ci::agents::AgentsConfig;
 use kiln_ci::coordinator::{Config, Coordinator};
 use kiln_ci::db::Db;
 use kiln_ci::eval::Job;
-use kiln_ci::model::{Agent, BuildStatus, BuildTargets, GitRef, Input, Specification};
+use kiln_ci::model::{Agent, BuildStatus, Input, Specification};
 use kiln_formats::signature::SecretKey;
 use kiln_store::Store as _;
 
@@ -64,21 +64,12 @@ fn instantiate() -> Derivations {
 
 fn spec() -> Specification {
     Specification {
-        name: "vm".into(),
-        inputs: vec![Input {
-            name: "src".into(),
-            url: "/nowhere".into(),
-            reference: GitRef::Branch("main".into()),
-        }],
-        eval_input: "src".into(),
-        evaluator: vec!["true".into()],
-        systems: vec![],
         priority: 1,
-        period_secs: 0,
-        build_targets: BuildTargets::All,
-        enabled: true,
-        created_at: 0,
-        updated_at: 0,
+        ..Specification::new(
+            "vm",
+            vec![Input::branch("src", "/nowhere", "main")],
+            vec!["true".into()],
+        )
     }
 }
 

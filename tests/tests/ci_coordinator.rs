@@ -11,7 +11,7 @@ use std::time::Duration;
 use kiln_ci::coordinator::{Config, Coordinator};
 use kiln_ci::db::Db;
 use kiln_ci::eval::Job;
-use kiln_ci::model::{BuildStatus, BuildTargets, GitRef, Input, Specification};
+use kiln_ci::model::{BuildStatus, Input, Specification};
 
 const RECIPE: &str = r#"
 [packages.good]
@@ -40,21 +40,12 @@ system = "riscv64-plan9"
 
 fn spec() -> Specification {
     Specification {
-        name: "lib".into(),
-        inputs: vec![Input {
-            name: "src".into(),
-            url: "/nowhere".into(),
-            reference: GitRef::Branch("main".into()),
-        }],
-        eval_input: "src".into(),
-        evaluator: vec!["true".into()],
-        systems: vec![],
         priority: 3,
-        period_secs: 0,
-        build_targets: BuildTargets::All,
-        enabled: true,
-        created_at: 0,
-        updated_at: 0,
+        ..Specification::new(
+            "lib",
+            vec![Input::branch("src", "/nowhere", "main")],
+            vec!["true".into()],
+        )
     }
 }
 

@@ -13,9 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_ci::db::{Db, StatusChange};
-use kiln_ci::model::{
-    BuildStatus, BuildTargets, Checkout, EvaluationStatus, GitRef, Input, NewBuild, Specification,
-};
+use kiln_ci::model::{BuildStatus, Checkout, EvaluationStatus, Input, NewBuild, Specification};
 use kiln_ci::web::{AppState, LiveLogs, router};
 
 /// Debian's Chromium; a test that needs it fails without it.
@@ -122,21 +120,12 @@ fn build_rows(dom: &str) -> BTreeMap<i64, (String, String)> {
 
 fn spec() -> Specification {
     Specification {
-        name: "web".into(),
-        inputs: vec![Input {
-            name: "src".into(),
-            url: "/srv/git/web".into(),
-            reference: GitRef::Branch("main".into()),
-        }],
-        eval_input: "src".into(),
-        evaluator: vec!["kiln-ci".into(), "eval-recipe".into()],
-        systems: vec![],
         priority: 3,
-        period_secs: 0,
-        build_targets: BuildTargets::All,
-        enabled: true,
-        created_at: 0,
-        updated_at: 0,
+        ..Specification::new(
+            "web",
+            vec![Input::branch("src", "/srv/git/web", "main")],
+            vec!["kiln-ci".into(), "eval-recipe".into()],
+        )
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use kiln_ci::coordinator::{Config, Coordinator, fair_share};
 use kiln_ci::db::{Db, StatusChange};
 use kiln_ci::eval::Job;
-use kiln_ci::model::{BuildStatus, BuildTargets, EvaluationStatus, Input, Specification};
+use kiln_ci::model::{BuildStatus, EvaluationStatus, Input, Specification};
 use kiln_ci::testing::TempPostgres;
 
 fn recipe(jobs: usize) -> String {
@@ -49,21 +49,12 @@ async fn run(
     config.store_root = Some(store_root.to_owned());
     let coordinator = Coordinator::new(db.clone(), config).expect("coordinator");
     db.put_specification(&Specification {
-        name: "bench".into(),
-        inputs: vec![Input {
-            name: "src".into(),
-            url: "/dev/null".into(),
-            reference: kiln_ci::model::GitRef::Branch("main".into()),
-        }],
-        eval_input: "src".into(),
-        evaluator: vec!["true".into()],
-        systems: vec![],
         priority: 5,
-        period_secs: 0,
-        build_targets: BuildTargets::All,
-        enabled: true,
-        created_at: 0,
-        updated_at: 0,
+        ..Specification::new(
+            "bench",
+            vec![Input::branch("src", "/dev/null", "main")],
+            vec!["true".into()],
+        )
     })
     .await
     .unwrap();

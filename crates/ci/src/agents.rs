@@ -760,17 +760,8 @@ mod tests {
             })
             .collect();
         let spec = crate::model::Specification {
-            name: "s".into(),
-            inputs: vec![],
             eval_input: "src".into(),
-            evaluator: vec!["true".into()],
-            systems: vec![],
-            priority: 0,
-            period_secs: 0,
-            build_targets: Default::default(),
-            enabled: true,
-            created_at: 0,
-            updated_at: 0,
+            ..crate::model::Specification::new("s", vec![], vec!["true".into()])
         };
         db.put_specification(&spec).await.unwrap();
         let eval = db.create_evaluation("s").await.unwrap();

@@ -538,24 +538,15 @@ mod tests {
             commit: "c".into(),
         };
         let mut spec = Specification {
-            name: "s".into(),
-            inputs: vec![],
             eval_input: "src".into(),
-            evaluator: vec![
+            ..Specification::new("s", vec![], vec![
                 "sh".into(),
                 "-c".into(),
                 r#"echo "evaluating in $PWD with $KILN_CI_INPUT_SRC" >&2
 echo '{"attr":"a","drvPath":"/nix/store/x-a.drv","outputs":{"out":"/nix/store/y-a"},"system":"x86_64-linux"}'
 echo '{"attr":"b","error":"undefined variable"}'"#
                     .into(),
-            ],
-            systems: vec![],
-            priority: 0,
-            period_secs: 0,
-            build_targets: Default::default(),
-            enabled: true,
-            created_at: 0,
-            updated_at: 0,
+            ])
         };
         let checkouts = vec![(checkout, tmp.path().to_owned())];
         let out = run_evaluator(&spec, &checkouts, &[], &log).unwrap();

@@ -114,6 +114,42 @@ fn yes() -> bool {
     true
 }
 
+impl Specification {
+    /// A specification with the defaults of `kiln-ci spec add`: evaluated in
+    /// its first input, all systems and jobs, priority 0, on demand only,
+    /// enabled. The time stamps are set by the database.
+    pub fn new(name: impl Into<String>, inputs: Vec<Input>, evaluator: Vec<String>) -> Self {
+        Specification {
+            name: name.into(),
+            eval_input: inputs.first().map(|i| i.name.clone()).unwrap_or_default(),
+            inputs,
+            evaluator,
+            systems: Vec::new(),
+            priority: 0,
+            period_secs: 0,
+            build_targets: BuildTargets::All,
+            enabled: true,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+}
+
+impl Input {
+    /// Input `name`: the repository at `url`, on `branch`.
+    pub fn branch(
+        name: impl Into<String>,
+        url: impl Into<String>,
+        branch: impl Into<String>,
+    ) -> Self {
+        Input {
+            name: name.into(),
+            url: url.into(),
+            reference: GitRef::Branch(branch.into()),
+        }
+    }
+}
+
 /// How far an evaluation got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]

@@ -3,26 +3,18 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::model::GitRef;
 use crate::testing::TempPostgres;
 
 fn spec(name: &str) -> Specification {
     Specification {
-        name: name.into(),
-        inputs: vec![Input {
-            name: "src".into(),
-            url: "/srv/git/src".into(),
-            reference: GitRef::Branch("main".into()),
-        }],
-        eval_input: "src".into(),
-        evaluator: vec!["kiln-ci".into(), "eval-recipe".into(), "ci.toml".into()],
         systems: vec!["x86_64-linux".into()],
         priority: 5,
         period_secs: 60,
-        build_targets: BuildTargets::All,
-        enabled: true,
-        created_at: 0,
-        updated_at: 0,
+        ..Specification::new(
+            name,
+            vec![Input::branch("src", "/srv/git/src", "main")],
+            vec!["kiln-ci".into(), "eval-recipe".into(), "ci.toml".into()],
+        )
     }
 }
 

@@ -111,27 +111,15 @@ mod tests {
 
     use super::*;
     use crate::db::StatusChange;
-    use crate::model::{BuildTargets, GitRef, Input, NewBuild, Specification};
+    use crate::model::{Input, NewBuild, Specification};
     use crate::testing::TempPostgres;
 
     async fn exercise(db: Db) {
-        db.put_specification(&Specification {
-            name: "s".into(),
-            inputs: vec![Input {
-                name: "src".into(),
-                url: "/srv/src".into(),
-                reference: GitRef::Branch("main".into()),
-            }],
-            eval_input: "src".into(),
-            evaluator: vec!["eval".into()],
-            systems: vec![],
-            priority: 0,
-            period_secs: 0,
-            build_targets: BuildTargets::All,
-            enabled: true,
-            created_at: 0,
-            updated_at: 0,
-        })
+        db.put_specification(&Specification::new(
+            "s",
+            vec![Input::branch("src", "/srv/src", "main")],
+            vec!["eval".into()],
+        ))
         .await
         .unwrap();
         let empty = db.build_duration_histogram(&[1, 10]).await.unwrap();

@@ -12,8 +12,7 @@ use tower::ServiceExt as _;
 use super::{AppState, LiveLogs, router};
 use crate::db::{Db, StatusChange};
 use crate::model::{
-    Agent, BuildStatus, BuildTargets, Checkout, EvaluationStatus, GitRef, Input, NewBuild,
-    Specification,
+    Agent, BuildStatus, Checkout, EvaluationStatus, Input, NewBuild, Specification,
 };
 
 /// The database and what the tests look up in it.
@@ -28,21 +27,12 @@ struct Fixture {
 
 fn spec(name: &str) -> Specification {
     Specification {
-        name: name.into(),
-        inputs: vec![Input {
-            name: "src".into(),
-            url: "/srv/git/src".into(),
-            reference: GitRef::Branch("main".into()),
-        }],
-        eval_input: "src".into(),
-        evaluator: vec!["kiln-ci".into(), "eval-recipe".into()],
-        systems: vec![],
         priority: 5,
-        period_secs: 0,
-        build_targets: BuildTargets::All,
-        enabled: true,
-        created_at: 0,
-        updated_at: 0,
+        ..Specification::new(
+            name,
+            vec![Input::branch("src", "/srv/git/src", "main")],
+            vec!["kiln-ci".into(), "eval-recipe".into()],
+        )
     }
 }
 

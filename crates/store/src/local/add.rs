@@ -371,18 +371,21 @@ impl LocalStore {
         self.lock_rooted_path(path)
     }
 
-    /// Takes the lock of `path`, a temporary root already, waiting for it.
-    fn lock_rooted_path(&self, path: &StorePath) -> Result<PathLock, StoreError> {
-        if self
-            .locks_held_by_parent
+    /// The lock of `path` when our parent holds it for us (see
+    /// [`LocalStore::assume_locks_held_by_parent`]): taking it ourselves
+    /// would wait for the parent, which waits for us.
+    fn lock_held_by_parent(&self, path: &StorePath) -> Option<PathLock> {
+        self.locks_held_by_parent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(path)
-        {
-            return Ok(PathLock::held_by_parent(&PathLock::lock_path_for(
-                &self.real_store,
-                path,
-            )));
+            .then(|| PathLock::held_by_parent(&PathLock::lock_path_for(&self.real_store, path)))
+    }
+
+    /// Takes the lock of `path`, a temporary root already, waiting for it.
+    fn lock_rooted_path(&self, path: &StorePath) -> Result<PathLock, StoreError> {
+        if let Some(held) = self.lock_held_by_parent(path) {
+            return Ok(held);
         }
         Ok(
             PathLock::acquire(&PathLock::lock_path_for(&self.real_store, path), true)?
@@ -739,6 +742,9 @@ impl LocalStore {
         durability: Durability,
         infos: &mut std::collections::HashMap<StorePath, PathInfo>,
     ) -> Result<PathLock, StoreError> {
+        if let Some(held) = self.lock_held_by_parent(path) {
+            return Ok(held);
+        }
         let lock_path = PathLock::lock_path_for(&self.real_store, path);
         if let Some(lock) = PathLock::acquire(&lock_path, false)? {
             return Ok(lock);

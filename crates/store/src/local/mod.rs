@@ -76,6 +76,18 @@ pub struct LocalStore {
     _big_lock: FileLock,
 }
 
+/// The store paths in `NIX_HELD_LOCKS` (whitespace-separated, as Nix
+/// reads it): a build hook that registers outputs through a child process
+/// (`kiln store import`) tells it this way that their locks are held by
+/// the scheduler above. Anything that is not a store path is ignored.
+fn held_locks_from_environment(store_dir: &StoreDir) -> std::collections::BTreeSet<StorePath> {
+    std::env::var("NIX_HELD_LOCKS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| store_dir.parse_path(p).ok())
+        .collect()
+}
+
 impl LocalStore {
     /// Opens (creating on first use) the store `config` describes.
     pub fn open(config: LocalStoreConfig) -> Result<LocalStore, StoreError> {
@@ -103,6 +115,7 @@ impl LocalStore {
             .expect("waiting lock acquisition always succeeds");
         let db = Db::open(&db_dir, &config.store_dir)?;
         let readers = db::ReadPool::new(&db_dir, &config.store_dir);
+        let held_locks = held_locks_from_environment(&config.store_dir);
         Ok(LocalStore {
             config,
             real_store,
@@ -111,7 +124,7 @@ impl LocalStore {
             readers,
             temp_roots: OnceLock::new(),
             tmp_counter: AtomicU64::new(0),
-            locks_held_by_parent: Mutex::default(),
+            locks_held_by_parent: Mutex::new(held_locks),
             _big_lock: big_lock,
         })
     }

@@ -4,8 +4,13 @@
 //! Connections are pooled: each call takes an idle connection (or opens
 //! one), so the store can be shared between threads and calls from many
 //! threads run concurrently, one connection each.
+//!
+//! Besides the [`Store`] operations, [`DaemonStore::build_paths_with_results`]
+//! asks the daemon to build (Nix's `BuildPathsWithResults`, or `BuildPaths`
+//! on daemons older than 1.34) and reports each build's start, log lines and
+//! end as [`BuildEvent`]s while the request runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -13,10 +18,13 @@ use std::sync::Mutex;
 
 use kiln_formats::hash::{HashAlgo, HashingWriter};
 use kiln_formats::store_path::{StoreDir, StorePath, StorePathSet};
+use kiln_scheduler::result::{BuildResult, BuildStatus};
 use kiln_store::{AddOptions, PathInfo, Store, StoreError};
 
 use crate::wire::{self, FramedWriter};
-use crate::worker::{self, DecodeError, LogMessage, Op, Version, minor};
+use crate::worker::{
+    self, BuildMode, DecodeError, DerivedPath, LogMessage, Op, Version, WireBuildResult, minor,
+};
 
 /// The socket of the machine's daemon.
 pub const DEFAULT_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
@@ -52,11 +60,149 @@ fn decode_err(e: DecodeError) -> StoreError {
     }
 }
 
+/// The action of errors the daemon reported (as opposed to a broken
+/// connection).
+const REMOTE_ACTION: &str = "complete the operation in the daemon";
+
 /// The daemon reported a failure.
 fn remote_err(message: String) -> StoreError {
     StoreError::Stream {
-        action: "complete the operation in the daemon",
+        action: REMOTE_ACTION,
         source: io::Error::other(message),
+    }
+}
+
+/// Whether `error` means the daemon could not be reached or the connection
+/// broke (worth trying again once the daemon is back), rather than an
+/// answer of the daemon's.
+pub fn is_connection_error(error: &StoreError) -> bool {
+    match error {
+        StoreError::Io { action, .. } => *action == "connect to the daemon socket",
+        StoreError::Stream { action, .. } => *action != REMOTE_ACTION,
+        _ => false,
+    }
+}
+
+/// Settings a client sends (`SetOptions`) before asking for builds, as
+/// Nix's `ClientSettings`. The daemon applies `max_build_jobs`,
+/// `build_cores` and restricted `overrides` only for trusted clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildOptions {
+    /// Build what can be built when some builds fail.
+    pub keep_going: bool,
+    pub keep_failed: bool,
+    /// Builds at once.
+    pub max_build_jobs: u64,
+    /// Seconds without log output before a build is killed (0: no limit).
+    pub max_silent_time: u64,
+    /// `NIX_BUILD_CORES` of the builds (0: all).
+    pub build_cores: u64,
+    pub use_substitutes: bool,
+    /// Further `nix.conf` settings (`timeout`, `max-build-log-size`, …).
+    pub overrides: BTreeMap<String, String>,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            keep_going: false,
+            keep_failed: false,
+            max_build_jobs: 1,
+            max_silent_time: 0,
+            build_cores: 0,
+            use_substitutes: true,
+            overrides: BTreeMap::new(),
+        }
+    }
+}
+
+/// Nix's verbosity levels sent in `SetOptions`.
+const LVL_ERROR: u64 = 0;
+const LVL_INFO: u64 = 3;
+
+/// What a build request reports while it runs, from the daemon's log
+/// frames (`STDERR_START_ACTIVITY`, `_RESULT`, `_STOP_ACTIVITY`, `_NEXT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildEvent {
+    /// A build of `drv` started as `activity`; `machine` names the remote
+    /// machine when the daemon offloaded it.
+    Started {
+        activity: u64,
+        drv: StorePath,
+        machine: Option<String>,
+    },
+    /// A line of a build's log (without its newline).
+    LogLine { activity: u64, line: String },
+    /// The build `activity` of `drv` ended; how it ended comes with the
+    /// request's results (or the outputs' validity tells).
+    Stopped { activity: u64, drv: StorePath },
+    /// A message for people (warnings, errors of dependencies).
+    Message(String),
+}
+
+/// A build's result as the daemon sends it: Nix's `BuildResult` with the
+/// target it answers for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonBuildResult {
+    pub target: DerivedPath,
+    /// Status, error message, start and stop time, built outputs (as the
+    /// negotiated version sends them), times built, non-determinism.
+    pub result: WireBuildResult,
+}
+
+/// Follows a request's build activities to turn log frames into events.
+struct EventStream<'a> {
+    store_dir: &'a StoreDir,
+    builds: HashMap<u64, StorePath>,
+    sink: &'a mut dyn FnMut(BuildEvent),
+}
+
+impl EventStream<'_> {
+    /// Passes on what `message` tells about builds; false for messages
+    /// that are not about builds.
+    fn take(&mut self, message: &LogMessage) -> bool {
+        match message {
+            LogMessage::StartActivity {
+                id, kind, fields, ..
+            } if *kind == worker::ACT_BUILD => {
+                let text = |i: usize| match fields.get(i) {
+                    Some(worker::Field::Str(s)) => Some(s.as_str()),
+                    _ => None,
+                };
+                let Some(drv) = text(0).and_then(|p| self.store_dir.parse_path(p).ok()) else {
+                    return false;
+                };
+                let machine = text(1).filter(|m| !m.is_empty()).map(str::to_owned);
+                self.builds.insert(*id, drv.clone());
+                (self.sink)(BuildEvent::Started {
+                    activity: *id,
+                    drv,
+                    machine,
+                });
+                true
+            }
+            LogMessage::Result { id, kind, fields } if *kind == worker::RES_BUILD_LOG_LINE => {
+                if let Some(worker::Field::Str(line)) = fields.first() {
+                    (self.sink)(BuildEvent::LogLine {
+                        activity: *id,
+                        line: line.trim_end_matches('\n').to_owned(),
+                    });
+                }
+                true
+            }
+            LogMessage::StopActivity { id } => match self.builds.remove(id) {
+                Some(drv) => {
+                    (self.sink)(BuildEvent::Stopped { activity: *id, drv });
+                    true
+                }
+                None => false,
+            },
+            LogMessage::Next(text) => {
+                (self.sink)(BuildEvent::Message(text.trim_end_matches('\n').to_owned()));
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -68,6 +214,13 @@ impl Connection {
             path: socket.to_path_buf(),
             source,
         })?;
+        Connection::over(stream)
+    }
+
+    /// Does the handshake on `stream`, a daemon's end of which is
+    /// somewhere else: `nix-daemon --stdio` or `store-daemon --stdio` run
+    /// over SSH with it as stdin and stdout (`ssh-ng://`).
+    pub fn over(stream: UnixStream) -> Result<Connection, StoreError> {
         let w = BufWriter::new(
             stream
                 .try_clone()
@@ -150,9 +303,26 @@ impl Connection {
 
     /// Reads log messages until `STDERR_LAST`; log lines go to tracing,
     /// a daemon error becomes the result. `source` answers `STDERR_READ`.
-    fn process_log(&mut self, mut source: Option<&mut dyn Read>) -> Result<(), StoreError> {
+    fn process_log(&mut self, source: Option<&mut dyn Read>) -> Result<(), StoreError> {
+        self.process_log_with(source, None)
+    }
+
+    /// [`Connection::process_log`], with what is about builds passed to
+    /// `events` instead of tracing.
+    fn process_log_with(
+        &mut self,
+        mut source: Option<&mut dyn Read>,
+        mut events: Option<&mut EventStream<'_>>,
+    ) -> Result<(), StoreError> {
         loop {
-            match worker::read_log_message(&mut self.r, self.version).map_err(decode_err)? {
+            let message =
+                worker::read_log_message(&mut self.r, self.version).map_err(decode_err)?;
+            if let Some(events) = events.as_deref_mut() {
+                if events.take(&message) {
+                    continue;
+                }
+            }
+            match message {
                 LogMessage::Last => return Ok(()),
                 LogMessage::Error { message, .. } => return Err(remote_err(message)),
                 LogMessage::Next(line) => tracing::info!(target: "daemon", "{line}"),
@@ -213,7 +383,161 @@ impl Connection {
         self.process_log(None)?;
         answer(&mut self.r, self.version).map_err(decode_err)
     }
+
+    /// Sends the client settings (`SetOptions`); they hold for the later
+    /// operations of this connection.
+    pub fn set_options(&mut self, options: &BuildOptions) -> Result<(), StoreError> {
+        let version = self.version;
+        self.send_op(Op::SetOptions, |w| {
+            wire::write_bool(w, options.keep_failed)?;
+            wire::write_bool(w, options.keep_going)?;
+            wire::write_bool(w, false)?; // tryFallback
+            wire::write_u64(w, LVL_INFO)?;
+            wire::write_u64(w, options.max_build_jobs)?;
+            wire::write_u64(w, options.max_silent_time)?;
+            wire::write_u64(w, 1)?; // useBuildHook: obsolete
+            wire::write_u64(w, LVL_ERROR)?; // build output at error level: always shown
+            wire::write_u64(w, 0)?; // logType: obsolete
+            wire::write_u64(w, 0)?; // printBuildTrace: obsolete
+            wire::write_u64(w, options.build_cores)?;
+            wire::write_bool(w, options.use_substitutes)?;
+            if minor(version) >= 12 {
+                wire::write_u64(w, options.overrides.len() as u64)?;
+                for (name, value) in &options.overrides {
+                    wire::write_bytes(w, name.as_bytes())?;
+                    wire::write_bytes(w, value.as_bytes())?;
+                }
+            }
+            Ok(())
+        })?;
+        self.process_log(None)
+    }
+
+    fn write_targets(
+        &mut self,
+        op: Op,
+        store_dir: &StoreDir,
+        targets: &[DerivedPath],
+        mode: BuildMode,
+    ) -> Result<(), StoreError> {
+        let version = self.version;
+        self.send_op(op, |w| {
+            // Before 1.30 a derivation's path alone asks for all its outputs.
+            let texts: Vec<String> = targets
+                .iter()
+                .map(|t| match t {
+                    DerivedPath::Built { drv, .. } if minor(version) < 30 => {
+                        store_dir.print_path(drv)
+                    }
+                    t => t.to_string(store_dir),
+                })
+                .collect();
+            wire::write_strings(w, &texts)?;
+            if minor(version) >= 15 {
+                wire::write_u64(w, build_mode_code(mode))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// `BuildPathsWithResults` (from 1.34): builds `targets` and returns
+    /// one result per target, in the order of `targets`; `events` hears of
+    /// each build as it goes.
+    pub fn build_paths_with_results(
+        &mut self,
+        store_dir: &StoreDir,
+        targets: &[DerivedPath],
+        mode: BuildMode,
+        events: &mut dyn FnMut(BuildEvent),
+    ) -> Result<Vec<DaemonBuildResult>, StoreError> {
+        self.write_targets(Op::BuildPathsWithResults, store_dir, targets, mode)?;
+        let mut stream = EventStream {
+            store_dir,
+            builds: HashMap::new(),
+            sink: events,
+        };
+        self.process_log_with(None, Some(&mut stream))?;
+        let read = |r: &mut BufReader<UnixStream>, version| {
+            let count = wire::read_count(r, "build results")?;
+            let mut results = Vec::with_capacity(count.min(targets.len()));
+            for _ in 0..count {
+                let target = DerivedPath::parse(store_dir, &wire::read_string(r)?)?;
+                let result = worker::read_wire_build_result(r, store_dir, version)?;
+                results.push(DaemonBuildResult { target, result });
+            }
+            Ok::<_, DecodeError>(results)
+        };
+        let mut results = read(&mut self.r, self.version).map_err(decode_err)?;
+        // Nix 2.8 answers in its goals' order, not the request's.
+        let mut ordered = Vec::with_capacity(results.len());
+        for target in targets {
+            if let Some(i) = results.iter().position(|r| r.target == *target) {
+                ordered.push(results.remove(i));
+            }
+        }
+        ordered.append(&mut results);
+        Ok(ordered)
+    }
+
+    /// `BuildPaths`: builds `targets`; fails with the daemon's message when
+    /// any of them could not be built.
+    pub fn build_paths(
+        &mut self,
+        store_dir: &StoreDir,
+        targets: &[DerivedPath],
+        mode: BuildMode,
+        events: &mut dyn FnMut(BuildEvent),
+    ) -> Result<(), StoreError> {
+        self.write_targets(Op::BuildPaths, store_dir, targets, mode)?;
+        let mut stream = EventStream {
+            store_dir,
+            builds: HashMap::new(),
+            sink: events,
+        };
+        self.process_log_with(None, Some(&mut stream))?;
+        wire::read_u64(&mut self.r).map_err(|e| decode_err(e.into()))?;
+        Ok(())
+    }
 }
+
+impl Connection {
+    /// `BuildDerivation`: builds `drv` from its basic form (the daemon
+    /// needs its inputs, not its `.drv`); `events` hears of the build's
+    /// log lines. The daemon must trust us unless `drv` is
+    /// content-addressed.
+    pub fn build_derivation(
+        &mut self,
+        store_dir: &StoreDir,
+        drv_path: &StorePath,
+        drv: &worker::BasicDerivation,
+        mode: BuildMode,
+        events: &mut dyn FnMut(BuildEvent),
+    ) -> Result<WireBuildResult, StoreError> {
+        self.send_op(Op::BuildDerivation, |w| {
+            worker::write_path(w, store_dir, drv_path)?;
+            worker::write_basic_derivation(w, store_dir, drv)?;
+            wire::write_u64(w, build_mode_code(mode))
+        })?;
+        let mut stream = EventStream {
+            store_dir,
+            builds: HashMap::new(),
+            sink: events,
+        };
+        self.process_log_with(None, Some(&mut stream))?;
+        worker::read_wire_build_result(&mut self.r, store_dir, self.version).map_err(decode_err)
+    }
+}
+
+fn build_mode_code(mode: BuildMode) -> u64 {
+    match mode {
+        BuildMode::Normal => 0,
+        BuildMode::Repair => 1,
+        BuildMode::Check => 2,
+    }
+}
+
+/// The protocol version that brought `BuildPathsWithResults`.
+const BUILD_PATHS_WITH_RESULTS: u64 = 34;
 
 impl DaemonStore {
     /// A store served on `socket` (nothing is connected until first use).
@@ -223,6 +547,32 @@ impl DaemonStore {
             store_dir: StoreDir::default(),
             idle: Mutex::new(Vec::new()),
         }
+    }
+
+    /// A store on one connection made elsewhere (`ssh-ng://`: a daemon
+    /// over SSH); `name` stands for the socket in messages. Nothing can
+    /// reconnect: once that connection broke, calls fail.
+    pub fn over_connection(conn: Connection, name: impl Into<PathBuf>) -> DaemonStore {
+        DaemonStore {
+            socket: name.into(),
+            store_dir: StoreDir::default(),
+            idle: Mutex::new(vec![conn]),
+        }
+    }
+
+    /// [`Connection::build_derivation`] after sending `options`.
+    pub fn build_derivation(
+        &self,
+        drv_path: &StorePath,
+        drv: &worker::BasicDerivation,
+        options: &BuildOptions,
+        events: &mut dyn FnMut(BuildEvent),
+    ) -> Result<WireBuildResult, StoreError> {
+        let sd = self.store_dir.clone();
+        self.with(|c| {
+            c.set_options(options)?;
+            c.build_derivation(&sd, drv_path, drv, BuildMode::Normal, events)
+        })
     }
 
     /// Opens a connection now, to check the daemon is there; it is kept
@@ -268,6 +618,109 @@ impl DaemonStore {
             self.put(conn);
         }
         result
+    }
+
+    /// Builds `targets` with `options` (send `keep_going` to have every
+    /// target tried) and returns one result per target (in their order), as Nix's
+    /// `BuildPathsWithResults`; `events` hears of each build's start, log
+    /// lines and end while the request runs.
+    ///
+    /// A daemon older than 1.34 gets `BuildPaths` instead, and the results
+    /// are made from the outputs' validity afterwards (a failure then
+    /// carries the daemon's message for the whole request).
+    pub fn build_paths_with_results(
+        &self,
+        targets: &[DerivedPath],
+        mode: BuildMode,
+        options: &BuildOptions,
+        events: &mut dyn FnMut(BuildEvent),
+    ) -> Result<Vec<DaemonBuildResult>, StoreError> {
+        let sd = self.store_dir.clone();
+        let old = self.with(|c| {
+            c.set_options(options)?;
+            if minor(c.version) >= BUILD_PATHS_WITH_RESULTS {
+                return c
+                    .build_paths_with_results(&sd, targets, mode, events)
+                    .map(Ok);
+            }
+            match c.build_paths(&sd, targets, mode, events) {
+                Err(e) if is_connection_error(&e) => Err(e),
+                outcome => Ok(Err(outcome)),
+            }
+        })?;
+        match old {
+            Ok(results) => Ok(results),
+            Err(outcome) => self.results_from_validity(targets, outcome),
+        }
+    }
+
+    /// `BuildPaths` as [`DaemonStore::build_paths_with_results`] sends it
+    /// to old daemons: an error when any target failed.
+    pub fn build_paths(
+        &self,
+        targets: &[DerivedPath],
+        mode: BuildMode,
+        options: &BuildOptions,
+        events: &mut dyn FnMut(BuildEvent),
+    ) -> Result<(), StoreError> {
+        let sd = self.store_dir.clone();
+        self.with(|c| {
+            c.set_options(options)?;
+            c.build_paths(&sd, targets, mode, events)
+        })
+    }
+
+    /// Results of a `BuildPaths` request: a target whose outputs are valid
+    /// was built, the others failed with the request's error.
+    fn results_from_validity(
+        &self,
+        targets: &[DerivedPath],
+        outcome: Result<(), StoreError>,
+    ) -> Result<Vec<DaemonBuildResult>, StoreError> {
+        let error = match outcome {
+            Ok(()) => String::new(),
+            Err(e) => kiln_formats::report::chain(&e),
+        };
+        let mut results = Vec::with_capacity(targets.len());
+        for target in targets {
+            let (outputs, wanted) = match target {
+                DerivedPath::Opaque(p) => (BTreeMap::new(), vec![p.clone()]),
+                DerivedPath::Built { drv, outputs } => {
+                    let all = self.query_derivation_outputs(drv)?;
+                    let chosen: BTreeMap<String, StorePath> = all
+                        .into_iter()
+                        .filter(|(name, _)| outputs.is_empty() || outputs.contains(name))
+                        .collect();
+                    let paths = chosen.values().cloned().collect();
+                    (chosen, paths)
+                }
+            };
+            let asked: StorePathSet = wanted.iter().cloned().collect();
+            let valid = !asked.is_empty() && self.query_valid_paths(&asked)?.len() == asked.len();
+            let result = if valid {
+                BuildResult::success(BuildStatus::Built, outputs)
+            } else {
+                BuildResult::failure(
+                    BuildStatus::MiscFailure,
+                    if error.is_empty() {
+                        "the daemon reported success, but the outputs are not valid".into()
+                    } else {
+                        error.clone()
+                    },
+                )
+            };
+            results.push(DaemonBuildResult {
+                target: target.clone(),
+                result: WireBuildResult {
+                    result,
+                    times_built: 0,
+                    is_non_deterministic: false,
+                    cpu_user_micros: None,
+                    cpu_system_micros: None,
+                },
+            });
+        }
+        Ok(results)
     }
 }
 

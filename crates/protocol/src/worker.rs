@@ -445,20 +445,46 @@ pub fn read_build_result<R: Read + ?Sized>(
     store: &StoreDir,
     version: Version,
 ) -> Result<BuildResult, DecodeError> {
+    read_wire_build_result(r, store, version).map(|w| w.result)
+}
+
+/// A build result with the fields of Nix's `BuildResult` that Kiln's own
+/// [`BuildResult`] does not keep. Fields the negotiated version does not
+/// send are zero / `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireBuildResult {
+    pub result: BuildResult,
+    /// How many times the derivation was built (from 1.29).
+    pub times_built: u64,
+    /// `--check` or repeated builds found different outputs (from 1.29).
+    pub is_non_deterministic: bool,
+    /// CPU time of the builder, in microseconds (from 1.37, when measured).
+    pub cpu_user_micros: Option<u64>,
+    pub cpu_system_micros: Option<u64>,
+}
+
+/// Reads a build result with every field the version sends.
+pub fn read_wire_build_result<R: Read + ?Sized>(
+    r: &mut R,
+    store: &StoreDir,
+    version: Version,
+) -> Result<WireBuildResult, DecodeError> {
     let code = wire::read_u64(r)?;
     let status = status_from_code(code)?;
     let error = wire::read_string(r)?;
     let mut result = BuildResult::failure(status, error);
+    let (mut times_built, mut is_non_deterministic) = (0, false);
+    let (mut cpu_user_micros, mut cpu_system_micros) = (None, None);
     if minor(version) >= 29 {
-        wire::read_u64(r)?;
-        wire::read_bool(r)?;
+        times_built = wire::read_u64(r)?;
+        is_non_deterministic = wire::read_bool(r)?;
         result.start_time = wire::read_u64(r)? as i64;
         result.stop_time = wire::read_u64(r)? as i64;
     }
     if minor(version) >= 37 {
-        for _ in 0..2 {
+        for cpu in [&mut cpu_user_micros, &mut cpu_system_micros] {
             if wire::read_bool(r)? {
-                wire::read_u64(r)?;
+                *cpu = Some(wire::read_u64(r)?);
             }
         }
     }
@@ -488,7 +514,13 @@ pub fn read_build_result<R: Read + ?Sized>(
             }
         }
     }
-    Ok(result)
+    Ok(WireBuildResult {
+        result,
+        times_built,
+        is_non_deterministic,
+        cpu_user_micros,
+        cpu_system_micros,
+    })
 }
 
 pub fn status_from_code(code: u64) -> Result<BuildStatus, DecodeError> {

@@ -72,9 +72,8 @@ pub fn dump_path<W: Write>(path: &Path, mut out: W) -> Result<W, WriteError> {
     let (full_sender, full) = sync_channel::<(Vec<u8>, usize)>(CHUNKS_IN_FLIGHT);
     let (empty_sender, empty) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 1);
     for _ in 0..CHUNKS_IN_FLIGHT {
-        empty_sender
-            .send(vec![0; CHUNK])
-            .expect("the channel has room");
+        // Empty: chunks grow as they are filled (see `Encoder::space`).
+        empty_sender.send(Vec::new()).expect("the channel has room");
     }
     std::thread::scope(|scope| {
         let reader = std::thread::Builder::new()
@@ -164,7 +163,7 @@ fn write_node_into<S: Ship>(enc: &mut Encoder<S>, node: &Node) -> io::Result<()>
 /// Where full chunks go.
 trait Ship {
     /// Takes the first `len` bytes of `chunk`; may replace `chunk` with
-    /// another buffer of [`CHUNK`] bytes.
+    /// another buffer (of at most [`CHUNK`] bytes, grown by the encoder).
     fn ship(&mut self, chunk: &mut Vec<u8>, len: usize) -> io::Result<()>;
 }
 
@@ -208,7 +207,7 @@ impl<S: Ship> Encoder<S> {
     fn new(sink: S) -> io::Result<Self> {
         let mut enc = Encoder {
             sink,
-            chunk: vec![0; CHUNK],
+            chunk: Vec::new(),
             len: 0,
         };
         enc.put_str(MAGIC)?;
@@ -220,6 +219,12 @@ impl<S: Ship> Encoder<S> {
         if self.len == CHUNK {
             self.sink.ship(&mut self.chunk, self.len)?;
             self.len = 0;
+        }
+        if self.len == self.chunk.len() {
+            // Zeroed as needed, doubling: a small NAR (most store paths) must
+            // not pay for zeroing and faulting in whole chunks.
+            let grown = (self.chunk.len() * 2).clamp(4096, CHUNK);
+            self.chunk.resize(grown, 0);
         }
         Ok(&mut self.chunk[self.len..])
     }

@@ -1,10 +1,15 @@
 //! Reference scanning: which of a set of candidate store paths a stream of
 //! bytes (a path's NAR) mentions, found by the 32-character hash parts.
 //!
-//! One pass over the data with one multi-pattern automaton (Aho–Corasick)
-//! over all candidates, fed in chunks of any size: a hash part split across
-//! two chunks is found through a small window of the bytes either side of
-//! the boundary.
+//! One pass over the data that skips ahead past any byte outside the
+//! nixbase32 alphabet (a hash part cannot contain one), so most bytes of
+//! binary data are never looked at; only runs of 32 or more alphabet
+//! characters are looked up among the candidates. Setting up costs a sort of
+//! the candidates — nothing that grows with their number the way an
+//! automaton over them would, which matters when every build of a deep graph
+//! scans against a closure of hundreds of paths. Data may come in chunks of
+//! any size: a hash part split across two chunks is found through a small
+//! window of the bytes either side of the boundary.
 //!
 //! ```
 //! use kiln_store::refs::RefScanner;
@@ -20,14 +25,35 @@
 
 use std::io;
 
-use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 use kiln_formats::store_path::{HASH_PART_LEN, StorePath, StorePathSet};
+
+/// The nixbase32 alphabet as a byte class: its characters' 5-bit values,
+/// 0xff for every other byte.
+const DIGIT: [u8; 256] = {
+    let alphabet = b"0123456789abcdfghijklmnpqrsvwxyz";
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < alphabet.len() {
+        t[alphabet[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+
+fn is_digit(b: u8) -> bool {
+    DIGIT[b as usize] != 0xff
+}
 
 /// Finds candidate paths' hash parts in data fed to it in chunks.
 #[derive(Debug)]
 pub struct RefScanner {
-    automaton: Option<AhoCorasick>,
     candidates: Vec<StorePath>,
+    /// Hash parts, sorted, each with its candidate's index.
+    hashes: Vec<([u8; HASH_PART_LEN], usize)>,
+    /// Which pairs of first two characters some candidate starts with: a
+    /// cheap test before the search, as almost no run of alphabet
+    /// characters in the data is a hash part.
+    first_two: [u64; 16],
     found: Vec<bool>,
     /// The last `HASH_PART_LEN - 1` bytes seen, for matches across chunks.
     tail: Vec<u8>,
@@ -40,21 +66,27 @@ impl RefScanner {
         let mut candidates: Vec<StorePath> = candidates.into_iter().collect();
         candidates.sort();
         candidates.dedup();
-        let automaton = (!candidates.is_empty()).then(|| {
-            AhoCorasick::builder()
-                .match_kind(MatchKind::Standard)
-                .kind(Some(if candidates.len() <= 5000 {
-                    AhoCorasickKind::DFA
-                } else {
-                    AhoCorasickKind::ContiguousNFA
-                }))
-                .build(candidates.iter().map(|c| c.hash_part().as_bytes()))
-                .expect("hash parts are short fixed-length patterns")
-        });
+        let mut first_two = [0u64; 16];
+        let mut hashes: Vec<([u8; HASH_PART_LEN], usize)> = candidates
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let hash: [u8; HASH_PART_LEN] = c
+                    .hash_part()
+                    .as_bytes()
+                    .try_into()
+                    .expect("hash parts are 32 bytes");
+                let pair = pair_index(hash[0], hash[1]);
+                first_two[pair / 64] |= 1 << (pair % 64);
+                (hash, i)
+            })
+            .collect();
+        hashes.sort_unstable();
         RefScanner {
             found: vec![false; candidates.len()],
-            automaton,
             candidates,
+            hashes,
+            first_two,
             tail: Vec::with_capacity(HASH_PART_LEN),
             window: Vec::with_capacity(2 * HASH_PART_LEN),
         }
@@ -62,24 +94,20 @@ impl RefScanner {
 
     /// Scans the next chunk of data.
     pub fn update(&mut self, data: &[u8]) {
-        let Some(ac) = &self.automaton else { return };
-        if data.is_empty() {
+        if self.candidates.is_empty() || data.is_empty() {
             return;
         }
         // Matches straddling the boundary start in `tail` and end in the
         // first HASH_PART_LEN - 1 bytes of `data`.
         if !self.tail.is_empty() {
-            self.window.clear();
-            self.window.extend_from_slice(&self.tail);
-            self.window
-                .extend_from_slice(&data[..data.len().min(HASH_PART_LEN - 1)]);
-            for m in ac.find_overlapping_iter(&self.window[..]) {
-                self.found[m.pattern().as_usize()] = true;
-            }
+            let mut window = std::mem::take(&mut self.window);
+            window.clear();
+            window.extend_from_slice(&self.tail);
+            window.extend_from_slice(&data[..data.len().min(HASH_PART_LEN - 1)]);
+            self.scan(&window);
+            self.window = window;
         }
-        for m in ac.find_overlapping_iter(data) {
-            self.found[m.pattern().as_usize()] = true;
-        }
+        self.scan(data);
         let keep = HASH_PART_LEN - 1;
         if data.len() >= keep {
             self.tail.clear();
@@ -88,6 +116,43 @@ impl RefScanner {
             self.tail.extend_from_slice(data);
             let excess = self.tail.len().saturating_sub(keep);
             self.tail.drain(..excess);
+        }
+    }
+
+    /// Looks up every 32-byte window of `data` made of alphabet characters.
+    fn scan(&mut self, data: &[u8]) {
+        const N: usize = HASH_PART_LEN;
+        let mut start = 0;
+        while start + N <= data.len() {
+            // The last byte outside the alphabet in the window, looked for
+            // from its end: no window containing it can match.
+            if let Some(bad) = data[start..start + N].iter().rposition(|&b| !is_digit(b)) {
+                start += bad + 1;
+                continue;
+            }
+            // A run of alphabet characters: every window in it is a candidate.
+            let mut end = start + N;
+            loop {
+                self.check(&data[end - N..end]);
+                if end == data.len() || !is_digit(data[end]) {
+                    break;
+                }
+                end += 1;
+            }
+            start = end + 1;
+        }
+    }
+
+    fn check(&mut self, window: &[u8]) {
+        let pair = pair_index(window[0], window[1]);
+        if self.first_two[pair / 64] & (1 << (pair % 64)) == 0 {
+            return;
+        }
+        if let Ok(i) = self
+            .hashes
+            .binary_search_by(|(hash, _)| hash.as_slice().cmp(window))
+        {
+            self.found[self.hashes[i].1] = true;
         }
     }
 
@@ -105,6 +170,11 @@ impl RefScanner {
     pub fn finish(self) -> StorePathSet {
         self.found()
     }
+}
+
+/// Index of a pair of alphabet characters in [`RefScanner::first_two`].
+fn pair_index(a: u8, b: u8) -> usize {
+    (DIGIT[a as usize] as usize) << 5 | DIGIT[b as usize] as usize
 }
 
 impl io::Write for RefScanner {
@@ -155,6 +225,44 @@ mod tests {
             let expected: StorePathSet = present.iter().map(|i| candidates[*i].clone()).collect();
             prop_assert_eq!(scanner.finish(), expected);
         }
+    }
+
+    proptest! {
+        /// Against the plain definition: a candidate is found exactly when
+        /// its hash part occurs in the data, whatever surrounds it (runs of
+        /// alphabet characters longer than 32 included).
+        #[test]
+        fn agrees_with_a_naive_search(
+            picks in proptest::collection::vec((0usize..12, "[0-9a-z./-]{0,40}"), 0..8),
+            cut in 0usize..400,
+        ) {
+            let candidates: Vec<StorePath> = (0..12).map(path).collect();
+            let mut data = Vec::new();
+            for (i, glue) in &picks {
+                data.extend_from_slice(glue.as_bytes());
+                // Half of them glued into longer runs of alphabet characters.
+                data.extend_from_slice(candidates[*i].hash_part().as_bytes());
+            }
+            let expected: StorePathSet = candidates
+                .iter()
+                .filter(|c| data.windows(32).any(|w| w == c.hash_part().as_bytes()))
+                .cloned()
+                .collect();
+            let mut scanner = RefScanner::new(candidates.clone());
+            let cut = cut.min(data.len());
+            scanner.update(&data[..cut]);
+            scanner.update(&data[cut..]);
+            prop_assert_eq!(scanner.finish(), expected);
+        }
+    }
+
+    #[test]
+    fn hash_parts_inside_longer_runs_are_found() {
+        let p = path(5);
+        let text = format!("0123456789{}abcdfgh", p.hash_part());
+        let mut s = RefScanner::new([p.clone(), path(6)]);
+        s.update(text.as_bytes());
+        assert_eq!(s.finish(), [p].into_iter().collect());
     }
 
     #[test]

@@ -142,6 +142,20 @@ impl Farm {
 
     /// Starts a machine; `max_jobs` and `speed` go into its machines line.
     fn add(&mut self, kind: Kind, max_jobs: u32, speed: u32) -> usize {
+        self.add_with(kind, max_jobs, speed, "ssh", "")
+    }
+
+    /// [`Farm::add`] with the URI scheme (`ssh` for the serve protocol,
+    /// `ssh-ng` for the daemon protocol over stdio) and further URI
+    /// parameters (`&name=value…`).
+    fn add_with(
+        &mut self,
+        kind: Kind,
+        max_jobs: u32,
+        speed: u32,
+        scheme: &str,
+        params: &str,
+    ) -> usize {
         let n = self.machines.len();
         let dir = self.dir.path().join(format!("m{n}"));
         std::fs::create_dir_all(dir.join("bin")).unwrap();
@@ -181,13 +195,18 @@ impl Farm {
                     ),
                 )
                 .unwrap();
-                let script = dir.join("bin/nix-store");
+                let program = if scheme == "ssh-ng" {
+                    "nix-daemon"
+                } else {
+                    "nix-store"
+                };
+                let script = dir.join("bin").join(program);
                 std::fs::write(
                     &script,
                     format!(
                         "#!/bin/sh\nexport NIX_CONF_DIR={}\nexec {} \"$@\"\n",
                         dir.join("etc").display(),
-                        nix().program("nix-store").display()
+                        nix().program(program).display()
                     ),
                 )
                 .unwrap();
@@ -233,7 +252,7 @@ impl Farm {
             .collect::<Vec<_>>()
             .join(" ");
         let line = format!(
-            "ssh://root@127.0.0.1:{port}?remote-program={} x86_64-linux {} {max_jobs} {speed} - - {}",
+            "{scheme}://root@127.0.0.1:{port}?remote-program={}{params} x86_64-linux {} {max_jobs} {speed} - - {}",
             program.display(),
             self.dir.path().join("client_key").display(),
             base64(&host_key)
@@ -645,6 +664,89 @@ fn test_and_status_print_tables() {
         .find(|l| l.starts_with(farm.machines[1].uri()))
         .unwrap();
     assert!(dead.contains("FAILED"), "{table}");
+}
+
+/// `ssh-ng://` machines (the daemon protocol over `ssh HOST nix-daemon
+/// --stdio` and `store-daemon --stdio`) and a Kiln `ssh://` machine with a
+/// zstd-compressed stream: `offload-hook test` copies a path each way and
+/// builds on each, then a graph is spread over all three, and every store
+/// checks clean.
+#[test]
+fn ssh_ng_machines_and_a_zstd_stream_build_and_copy() {
+    let mut farm = Farm::new();
+    farm.add_with(Kind::Kiln, 2, 1, "ssh-ng", "");
+    farm.add_with(Kind::Nix, 2, 1, "ssh-ng", "");
+    farm.add_with(Kind::Kiln, 2, 1, "ssh", "&compress=zstd");
+    let hook = workspace_bin("offload-hook", "offload-hook");
+    let out = Command::new(&hook)
+        .args(["test", "--machines"])
+        .arg(farm.machines_file())
+        .env("KILN_OFFLOAD_SSH_DIR", farm.ssh_dir())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "offload-hook test failed:\n{table}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for m in &farm.machines {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(m.uri()))
+            .unwrap_or_else(|| panic!("no row for {}:\n{table}", m.uri()));
+        assert!(row.trim_end().ends_with("ok"), "{row}");
+    }
+    let leaves = 30;
+    let recipe = recipe(
+        farm.dir.path(),
+        leaves,
+        "echo ng {i} > $out; echo log line of {i}",
+    );
+    let out = farm.kiln_build(&[format!("{}#top", recipe.display())]);
+    let choices = farm.choices();
+    assert!(
+        out.status.success(),
+        "kiln build failed:\n{}\n{choices}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let top = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let content =
+        std::fs::read_to_string(farm.local_root().join(top.trim_start_matches('/'))).unwrap();
+    let expected: String = (0..leaves).map(|i| format!("ng {i}\n")).collect();
+    assert_eq!(content, expected);
+    let machines = built_on(&choices);
+    for m in &farm.machines {
+        assert!(
+            machines.contains(m.uri()),
+            "nothing was built on {} (built on {machines:?}):\n{choices}",
+            m.uri()
+        );
+    }
+    farm.verify_everywhere();
+}
+
+/// A builder that fails on an `ssh-ng://` Nix machine is a build failure
+/// carrying the remote log (sent as daemon log messages), not a transport
+/// error, and is not retried elsewhere.
+#[test]
+fn a_permanent_failure_over_ssh_ng_reaches_the_user_with_the_log() {
+    let mut farm = Farm::new();
+    farm.add_with(Kind::Nix, 1, 1, "ssh-ng", "");
+    farm.add_with(Kind::Kiln, 1, 1, "ssh-ng", "");
+    let recipe = recipe(farm.dir.path(), 1, "echo remote says goodbye-{i}; exit 3");
+    let out = farm.kiln_build(&[format!("{}#p0", recipe.display())]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let choices = farm.choices();
+    assert!(!out.status.success(), "the build must fail:\n{stderr}");
+    assert!(
+        stderr.contains("remote says goodbye-0"),
+        "the remote log reaches the user:\n{stderr}\n{choices}"
+    );
+    assert!(
+        !choices.contains("moving it"),
+        "a permanent failure is not retried elsewhere:\n{choices}"
+    );
 }
 
 #[test]

@@ -29,6 +29,10 @@ struct Cli {
     /// Root of the local store to build in (a chroot store); default /.
     #[arg(long, env = "KILN_CI_STORE", global = true)]
     store: Option<PathBuf>,
+    /// Build through this store daemon's socket (a path or unix://PATH;
+    /// Kiln's store-daemon or nix-daemon) instead of the embedded scheduler.
+    #[arg(long, env = "KILN_CI_STORE_DAEMON", global = true)]
+    store_daemon: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -129,6 +133,7 @@ struct FileConfig {
     db: Option<String>,
     state_dir: Option<PathBuf>,
     store: Option<PathBuf>,
+    store_daemon: Option<String>,
     listen: Option<String>,
     max_jobs: Option<usize>,
     batch_size: Option<usize>,
@@ -214,6 +219,7 @@ struct Setup {
     state_dir: PathBuf,
     db_url: String,
     store: Option<PathBuf>,
+    store_daemon: Option<PathBuf>,
 }
 
 fn setup(cli: &Cli) -> Result<Setup> {
@@ -237,11 +243,17 @@ fn setup(cli: &Cli) -> Result<Setup> {
         .or(file.db.clone())
         .unwrap_or_else(|| state_dir.join("ci.sqlite").to_string_lossy().into_owned());
     let store = cli.store.clone().or(file.store.clone());
+    let store_daemon = cli
+        .store_daemon
+        .clone()
+        .or(file.store_daemon.clone())
+        .map(|s| kiln_ci::daemon_dispatch::socket_path(&s));
     Ok(Setup {
         file,
         state_dir,
         db_url,
         store,
+        store_daemon,
     })
 }
 
@@ -249,6 +261,7 @@ fn coordinator_config(setup: &Setup, max_jobs: Option<usize>) -> Config {
     let file = &setup.file;
     let mut config = Config::new(&setup.state_dir);
     config.store_root = setup.store.clone();
+    config.store_daemon = setup.store_daemon.clone();
     config.settings = file.settings.clone();
     if let Some(n) = max_jobs.or(file.max_jobs) {
         config.max_jobs = n.max(1);

@@ -47,6 +47,10 @@ struct Args {
     /// With `--serve`: allow the client to add paths and build.
     #[arg(long, requires = "serve")]
     write: bool,
+    /// With `--serve`: a zstd stream each way, flushed per message (Kiln's
+    /// offload client asks for it; Nix's clients do not).
+    #[arg(long, requires = "serve")]
+    zstd: bool,
 }
 
 fn main() -> ExitCode {
@@ -110,7 +114,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.serve {
         let stdin = std::io::stdin().lock();
         let stdout = std::io::stdout().lock();
-        kiln_protocol::serve::serve(&daemon, args.write, stdin, stdout)?;
+        if args.zstd {
+            let r = zstd::stream::read::Decoder::new(stdin)?;
+            let w = zstd::stream::write::Encoder::new(stdout, 1)?;
+            kiln_protocol::serve::serve(&daemon, args.write, r, w)?;
+        } else {
+            kiln_protocol::serve::serve(&daemon, args.write, stdin, stdout)?;
+        }
         return Ok(());
     }
     if args.stdio {

@@ -1,7 +1,8 @@
 //! The coordinator: runs evaluations, registers their jobs as builds (with
 //! the dependencies between them from the `.drv` graph and GC roots on the
 //! `.drv` closures), and dispatches ready builds to the embedded scheduler
-//! in batches with keep-going, recording what happens as it happens.
+//! (or a store daemon, [`crate::daemon_dispatch`]) in batches with
+//! keep-going, recording what happens as it happens.
 //!
 //! Order of dispatch: priority, then fair share between specifications
 //! (round robin), then age. Transient failures are retried with back-off
@@ -87,6 +88,10 @@ pub struct Config {
     /// Builds requiring one of these system features (e.g. `vm`) are left
     /// to build agents ([`crate::agents`]) instead of the embedded scheduler.
     pub agent_features: BTreeSet<String>,
+    /// Socket of a store daemon (Kiln's `store-daemon` or `nix-daemon`)
+    /// that builds the batches instead of the embedded scheduler
+    /// ([`crate::daemon_dispatch`]).
+    pub store_daemon: Option<PathBuf>,
 }
 
 impl Config {
@@ -104,6 +109,7 @@ impl Config {
             cancel_older_than: None,
             webhooks: Vec::new(),
             agent_features: BTreeSet::new(),
+            store_daemon: None,
         }
     }
 }
@@ -618,13 +624,18 @@ impl Coordinator {
     async fn start_batch(&self, batch: Vec<Build>) -> Result<()> {
         let ids: Vec<i64> = batch.iter().map(|b| b.id).collect();
         let log_dir = kiln_scheduler::logs::log_dir_for_state_dir(self.inner.store.state_dir());
+        let daemon = self.inner.config.store_daemon.clone();
+        let machine = match &daemon {
+            Some(socket) => crate::daemon_dispatch::machine_name(socket),
+            None => "local".into(),
+        };
         self.inner
             .db
             .set_build_statuses(
                 &ids,
                 BuildStatus::Started,
                 &StatusChange {
-                    machine: Some("local".into()),
+                    machine: Some(machine),
                     ..StatusChange::default()
                 },
             )
@@ -656,6 +667,14 @@ impl Coordinator {
                     .await?;
                 }
             }
+        }
+        if let Some(socket) = daemon {
+            tokio::spawn(crate::daemon_dispatch::run_batch(
+                self.clone(),
+                socket,
+                by_drv,
+            ));
+            return Ok(());
         }
         let (sender, mut receiver) = mpsc::unbounded_channel::<(String, BuildResult)>();
         let live = LiveLogSink::new(
@@ -711,7 +730,28 @@ impl Coordinator {
         Ok(())
     }
 
-    async fn record_result(&self, builds: &[Build], result: &BuildResult, log_dir: &Path) {
+    /// Puts builds back for another attempt after the back-off, whatever
+    /// their attempts so far: their builder (a store daemon) could not be
+    /// reached or its connection broke, which says nothing of the builds.
+    pub(crate) async fn retry_later(&self, builds: &[Build], why: &str) {
+        self.inner.running.fetch_sub(builds.len(), Ordering::SeqCst);
+        let at = now() + self.inner.config.retry_backoff.as_secs() as i64;
+        for build in builds {
+            if let Err(e) = self.inner.db.schedule_retry(build.id, at, why).await {
+                tracing::error!(build = build.id, error = %e, "cannot schedule a retry");
+            }
+        }
+    }
+
+    /// Records a batch's result for the builds of one derivation: the
+    /// status it maps to, a retry for a transient failure, the log found
+    /// under `log_dir` (the layout of the store's build logs).
+    pub(crate) async fn record_result(
+        &self,
+        builds: &[Build],
+        result: &BuildResult,
+        log_dir: &Path,
+    ) {
         self.inner.running.fetch_sub(builds.len(), Ordering::SeqCst);
         let status = match result.status {
             SchedulerStatus::Built

@@ -11,6 +11,7 @@
 //! - [`recipe_jobs`]: Kiln's evaluator for its recipe files;
 //! - [`agents`]: the build-agent protocol's endpoints (kiln-ci as controller);
 //! - [`coordinator`]: registration of jobs as builds, dispatch, recovery;
+//! - [`daemon_dispatch`]: batches built by a store daemon over its socket;
 //! - [`testing`]: a throwaway PostgreSQL cluster for tests and benchmarks.
 //! - [`web`]: the JSON API, HTML pages and Prometheus metrics.
 //!
@@ -26,6 +27,7 @@
 
 pub mod agents;
 pub mod coordinator;
+pub mod daemon_dispatch;
 pub mod db;
 pub mod eval;
 pub mod model;

@@ -143,10 +143,29 @@ pub fn copy_to(
 ) -> Result<Stats, Failure> {
     let closure = compute_closure(store, paths, false, false, false)
         .map_err(|e| Failure::Transient(e.to_string()))?;
+    if target.protocol == Protocol::Daemon {
+        let (session, remote) = open_daemon(target, log)?;
+        let mut stats = Stats::default();
+        let t = Instant::now();
+        let res = upload_to_daemon(&remote, store, &closure, &mut stats);
+        stats.upload = t.elapsed();
+        drop(remote);
+        let tail = session.stderr_tail();
+        session.finish();
+        res.map_err(|e| {
+            transient(
+                target,
+                "copying paths",
+                kiln_formats::report::chain(&e),
+                &tail,
+            )
+        })?;
+        return Ok(stats);
+    }
     let mut session = target
         .open_session(log)
         .map_err(|e| Failure::Transient(e.to_string()))?;
-    let (r, w) = session.take_streams();
+    let (r, w) = session.take_channel();
     let mut stats = Stats::default();
     let t = Instant::now();
     let res = ServeClient::handshake(r, w, store.store_dir().clone())
@@ -165,30 +184,41 @@ pub fn copy_from(
     paths: &StorePathSet,
     log: LogSink,
 ) -> Result<Stats, Failure> {
+    if target.protocol == Protocol::Daemon {
+        let (session, remote) = open_daemon(target, log)?;
+        let mut stats = Stats::default();
+        let t = Instant::now();
+        let res = missing_closure(store, paths, |ask| {
+            let mut infos = Vec::new();
+            for p in ask {
+                infos.extend(remote.query_path_info(p)?);
+            }
+            Ok(infos)
+        })
+        .and_then(|infos| fetch_from_daemon(&remote, store, infos, &mut stats));
+        stats.download = t.elapsed();
+        drop(remote);
+        let tail = session.stderr_tail();
+        session.finish();
+        res.map_err(|e| {
+            transient(
+                target,
+                "copying paths back",
+                kiln_formats::report::chain(&e),
+                &tail,
+            )
+        })?;
+        return Ok(stats);
+    }
     let mut session = target
         .open_session(log)
         .map_err(|e| Failure::Transient(e.to_string()))?;
-    let (r, w) = session.take_streams();
+    let (r, w) = session.take_channel();
     let mut stats = Stats::default();
     let t = Instant::now();
     let res = (|| {
         let mut c = ServeClient::handshake(r, w, store.store_dir().clone())?;
-        // Follow references on the remote until closed.
-        let mut infos: BTreeMap<StorePath, kiln_store::PathInfo> = BTreeMap::new();
-        let mut frontier: StorePathSet = paths.clone();
-        while !frontier.is_empty() {
-            let local = store.query_valid_paths(&frontier)?;
-            let ask: StorePathSet = frontier.difference(&local).cloned().collect();
-            frontier.clear();
-            for info in c.query_path_infos(&ask)? {
-                for r in &info.references {
-                    if !infos.contains_key(r) && !ask.contains(r) {
-                        frontier.insert(r.clone());
-                    }
-                }
-                infos.insert(info.path.clone(), info);
-            }
-        }
+        let infos = missing_closure(store, paths, |ask| c.query_path_infos(ask))?;
         fetch_infos(&mut c, store, infos, &mut stats)
     })();
     stats.download = t.elapsed();
@@ -196,6 +226,32 @@ pub fn copy_from(
     session.finish();
     res.map_err(|e| transient(target, "copying paths back", e, &tail))?;
     Ok(stats)
+}
+
+/// The remote metadata of `paths` and what they refer to, followed on
+/// the remote until closed, leaving out what is valid here already.
+/// `query` answers for the valid ones among a set, one batch a round.
+fn missing_closure<E: From<kiln_store::StoreError>>(
+    store: &LocalStore,
+    paths: &StorePathSet,
+    mut query: impl FnMut(&StorePathSet) -> Result<Vec<kiln_store::PathInfo>, E>,
+) -> Result<BTreeMap<StorePath, kiln_store::PathInfo>, E> {
+    let mut infos: BTreeMap<StorePath, kiln_store::PathInfo> = BTreeMap::new();
+    let mut frontier: StorePathSet = paths.clone();
+    while !frontier.is_empty() {
+        let local = store.query_valid_paths(&frontier)?;
+        let ask: StorePathSet = frontier.difference(&local).cloned().collect();
+        frontier.clear();
+        for info in query(&ask)? {
+            for r in &info.references {
+                if !infos.contains_key(r) && !ask.contains(r) {
+                    frontier.insert(r.clone());
+                }
+            }
+            infos.insert(info.path.clone(), info);
+        }
+    }
+    Ok(infos)
 }
 
 /// Fetches the NARs of `infos` into `store` as one batch (the local
@@ -211,12 +267,13 @@ fn fetch_infos<R: std::io::Read + Send, W: std::io::Write + Send>(
 ) -> Result<(), ServeClientError> {
     let ordered = dependency_order(infos)?;
     stats.fetched_bytes += ordered.iter().map(|i| i.nar_size).sum::<u64>();
-    // One session carries one NAR at a time; restoring (the slow part)
-    // still overlaps with the next request on the store's workers.
-    let client = std::sync::Mutex::new(c);
+    // Each of the store's workers sends its request as soon as it starts
+    // on a path, so the remote always has the next ones queued and the
+    // NARs come back to back; restoring overlaps with the transfer.
+    let pipeline = c.dump_pipeline();
     let source = |info: &kiln_store::PathInfo, out: &mut dyn std::io::Write| {
-        let mut c = client.lock().unwrap_or_else(|p| p.into_inner());
-        c.dump_store_path(&info.path, out)
+        pipeline
+            .fetch(&info.path, out)
             .map(drop)
             .map_err(|e| kiln_store::StoreError::Stream {
                 action: "fetch a NAR from the remote",
@@ -254,14 +311,11 @@ fn dependency_order(
     Ok(ordered)
 }
 
-/// Builds `job` on `target`, logging the remote's output to `log`.
+/// Builds `job` on `target`, logging the remote's output to `log`:
+/// over the serve protocol (`ssh://`) or the daemon protocol
+/// (`ssh-ng://`), with the same checks and the same classification of
+/// failures.
 pub fn build(target: &SshTarget, job: &Job<'_>, log: LogSink) -> Result<Stats, Failure> {
-    if target.protocol == Protocol::Daemon {
-        return Err(Failure::Transient(format!(
-            "'{}': ssh-ng:// machines are not supported yet; list the machine as ssh:// (serve protocol)",
-            target.uri
-        )));
-    }
     let store = job.store;
     let sd = store.store_dir().clone();
     let mut stats = Stats::default();
@@ -272,110 +326,29 @@ pub fn build(target: &SshTarget, job: &Job<'_>, log: LogSink) -> Result<Stats, F
     let send = compute_closure(store, &send, false, false, false)
         .map_err(|e| Failure::Transient(e.to_string()))?;
 
-    let mut session = target
-        .open_session(log.clone())
-        .map_err(|e| Failure::Transient(e.to_string()))?;
-    let (r, w) = session.take_streams();
-    let pid = session.pid();
-
-    // The local side of timeout and max-silent-time: if the remote does
-    // not stop the build itself, dropping the connection does.
-    let timed_out = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicBool::new(false));
-    let activity = Arc::new(std::sync::Mutex::new(Instant::now()));
-    let watchdog = {
-        let (timed_out, done) = (timed_out.clone(), done.clone());
-        let (timeout, max_silent) = (job.timeout, job.max_silent);
-        let tail_activity = session_activity(&session);
-        std::thread::spawn(move || {
-            let start = Instant::now();
-            let grace = Duration::from_secs(10);
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(200));
-                let silent = tail_activity().elapsed();
-                let over = timeout.is_some_and(|t| start.elapsed() > t + grace)
-                    || max_silent.is_some_and(|t| silent > t + grace);
-                if over {
-                    timed_out.store(true, Ordering::Relaxed);
-                    // SAFETY: our own ssh child, not yet reaped (we wait below).
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                    break;
-                }
-            }
-        })
+    let (mut session, socket) = match target.protocol {
+        Protocol::Serve => target.open_session(log.clone()).map(|s| (s, None)),
+        Protocol::Daemon => target
+            .open_socket_session(log.clone())
+            .map(|(s, socket)| (s, Some(socket))),
+    }
+    .map_err(|e| Failure::Transient(e.to_string()))?;
+    let watchdog = Watchdog::start(&session, job);
+    let outcome = match socket {
+        None => {
+            let (r, w) = session.take_channel();
+            build_on_serve(target, job, &send, r, w, &mut stats).map_err(|e| e.to_string())
+        }
+        Some(socket) => {
+            let activity = session.activity_handle();
+            build_on_daemon(target, job, &send, socket, &log, activity, &mut stats)
+                .map_err(|e| kiln_formats::report::chain(&e))
+        }
     };
-    let _ = activity;
-
-    let outcome = (|| -> Result<Result<(), Failure>, ServeClientError> {
-        let mut c = ServeClient::handshake(r, w, sd.clone())?;
-        let t = Instant::now();
-        upload(&mut c, store, &send, &mut stats)?;
-        stats.upload = t.elapsed();
-        let basic = basic_derivation(store, job.drv, &job.inputs);
-        let options = BuildOptions {
-            max_silent_time: job.max_silent.map_or(0, |d| d.as_secs()),
-            build_timeout: job.timeout.map_or(0, |d| d.as_secs()),
-            max_log_size: job.max_log_size,
-        };
-        let t = Instant::now();
-        let result = c.build_derivation(&job.drv_path, &basic, options)?;
-        stats.build = t.elapsed();
-        if !result.success() {
-            let msg = format!(
-                "build of '{}' on '{}' failed: {}",
-                sd.print_path(&job.drv_path),
-                target.uri,
-                result.error.trim_end()
-            );
-            return Ok(Err(match result.status {
-                8 => Failure::TimedOut(msg),
-                3 | 4 | 5 | 7 | 11 | 12 => Failure::Permanent(msg),
-                _ => Failure::Transient(msg),
-            }));
-        }
-        // Copy the outputs back, checked: the remote must know them, their
-        // references must stay inside what the build could see, and each
-        // NAR must match the hash and size the remote announced.
-        let t = Instant::now();
-        let wanted: StorePathSet = job.wanted.values().cloned().collect();
-        let local = store.query_valid_paths(&wanted)?;
-        let missing: StorePathSet = wanted.difference(&local).cloned().collect();
-        let infos = c.query_path_infos(&missing)?;
-        let got: BTreeSet<&StorePath> = infos.iter().map(|i| &i.path).collect();
-        if let Some(p) = missing.iter().find(|p| !got.contains(p)) {
-            return Ok(Err(Failure::Transient(format!(
-                "'{}' reported a successful build but does not have '{}'",
-                target.uri,
-                sd.print_path(p)
-            ))));
-        }
-        let all_outputs: StorePathSet = job.drv.output_paths().map(|(_, p)| p.clone()).collect();
-        let mut map = BTreeMap::new();
-        for mut info in infos {
-            if let Some(bad) = info
-                .references
-                .iter()
-                .find(|r| !send.contains(*r) && !all_outputs.contains(*r))
-            {
-                return Ok(Err(Failure::Permanent(format!(
-                    "output '{}' built on '{}' refers to '{}', which is not among the build's inputs",
-                    sd.print_path(&info.path),
-                    target.uri,
-                    sd.print_path(bad)
-                ))));
-            }
-            info.deriver = Some(job.drv_path.clone());
-            map.insert(info.path.clone(), info);
-        }
-        fetch_infos(&mut c, store, map, &mut stats)?;
-        stats.download = t.elapsed();
-        Ok(Ok(()))
-    })();
-    done.store(true, Ordering::Relaxed);
-    let _ = watchdog.join();
+    let timed_out = watchdog.stop();
     let tail = session.stderr_tail();
     session.finish();
-    if timed_out.load(Ordering::Relaxed) {
+    if timed_out {
         return Err(Failure::TimedOut(format!(
             "build of '{}' on '{}' passed its timeout or max-silent-time; stopped from here",
             sd.print_path(&job.drv_path),
@@ -386,6 +359,310 @@ pub fn build(target: &SshTarget, job: &Job<'_>, log: LogSink) -> Result<Stats, F
         Ok(Ok(())) => Ok(stats),
         Ok(Err(f)) => Err(f),
         Err(e) => Err(transient(target, "remote session", e, &tail)),
+    }
+}
+
+/// The local side of timeout and max-silent-time: if the remote does not
+/// stop the build itself, killing ssh (which drops the connection) does.
+struct Watchdog {
+    timed_out: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Watchdog {
+    fn start(session: &crate::ssh::Session, job: &Job<'_>) -> Watchdog {
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let (t, d) = (timed_out.clone(), done.clone());
+        let (timeout, max_silent) = (job.timeout, job.max_silent);
+        let last_activity = session_activity(session);
+        let pid = session.pid();
+        let thread = std::thread::spawn(move || {
+            let start = Instant::now();
+            let grace = Duration::from_secs(10);
+            while !d.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let silent = last_activity().elapsed();
+                let over = timeout.is_some_and(|t| start.elapsed() > t + grace)
+                    || max_silent.is_some_and(|t| silent > t + grace);
+                if over {
+                    t.store(true, Ordering::Relaxed);
+                    // SAFETY: our own ssh child, not yet reaped (the
+                    // session waits for it only after `stop`).
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    break;
+                }
+            }
+        });
+        Watchdog {
+            timed_out,
+            done,
+            thread,
+        }
+    }
+
+    /// Stops watching; whether the deadline had passed.
+    fn stop(self) -> bool {
+        self.done.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        self.timed_out.load(Ordering::Relaxed)
+    }
+}
+
+/// How a remote build's status (Nix's `BuildResult::Status` numbers)
+/// is to be handled here.
+fn classify(status: u64, msg: String) -> Failure {
+    match status {
+        8 => Failure::TimedOut(msg),
+        3 | 4 | 5 | 7 | 11 | 12 => Failure::Permanent(msg),
+        _ => Failure::Transient(msg),
+    }
+}
+
+/// The metadata of the outputs to bring back, checked: the remote must
+/// have them all, and their references must stay inside what the build
+/// could see (its inputs and its own outputs). The deriver becomes the
+/// local `.drv`.
+fn checked_outputs(
+    target: &SshTarget,
+    job: &Job<'_>,
+    send: &StorePathSet,
+    missing: &StorePathSet,
+    infos: Vec<kiln_store::PathInfo>,
+) -> Result<BTreeMap<StorePath, kiln_store::PathInfo>, Failure> {
+    let sd = job.store.store_dir();
+    let got: BTreeSet<&StorePath> = infos.iter().map(|i| &i.path).collect();
+    if let Some(p) = missing.iter().find(|p| !got.contains(p)) {
+        return Err(Failure::Transient(format!(
+            "'{}' reported a successful build but does not have '{}'",
+            target.uri,
+            sd.print_path(p)
+        )));
+    }
+    let all_outputs: StorePathSet = job.drv.output_paths().map(|(_, p)| p.clone()).collect();
+    let mut map = BTreeMap::new();
+    for mut info in infos {
+        if let Some(bad) = info
+            .references
+            .iter()
+            .find(|r| !send.contains(*r) && !all_outputs.contains(*r))
+        {
+            return Err(Failure::Permanent(format!(
+                "output '{}' built on '{}' refers to '{}', which is not among the build's inputs",
+                sd.print_path(&info.path),
+                target.uri,
+                sd.print_path(bad)
+            )));
+        }
+        info.deriver = Some(job.drv_path.clone());
+        map.insert(info.path.clone(), info);
+    }
+    Ok(map)
+}
+
+/// The wanted outputs not valid here yet.
+fn missing_outputs(job: &Job<'_>) -> Result<StorePathSet, kiln_store::StoreError> {
+    let wanted: StorePathSet = job.wanted.values().cloned().collect();
+    let local = job.store.query_valid_paths(&wanted)?;
+    Ok(wanted.difference(&local).cloned().collect())
+}
+
+/// `ssh://`: the serve protocol on the session's streams.
+fn build_on_serve<R: std::io::Read + Send, W: std::io::Write + Send>(
+    target: &SshTarget,
+    job: &Job<'_>,
+    send: &StorePathSet,
+    r: R,
+    w: W,
+    stats: &mut Stats,
+) -> Result<Result<(), Failure>, ServeClientError> {
+    let store = job.store;
+    let sd = store.store_dir().clone();
+    let mut c = ServeClient::handshake(r, w, sd.clone())?;
+    let t = Instant::now();
+    upload(&mut c, store, send, stats)?;
+    stats.upload = t.elapsed();
+    let basic = basic_derivation(store, job.drv, &job.inputs);
+    let options = BuildOptions {
+        max_silent_time: job.max_silent.map_or(0, |d| d.as_secs()),
+        build_timeout: job.timeout.map_or(0, |d| d.as_secs()),
+        max_log_size: job.max_log_size,
+    };
+    let t = Instant::now();
+    let result = c.build_derivation(&job.drv_path, &basic, options)?;
+    stats.build = t.elapsed();
+    if !result.success() {
+        let msg = format!(
+            "build of '{}' on '{}' failed: {}",
+            sd.print_path(&job.drv_path),
+            target.uri,
+            result.error.trim_end()
+        );
+        return Ok(Err(classify(result.status, msg)));
+    }
+    let t = Instant::now();
+    let missing = missing_outputs(job)?;
+    let infos = c.query_path_infos(&missing)?;
+    let map = match checked_outputs(target, job, send, &missing, infos) {
+        Ok(m) => m,
+        Err(f) => return Ok(Err(f)),
+    };
+    fetch_infos(&mut c, store, map, stats)?;
+    stats.download = t.elapsed();
+    Ok(Ok(()))
+}
+
+/// `ssh-ng://`: the daemon protocol (`nix-daemon --stdio`,
+/// `store-daemon --stdio`) on `socket`. Inputs go with `AddToStoreNar`
+/// after one `QueryValidPaths`, the ones already there are held as
+/// temporary roots for the session, the build is `BuildDerivation`, and
+/// its log lines arrive as the daemon's log messages.
+fn build_on_daemon(
+    target: &SshTarget,
+    job: &Job<'_>,
+    send: &StorePathSet,
+    socket: std::os::unix::net::UnixStream,
+    log: &LogSink,
+    activity: Arc<std::sync::Mutex<Instant>>,
+    stats: &mut Stats,
+) -> Result<Result<(), Failure>, kiln_store::StoreError> {
+    use kiln_protocol::client::{BuildEvent, BuildOptions, Connection, DaemonStore};
+    let store = job.store;
+    let sd = store.store_dir().clone();
+    let remote = DaemonStore::over_connection(Connection::over(socket)?, &target.uri);
+
+    let t = Instant::now();
+    upload_to_daemon(&remote, store, send, stats)?;
+    stats.upload = t.elapsed();
+
+    let mut options = BuildOptions {
+        max_silent_time: job.max_silent.map_or(0, |d| d.as_secs()),
+        use_substitutes: false,
+        ..BuildOptions::default()
+    };
+    if let Some(timeout) = job.timeout {
+        options
+            .overrides
+            .insert("timeout".into(), timeout.as_secs().to_string());
+    }
+    if job.max_log_size > 0 {
+        options
+            .overrides
+            .insert("max-build-log-size".into(), job.max_log_size.to_string());
+    }
+    let basic = basic_derivation(store, job.drv, &job.inputs);
+    let t = Instant::now();
+    let mut events = |event: BuildEvent| {
+        let line = match event {
+            BuildEvent::LogLine { line, .. } | BuildEvent::Message(line) => line,
+            _ => return,
+        };
+        *activity.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        log.line(&line);
+    };
+    let result = remote.build_derivation(&job.drv_path, &basic, &options, &mut events)?;
+    stats.build = t.elapsed();
+    let result = result.result;
+    if !result.status.is_success() {
+        let msg = format!(
+            "build of '{}' on '{}' failed: {}",
+            sd.print_path(&job.drv_path),
+            target.uri,
+            result.error.trim_end()
+        );
+        return Ok(Err(classify(result.status as u64, msg)));
+    }
+
+    let t = Instant::now();
+    let missing = missing_outputs(job)?;
+    let mut infos = Vec::new();
+    for p in &missing {
+        infos.extend(remote.query_path_info(p)?);
+    }
+    let map = match checked_outputs(target, job, send, &missing, infos) {
+        Ok(m) => m,
+        Err(f) => return Ok(Err(f)),
+    };
+    fetch_from_daemon(&remote, store, map, stats)?;
+    stats.download = t.elapsed();
+    Ok(Ok(()))
+}
+
+/// Sends what of `paths` the daemon lacks (one query, then one
+/// `AddToStoreNar` each, references first); holds the ones it has as
+/// temporary roots for the session.
+fn upload_to_daemon(
+    remote: &kiln_protocol::client::DaemonStore,
+    store: &LocalStore,
+    paths: &StorePathSet,
+    stats: &mut Stats,
+) -> Result<(), kiln_store::StoreError> {
+    let present = remote.query_valid_paths(paths)?;
+    for p in &present {
+        remote.add_temp_root(p)?;
+    }
+    let mut infos = BTreeMap::new();
+    for p in paths.difference(&present) {
+        let info = store.path_info_or_error(p)?;
+        stats.sent_bytes += info.nar_size;
+        infos.insert(p.clone(), info);
+    }
+    stats.already_there = present.len();
+    stats.sent_paths = infos.len();
+    let ordered = dependency_order(infos).map_err(|e| kiln_store::StoreError::Stream {
+        action: "order the paths to send",
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let from_here = |info: &kiln_store::PathInfo, out: &mut dyn std::io::Write| {
+        store.nar_from_path(&info.path, out)
+    };
+    remote.add_nars(&ordered, &from_here, AddOptions::default(), 1)?;
+    Ok(())
+}
+
+/// Fetches the NARs of `infos` from the daemon (`NarFromPath`) into
+/// `store`, each checked against what the daemon announced.
+fn fetch_from_daemon(
+    remote: &kiln_protocol::client::DaemonStore,
+    store: &LocalStore,
+    infos: BTreeMap<StorePath, kiln_store::PathInfo>,
+    stats: &mut Stats,
+) -> Result<(), kiln_store::StoreError> {
+    let ordered = dependency_order(infos).map_err(|e| kiln_store::StoreError::Stream {
+        action: "order the paths to fetch",
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    stats.fetched_bytes += ordered.iter().map(|i| i.nar_size).sum::<u64>();
+    let from_remote = |info: &kiln_store::PathInfo, out: &mut dyn std::io::Write| {
+        remote.nar_from_path(&info.path, out)
+    };
+    // One connection: one NAR at a time.
+    store.add_nars(&ordered, &from_remote, AddOptions::default(), 1)?;
+    Ok(())
+}
+
+/// A daemon-protocol session to an `ssh-ng://` machine.
+fn open_daemon(
+    target: &SshTarget,
+    log: LogSink,
+) -> Result<(crate::ssh::Session, kiln_protocol::client::DaemonStore), Failure> {
+    use kiln_protocol::client::{Connection, DaemonStore};
+    let (session, socket) = target
+        .open_socket_session(log)
+        .map_err(|e| Failure::Transient(e.to_string()))?;
+    match Connection::over(socket) {
+        Ok(c) => Ok((session, DaemonStore::over_connection(c, &target.uri))),
+        Err(e) => {
+            let tail = session.stderr_tail();
+            session.finish();
+            Err(transient(
+                target,
+                "connecting to the daemon",
+                kiln_formats::report::chain(&e),
+                &tail,
+            ))
+        }
     }
 }
 

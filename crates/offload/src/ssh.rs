@@ -3,10 +3,17 @@
 //!
 //! Every command to a machine (the load probe, serve sessions of several
 //! builds at once) goes through that master, so only the first pays for
-//! the key exchange. Compression is SSH's own (`-C`, asked for with the
-//! URI parameter `compress=true`): it covers both directions of the serve
-//! protocol without a framing of its own; on a LAN or loopback the CPU it
-//! costs is more than the bytes it saves, so it is off unless asked for.
+//! the key exchange.
+//!
+//! Compression ([`Compression`]): a Kiln remote (`store-daemon`) is asked
+//! for a zstd stream in both directions (`--zstd`), which carries a
+//! typical closure in about a third of the bytes at a few hundred MB/s per
+//! core; Nix's `nix-store --serve` knows no such thing and gets the plain
+//! stream. The URI parameter `compress` chooses: `zstd`, `none`, or
+//! `true` (SSH's own zlib `-C`, slow: ~20 MB/s). Unset, zstd is used for
+//! Kiln remotes except on loopback addresses, where there is no link to
+//! save and compressing only costs CPU (measured: 500 MB of store paths
+//! over loopback take 0.9 s plain, 1.8 s through zstd level 1).
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -48,6 +55,21 @@ pub enum Protocol {
     /// `ssh-ng://`: `nix-daemon --stdio` / `store-daemon --stdio`.
     Daemon,
 }
+
+/// How the protocol stream to a machine is compressed (see the module
+/// documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// The stream as the protocol defines it (SSH's `-C` may still apply).
+    None,
+    /// A zstd stream each way, flushed at every message; only Kiln's
+    /// `store-daemon --serve --zstd` speaks it.
+    Zstd,
+}
+
+/// The zstd level of the stream: level 1 compresses store paths ~2.7× at
+/// ~300 MB/s on one core; higher levels gain little and cost much more.
+const ZSTD_LEVEL: i32 = 1;
 
 /// How to reach one machine.
 #[derive(Debug, Clone)]
@@ -208,11 +230,49 @@ impl SshTarget {
         Ok(cmd)
     }
 
+    /// Whether the remote program is Kiln's `store-daemon` (by its name).
+    fn remote_is_kiln(&self) -> bool {
+        self.params.get("remote-program").is_some_and(|p| {
+            Path::new(p)
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("store-daemon"))
+        })
+    }
+
+    /// Whether the host is this machine (a loopback address).
+    fn is_loopback(&self) -> bool {
+        let host = self
+            .destination
+            .rsplit_once('@')
+            .map_or(self.destination.as_str(), |(_, h)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+
+    /// How this machine's protocol stream is compressed.
+    pub fn compression(&self) -> Compression {
+        match self.params.get("compress").map(String::as_str) {
+            Some("zstd") => Compression::Zstd,
+            Some(_) => Compression::None,
+            None if self.protocol == Protocol::Serve
+                && self.remote_is_kiln()
+                && !self.is_loopback() =>
+            {
+                Compression::Zstd
+            }
+            None => Compression::None,
+        }
+    }
+
     /// The remote program and its arguments for this machine's protocol.
     pub fn remote_program(&self) -> String {
-        let (default, args) = match self.protocol {
-            Protocol::Serve => ("nix-store", "--serve --write"),
-            Protocol::Daemon => ("nix-daemon", "--stdio"),
+        let (default, args) = match (self.protocol, self.compression()) {
+            (Protocol::Serve, Compression::None) => ("nix-store", "--serve --write"),
+            (Protocol::Serve, Compression::Zstd) => ("nix-store", "--serve --write --zstd"),
+            (Protocol::Daemon, _) => ("nix-daemon", "--stdio"),
         };
         let program = self
             .params
@@ -319,18 +379,49 @@ impl SshTarget {
     /// Starts the remote program with its stdin/stdout piped to us; its
     /// stderr (the remote build log) goes line by line to `log`.
     pub fn open_session(&self, log: LogSink) -> Result<Session, SshError> {
-        let mut child = self
-            .command(&self.remote_program())?
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| SshError::Spawn {
-                uri: self.uri.clone(),
-                source,
-            })?;
-        let stdin = child.stdin.take().expect("piped");
-        let stdout = child.stdout.take().expect("piped");
+        self.spawn_session(log, None)
+    }
+
+    /// Starts the remote program (`ssh-ng://`: the daemon on stdio) with
+    /// one end of a socket pair as its stdin and stdout, and returns the
+    /// other end: the daemon client speaks on a Unix stream, and ssh reads
+    /// and writes the socket itself, with no thread copying between them.
+    pub fn open_socket_session(
+        &self,
+        log: LogSink,
+    ) -> Result<(Session, std::os::unix::net::UnixStream), SshError> {
+        let spawn_err = |source| SshError::Spawn {
+            uri: self.uri.clone(),
+            source,
+        };
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_err)?;
+        let session = self.spawn_session(log, Some(theirs))?;
+        Ok((session, ours))
+    }
+
+    fn spawn_session(
+        &self,
+        log: LogSink,
+        socket: Option<std::os::unix::net::UnixStream>,
+    ) -> Result<Session, SshError> {
+        let spawn_err = |source| SshError::Spawn {
+            uri: self.uri.clone(),
+            source,
+        };
+        let mut cmd = self.command(&self.remote_program())?;
+        match socket {
+            Some(s) => {
+                let fd = std::os::fd::OwnedFd::from(s);
+                let fd2 = fd.try_clone().map_err(spawn_err)?;
+                cmd.stdin(Stdio::from(fd)).stdout(Stdio::from(fd2));
+            }
+            None => {
+                cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+            }
+        }
+        let mut child = cmd.stderr(Stdio::piped()).spawn().map_err(spawn_err)?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
         let stderr = child.stderr.take().expect("piped");
         let tail = Arc::new(Mutex::new(Vec::<String>::new()));
         let activity = Arc::new(Mutex::new(std::time::Instant::now()));
@@ -355,8 +446,13 @@ impl SshTarget {
         });
         Ok(Session {
             child,
-            stdin: Some(stdin),
-            stdout: Some(stdout),
+            compression: if self.protocol == Protocol::Serve {
+                self.compression()
+            } else {
+                Compression::None
+            },
+            stdin,
+            stdout,
             tail,
             activity,
             reader: Some(reader),
@@ -433,6 +529,7 @@ impl LogSink {
 #[derive(Debug)]
 pub struct Session {
     child: Child,
+    compression: Compression,
     stdin: Option<ChildStdin>,
     stdout: Option<ChildStdout>,
     tail: Arc<Mutex<Vec<String>>>,
@@ -447,6 +544,22 @@ impl Session {
             self.stdout.take().expect("streams taken once"),
             self.stdin.take().expect("streams taken once"),
         )
+    }
+
+    /// The streams to speak the protocol on, through zstd when the
+    /// session is compressed: each flush of the writer ends a zstd block,
+    /// so a message is complete at the other end when it is flushed.
+    pub fn take_channel(&mut self) -> (Box<dyn Read + Send>, Box<dyn Write + Send>) {
+        let (r, w) = self.take_streams();
+        match self.compression {
+            Compression::None => (Box::new(r), Box::new(w)),
+            Compression::Zstd => {
+                // Neither fails but on allocation: the streams are ours.
+                let r = zstd::stream::read::Decoder::new(r).expect("a zstd decoder");
+                let w = zstd::stream::write::Encoder::new(w, ZSTD_LEVEL).expect("a zstd encoder");
+                (Box::new(r), Box::new(w))
+            }
+        }
     }
 
     /// The last lines the remote wrote on stderr.

@@ -177,6 +177,27 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         Ok(wire::copy_nar(&mut self.r, out)?)
     }
 
+    /// A pipeline of `DumpStorePath` requests on this session, for
+    /// fetching many NARs from several threads: each request goes out as
+    /// soon as a thread asks, before the answers to earlier ones are read,
+    /// so the remote streams NARs back to back instead of waiting one
+    /// round trip per path.
+    pub fn dump_pipeline(&mut self) -> DumpPipeline<'_, R, W> {
+        DumpPipeline {
+            send: std::sync::Mutex::new(Sender {
+                w: &mut self.w,
+                next: 0,
+            }),
+            recv: std::sync::Mutex::new(Receiver {
+                r: &mut self.r,
+                next: 0,
+                broken: false,
+            }),
+            turn: std::sync::Condvar::new(),
+            store_dir: &self.store_dir,
+        }
+    }
+
     /// The reader positioned at a NAR after [`Self::request_dump`], for
     /// callers that parse it themselves (a store's `add_nar`).
     pub fn request_dump(&mut self, path: &StorePath) -> Result<&mut dyn BufRead, ServeClientError> {
@@ -230,5 +251,73 @@ impl<R: Read, W: Write> ServeClient<R, W> {
             }
         }
         Ok(result)
+    }
+}
+
+/// `DumpStorePath` requests sent ahead of their answers (see
+/// [`ServeClient::dump_pipeline`]). Answers come back in request order, so
+/// each request takes a ticket and its thread reads the stream when its
+/// ticket is next. A NAR that could not be read whole leaves the stream
+/// out of step: every later fetch then fails rather than read garbage.
+pub struct DumpPipeline<'c, R: Read, W: Write> {
+    send: std::sync::Mutex<Sender<'c, W>>,
+    recv: std::sync::Mutex<Receiver<'c, R>>,
+    turn: std::sync::Condvar,
+    store_dir: &'c StoreDir,
+}
+
+impl<R: Read, W: Write> std::fmt::Debug for DumpPipeline<'_, R, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DumpPipeline")
+    }
+}
+
+struct Sender<'c, W: Write> {
+    w: &'c mut BufWriter<W>,
+    next: u64,
+}
+
+struct Receiver<'c, R: Read> {
+    r: &'c mut BufReader<R>,
+    next: u64,
+    broken: bool,
+}
+
+impl<R: Read, W: Write> DumpPipeline<'_, R, W> {
+    /// Asks for the NAR of `path` and, once the answers before it are
+    /// read, streams it into `out`. Returns its size.
+    pub fn fetch(&self, path: &StorePath, out: &mut dyn Write) -> Result<u64, ServeClientError> {
+        let ticket = {
+            let mut s = self.send.lock().unwrap_or_else(|p| p.into_inner());
+            let sent = wire::write_u64(&mut *s.w, 3)
+                .map_err(ServeClientError::from)
+                .and_then(|()| Ok(worker::write_path(&mut *s.w, self.store_dir, path)?))
+                .and_then(|()| Ok(s.w.flush()?));
+            if let Err(e) = sent {
+                // Our turn never comes: nobody may wait for it.
+                let mut r = self.recv.lock().unwrap_or_else(|p| p.into_inner());
+                r.broken = true;
+                self.turn.notify_all();
+                return Err(e);
+            }
+            s.next += 1;
+            s.next - 1
+        };
+        let mut r = self.recv.lock().unwrap_or_else(|p| p.into_inner());
+        while r.next != ticket && !r.broken {
+            r = self.turn.wait(r).unwrap_or_else(|p| p.into_inner());
+        }
+        if r.broken {
+            return Err(ServeClientError::Io(io::Error::other(
+                "an earlier NAR on this session was not read whole",
+            )));
+        }
+        let copied = wire::copy_nar(&mut *r.r, out);
+        match copied {
+            Ok(_) => r.next += 1,
+            Err(_) => r.broken = true,
+        }
+        self.turn.notify_all();
+        Ok(copied?)
     }
 }

@@ -755,6 +755,39 @@ impl LocalStore {
         Ok(PathLock::acquire(&lock_path, true)?.expect("waiting lock acquisition always succeeds"))
     }
 
+    /// Stages a regular file small enough to hold: one read, the hashes
+    /// computed from the contents and the NAR framing (no NAR is built or
+    /// parsed), one write under a temporary name.
+    fn stage_small_file(
+        &self,
+        source: &Path,
+        executable: bool,
+        ca: CaHashing,
+        durability: Durability,
+    ) -> Result<Staged, StoreError> {
+        let contents = fs::read(source).map_err(|e| StoreError::io("read", source, e))?;
+        let (nar_hash, nar_size) =
+            fsutil::single_file_nar_hash(HashAlgo::Sha256, executable, &contents);
+        let ca_hash = match ca {
+            CaHashing::None => None,
+            CaHashing::FlatFile(algo) => Some(Hash::digest(algo, &contents)),
+            CaHashing::Nar(algo) => {
+                Some(fsutil::single_file_nar_hash(algo, executable, &contents).0)
+            }
+        };
+        let temp = self.temp_path();
+        if let Err(e) = write_canonical_file(&temp, executable, &contents, durability) {
+            let _ = fs::remove_file(&temp);
+            return Err(e);
+        }
+        Ok(Staged {
+            temp,
+            nar_hash,
+            nar_size,
+            ca_hash,
+        })
+    }
+
     /// Restores one source under a temporary name; returns its metadata
     /// and that name.
     fn stage_item(
@@ -777,15 +810,8 @@ impl LocalStore {
         };
         let label = source.display().to_string();
         let staged = if meta.is_file() && meta.len() <= IN_MEMORY {
-            // Small files: no reader thread, one read, the NAR built in memory.
-            let contents = fs::read(source).map_err(|e| StoreError::io("read", source, e))?;
             let executable = meta.permissions().mode() & 0o100 != 0;
-            let nar = Node::Regular {
-                executable,
-                contents,
-            }
-            .to_nar();
-            self.stage_nar(&mut &nar[..], &label, ca_hashing, durability)?
+            self.stage_small_file(source, executable, ca_hashing, durability)?
         } else {
             let (tx, rx) = mpsc::sync_channel(4);
             std::thread::scope(|scope| {
@@ -839,6 +865,54 @@ impl LocalStore {
         info.ca = Some(ca);
         Ok((info, staged.temp))
     }
+}
+
+/// Whether the process's umask leaves 0555 alone, so files created with
+/// their canonical mode need no `fchmod` afterwards. Read from
+/// `/proc/self/status`: calling `umask(2)` to read it would change it for
+/// other threads meanwhile.
+fn umask_keeps_canonical_modes() -> bool {
+    static KEEPS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KEEPS.get_or_init(|| {
+        fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+                u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+            })
+            .is_some_and(|mask| mask & 0o555 == 0)
+    })
+}
+
+/// Writes `contents` as a new file at `dest` with canonical metadata
+/// (0444 or 0555, mtime 1); fsyncs it when each path is to be durable on
+/// its own.
+fn write_canonical_file(
+    dest: &Path,
+    executable: bool,
+    contents: &[u8],
+    durability: Durability,
+) -> Result<(), StoreError> {
+    let mode = if executable { 0o555 } else { 0o444 };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(dest)
+        .map_err(|e| StoreError::io("create", dest, e))?;
+    file.write_all(contents)
+        .map_err(|e| StoreError::io("write", dest, e))?;
+    if !umask_keeps_canonical_modes() {
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|e| StoreError::io("finish", dest, e))?;
+    }
+    set_canonical_times_fd(&file).map_err(|e| StoreError::io("finish", dest, e))?;
+    if durability == Durability::FsyncEach {
+        file.sync_all()
+            .map_err(|e| StoreError::io("fsync", dest, e))?;
+    }
+    Ok(())
 }
 
 /// Restores a NAR at `dest` with canonical metadata. `flat` hashes the

@@ -183,6 +183,52 @@ pub fn fsync_tree(path: &Path) -> io::Result<()> {
     }
 }
 
+/// The NAR of a single regular file up to its contents: everything before
+/// the file's bytes, ending with their length.
+pub fn single_file_nar_head(executable: bool, len: u64) -> Vec<u8> {
+    let mut head = Vec::with_capacity(128);
+    let mut put = |bytes: &[u8]| {
+        head.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        head.extend_from_slice(bytes);
+        head.extend_from_slice(&[0u8; 8][..(8 - bytes.len() % 8) % 8]);
+    };
+    for token in [&b"nix-archive-1"[..], b"(", b"type", b"regular"] {
+        put(token);
+    }
+    if executable {
+        put(b"executable");
+        put(b"");
+    }
+    put(b"contents");
+    head.extend_from_slice(&len.to_le_bytes());
+    head
+}
+
+/// What follows `len` bytes of contents in a single file's NAR.
+pub fn single_file_nar_tail(len: u64) -> Vec<u8> {
+    let mut tail = vec![0u8; ((8 - len % 8) % 8) as usize];
+    tail.extend_from_slice(&1u64.to_le_bytes());
+    tail.extend_from_slice(b")\0\0\0\0\0\0\0");
+    tail
+}
+
+/// The hash and size of the NAR of one regular file held in memory,
+/// without building the NAR.
+pub fn single_file_nar_hash(
+    algo: kiln_formats::hash::HashAlgo,
+    executable: bool,
+    contents: &[u8],
+) -> (kiln_formats::hash::Hash, u64) {
+    let head = single_file_nar_head(executable, contents.len() as u64);
+    let tail = single_file_nar_tail(contents.len() as u64);
+    let mut hasher = kiln_formats::hash::Hasher::new(algo);
+    hasher.update(&head);
+    hasher.update(contents);
+    hasher.update(&tail);
+    let size = (head.len() + contents.len() + tail.len()) as u64;
+    (hasher.finish(), size)
+}
+
 /// The NAR hash and size of the tree at `path`. A single regular file —
 /// most files `optimise` looks at, many store paths — is hashed here with
 /// its NAR framing, without the general serialiser's reader thread.
@@ -195,28 +241,13 @@ pub fn nar_hash(
     if !meta.is_file() {
         return Ok(kiln_formats::nar::hash_path(path, algo)?);
     }
-    let mut hasher = kiln_formats::hash::Hasher::new(algo);
-    let mut size = 0u64;
-    // A NAR string: length, bytes, zero padding; returns its encoded size.
-    let put = |bytes: &[u8], h: &mut kiln_formats::hash::Hasher| -> u64 {
-        h.update(&(bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
-        h.update(&[0u8; 8][..(8 - bytes.len() % 8) % 8]);
-        8 + bytes.len().div_ceil(8) as u64 * 8
-    };
     let executable = meta.permissions().mode() & 0o100 != 0;
-    for token in [&b"nix-archive-1"[..], b"(", b"type", b"regular"] {
-        size += put(token, &mut hasher);
-    }
-    if executable {
-        size += put(b"executable", &mut hasher);
-        size += put(b"", &mut hasher);
-    }
-    size += put(b"contents", &mut hasher);
+    let head = single_file_nar_head(executable, meta.len());
+    let mut hasher = kiln_formats::hash::Hasher::new(algo);
+    hasher.update(&head);
     let mut file = File::open(path).map_err(|e| crate::StoreError::io("open", path, e))?;
     let mut buf = vec![0u8; 256 * 1024];
     let mut len = 0u64;
-    hasher.update(&meta.len().to_le_bytes());
     loop {
         let n = file
             .read(&mut buf)
@@ -231,9 +262,9 @@ pub fn nar_hash(
         // Changed under us: let the general serialiser report it properly.
         return Ok(kiln_formats::nar::hash_path(path, algo)?);
     }
-    hasher.update(&[0u8; 8][..((8 - len % 8) % 8) as usize]);
-    size += 8 + len.div_ceil(8) * 8;
-    size += put(b")", &mut hasher);
+    let tail = single_file_nar_tail(len);
+    hasher.update(&tail);
+    let size = head.len() as u64 + len + tail.len() as u64;
     Ok((hasher.finish(), size))
 }
 
@@ -256,6 +287,12 @@ mod tests {
                 nar_hash(&f, HashAlgo::Sha256).unwrap(),
                 expected,
                 "length {len}"
+            );
+            let contents = fs::read(&f).unwrap();
+            assert_eq!(
+                single_file_nar_hash(HashAlgo::Sha256, i % 2 == 1, &contents),
+                expected,
+                "in memory, length {len}"
             );
         }
     }

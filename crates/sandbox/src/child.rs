@@ -252,10 +252,10 @@ struct MountAttr {
     userns_fd: u64,
 }
 
-fn set_attrs(path: &CStr, attrs: u64, recursive: bool) -> i32 {
+fn set_attrs(path: &CStr, attrs: u64, clear: u64, recursive: bool) -> i32 {
     let attr = MountAttr {
         attr_set: attrs,
-        attr_clr: 0,
+        attr_clr: clear,
         propagation: 0,
         userns_fd: 0,
     };
@@ -355,13 +355,43 @@ fn run_step(a: &ChildArgs, step: &Step) -> i32 {
                 if *attrs == 0 {
                     return 0;
                 }
-                set_attrs(path, *attrs, true)
+                set_attrs(path, *attrs, 0, true)
             }
             Step::SetAttrs {
                 path,
                 attrs,
+                clear,
                 recursive,
-            } => set_attrs(path, *attrs, *recursive),
+            } => set_attrs(path, *attrs, *clear, *recursive),
+            Step::Overlay {
+                options,
+                upper,
+                work,
+                path,
+                flags,
+            } => {
+                // The options page, completed here because only now are the
+                // layers' descriptors known.
+                let mut data = [0u8; 4096];
+                let mut len = 0;
+                let mut put = |bytes: &[u8]| {
+                    data[len..len + bytes.len()].copy_from_slice(bytes);
+                    len += bytes.len();
+                };
+                let mut fd_path = [0u8; 32];
+                put(options.to_bytes());
+                put(b",upperdir=");
+                put(proc_fd_path(a.source_fds[*upper], &mut fd_path).to_bytes());
+                put(b",workdir=");
+                put(proc_fd_path(a.source_fds[*work], &mut fd_path).to_bytes());
+                libc::mount(
+                    c"overlay".as_ptr(),
+                    path.as_ptr(),
+                    c"overlay".as_ptr(),
+                    *flags,
+                    data.as_ptr().cast(),
+                )
+            }
             Step::Symlink { target, link } => libc::symlink(target.as_ptr(), link.as_ptr()),
             Step::WriteFile { path, contents } => {
                 let fd = libc::open(

@@ -6,7 +6,7 @@
 //! multi-threaded.
 
 use std::collections::HashSet;
-use std::ffi::{CString, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -52,7 +52,20 @@ pub(crate) enum Step {
     SetAttrs {
         path: CString,
         attrs: u64,
+        /// Attributes cleared (only ever on the mount at `path` itself).
+        clear: u64,
         recursive: bool,
+    },
+    /// An overlay on `path` whose lower layer is the directory `path` itself
+    /// (on the root tmpfs, holding nested binds' mount points) and whose upper
+    /// and work directories are the sources at these indexes. `options` ends in
+    /// `lowerdir=…`; the child appends the other two as `/proc/self/fd/N`.
+    Overlay {
+        options: CString,
+        upper: usize,
+        work: usize,
+        path: CString,
+        flags: u64,
     },
     Symlink {
         target: CString,
@@ -121,6 +134,17 @@ fn relative(what: &'static str, inside: &Path) -> Result<PathBuf, PlanError> {
         }
     }
     Ok(out)
+}
+
+/// A bind made after the root is read-only: writable ones and those below them.
+struct Late<'a> {
+    bind: &'a crate::spec::Bind,
+    rel: PathBuf,
+    is_dir: bool,
+    /// Below a writable bind (or /dev, /tmp, /proc).
+    nested: bool,
+    /// Index into the overlays of the one whose lower layer holds the mount point.
+    layer: Option<usize>,
 }
 
 struct Builder<'a> {
@@ -199,7 +223,30 @@ const MS_NOSUID: u64 = libc::MS_NOSUID;
 const MS_NODEV: u64 = libc::MS_NODEV;
 const MS_NOEXEC: u64 = libc::MS_NOEXEC;
 
-pub(crate) fn make_plan(spec: &SandboxSpec, staging: &Path) -> Result<Plan, PlanError> {
+/// Room left in a mount's option page for what the child appends to an
+/// overlay's options (`,upperdir=/proc/self/fd/N,workdir=/proc/self/fd/N`).
+pub(crate) const OVERLAY_SUFFIX_MAX: usize = 80;
+const MOUNT_DATA_MAX: usize = 4096;
+
+/// `lowerdir=` of an overlay's options, with the separators it knows escaped.
+fn overlay_options(lower: &CStr) -> Option<CString> {
+    let mut opts = b"userxattr,lowerdir=".to_vec();
+    for &c in lower.to_bytes() {
+        if matches!(c, b',' | b':' | b'\\') {
+            opts.push(b'\\');
+        }
+        opts.push(c);
+    }
+    (opts.len() + OVERLAY_SUFFIX_MAX < MOUNT_DATA_MAX).then(|| CString::new(opts).expect("no NUL"))
+}
+
+/// `overlay`: lay the binds of [`SandboxSpec::bind_rw_layered`] over a tmpfs
+/// (false where overlays turned out not to work: they become plain binds).
+pub(crate) fn make_plan(
+    spec: &SandboxSpec,
+    staging: &Path,
+    overlay: bool,
+) -> Result<Plan, PlanError> {
     let mut b = Builder {
         staging,
         steps: vec![Step::MakePrivate],
@@ -241,11 +288,73 @@ pub(crate) fn make_plan(spec: &SandboxSpec, staging: &Path) -> Result<Plan, Plan
             if !nested {
                 late_roots.push(rel.clone());
             }
-            late.push((bind, rel, meta.is_dir(), nested));
+            late.push(Late {
+                bind,
+                rel,
+                is_dir: meta.is_dir(),
+                nested,
+                layer: None,
+            });
         } else {
             early.push((bind, rel, meta.is_dir()));
         }
     }
+    // A writable bind asked to be layered gets an overlay when it is a
+    // directory on the root; the binds directly below it (not below another
+    // bind under it) have their mount points on the root tmpfs, its lower layer.
+    let mut layers: Vec<(PathBuf, CString, PathBuf)> = Vec::new();
+    if overlay {
+        for l in &late {
+            let Some((_, work)) = spec.layered.iter().find(|(t, _)| *t == l.bind.target) else {
+                continue;
+            };
+            if !l.bind.writable || l.nested || !l.is_dir {
+                continue;
+            }
+            if let Some(options) = overlay_options(&b.host(&l.rel)?) {
+                if std::fs::metadata(work).is_err() {
+                    return Err(PlanError::MissingSource {
+                        path: work.clone(),
+                        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                    });
+                }
+                layers.push((l.rel.clone(), options, work.clone()));
+            }
+        }
+    }
+    // One pass in sorted order, with the chain of binds enclosing the current
+    // one, finds where each nested bind lands and which writable binds have
+    // only read-only binds below them: those (a store directory with its input
+    // closure) get everything below made read-only in one recursive pass, then
+    // themselves writable again, instead of one pass per nested bind.
+    let mut enclosing: Vec<usize> = Vec::new();
+    let mut batchable: Vec<bool> = late.iter().map(|l| !l.rel.starts_with("dev")).collect();
+    for i in 0..late.len() {
+        while let Some(&top) = enclosing.last() {
+            if late[i].rel.starts_with(&late[top].rel) {
+                break;
+            }
+            enclosing.pop();
+        }
+        if late[i].nested {
+            // Directly on the innermost enclosing bind (or on /dev, /tmp, /proc).
+            if let Some(&parent) = enclosing.last() {
+                late[i].layer = layers.iter().position(|(w, _, _)| *w == late[parent].rel);
+            }
+            if late[i].bind.writable {
+                if let Some(&root) = enclosing.first() {
+                    batchable[root] = false;
+                }
+            }
+        }
+        enclosing.push(i);
+    }
+    let batched: Vec<PathBuf> = late
+        .iter()
+        .zip(&batchable)
+        .filter(|(w, ok)| **ok && w.bind.writable && !w.nested)
+        .map(|(w, _)| w.rel.clone())
+        .collect();
 
     b.mkdirs(Path::new("proc"), 0o555)?;
     b.mkdirs(Path::new("dev"), 0o755)?;
@@ -293,9 +402,9 @@ pub(crate) fn make_plan(spec: &SandboxSpec, staging: &Path) -> Result<Plan, Plan
     for (_, rel, is_dir) in &early {
         b.mount_point(rel, *is_dir)?;
     }
-    for (_, rel, is_dir, nested) in &late {
-        if !nested {
-            b.mount_point(rel, *is_dir)?;
+    for l in &late {
+        if !l.nested || l.layer.is_some() {
+            b.mount_point(&l.rel, l.is_dir)?;
         }
     }
     // Symlinks last on the root: every directory a bind needs exists by now, so
@@ -313,7 +422,11 @@ pub(crate) fn make_plan(spec: &SandboxSpec, staging: &Path) -> Result<Plan, Plan
     }
 
     let mut sources = Vec::new();
-    let mut bind_step = |b: &mut Builder, bind: &crate::spec::Bind, rel: &Path, attrs: u64| {
+    let bind_step = |b: &mut Builder,
+                     sources: &mut Vec<CString>,
+                     bind: &crate::spec::Bind,
+                     rel: &Path,
+                     attrs: u64| {
         sources.push(cstr("bind source", bind.source.as_os_str())?);
         let path = b.host(rel)?;
         b.steps.push(Step::Bind {
@@ -324,11 +437,12 @@ pub(crate) fn make_plan(spec: &SandboxSpec, staging: &Path) -> Result<Plan, Plan
         Ok::<(), PlanError>(())
     };
     for (bind, rel, _) in &early {
-        bind_step(&mut b, bind, rel, 0)?;
+        bind_step(&mut b, &mut sources, bind, rel, 0)?;
     }
     b.steps.push(Step::SetAttrs {
         path: root.clone(),
         attrs: ATTR_RDONLY | ATTR_NOSUID | ATTR_NODEV,
+        clear: 0,
         recursive: true,
     });
 
@@ -364,20 +478,51 @@ pub(crate) fn make_plan(spec: &SandboxSpec, staging: &Path) -> Result<Plan, Plan
     b.symlink("/proc/self/fd/2", "dev/stderr")?;
     b.mount_here("tmp", c"tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")?;
 
-    for (bind, rel, is_dir, nested) in &late {
-        if *nested {
-            b.mount_point(rel, *is_dir)?;
+    for l in &late {
+        if l.nested && l.layer.is_none() {
+            b.mount_point(&l.rel, l.is_dir)?;
+        }
+        if let Some((_, options, work)) = layers.iter().find(|(w, _, _)| *w == l.rel) {
+            sources.push(cstr("bind source", l.bind.source.as_os_str())?);
+            sources.push(cstr("overlay work directory", work.as_os_str())?);
+            let path = b.host(&l.rel)?;
+            b.steps.push(Step::Overlay {
+                options: options.clone(),
+                upper: sources.len() - 2,
+                work: sources.len() - 1,
+                path,
+                flags: MS_NOSUID | MS_NODEV,
+            });
+            continue;
         }
         // Device nodes asked for under /dev (e.g. /dev/kvm) must stay usable.
-        let mut attrs = if rel.starts_with("dev") {
+        let mut attrs = if l.rel.starts_with("dev") {
             ATTR_NOSUID
         } else {
             ATTR_NOSUID | ATTR_NODEV
         };
-        if !bind.writable {
+        if !l.bind.writable {
             attrs |= ATTR_RDONLY;
         }
-        bind_step(&mut b, bind, rel, attrs)?;
+        if l.nested && batched.iter().any(|w| l.rel.starts_with(w)) {
+            attrs = 0;
+        }
+        bind_step(&mut b, &mut sources, l.bind, &l.rel, attrs)?;
+    }
+    for w in &batched {
+        let path = b.host(w)?;
+        b.steps.push(Step::SetAttrs {
+            path: path.clone(),
+            attrs: ATTR_RDONLY | ATTR_NOSUID | ATTR_NODEV,
+            clear: 0,
+            recursive: true,
+        });
+        b.steps.push(Step::SetAttrs {
+            path,
+            attrs: 0,
+            clear: ATTR_RDONLY,
+            recursive: false,
+        });
     }
 
     // Nothing may be created in /dev by the builder.
@@ -385,6 +530,7 @@ pub(crate) fn make_plan(spec: &SandboxSpec, staging: &Path) -> Result<Plan, Plan
     b.steps.push(Step::SetAttrs {
         path: dev,
         attrs: ATTR_RDONLY,
+        clear: 0,
         recursive: false,
     });
 
@@ -438,6 +584,11 @@ impl Step {
                 format!("bind-mounting {src} on {}", s(path))
             }
             Step::SetAttrs { path, .. } => format!("setting mount attributes of {}", s(path)),
+            Step::Overlay { path, upper, .. } => format!(
+                "mounting an overlay of {} on {}",
+                s(&plan.sources[*upper]),
+                s(path)
+            ),
             Step::Symlink { link, .. } => format!("creating symlink {}", s(link)),
             Step::WriteFile { path, .. } => format!("writing {}", s(path)),
         }

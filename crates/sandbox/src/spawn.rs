@@ -1,16 +1,17 @@
 //! Starting a sandbox and the handle to the running build.
 
-use std::ffi::{CString, c_char};
+use std::ffi::{CStr, CString, c_char};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cgroup::{self, Cgroup, CgroupStatus};
 use crate::child::{self, ChildArgs, MSG_FAILED, Stage};
-use crate::plan::{self, PlanError};
+use crate::plan::{self, Plan, PlanError};
 use crate::seccomp::{self, SeccompError};
 use crate::spec::{Output, SandboxMode, SandboxSpec};
 use crate::uid::{UidError, UidRange};
@@ -322,6 +323,10 @@ fn hint(stage: Stage, errno: i32) -> &'static str {
     }
 }
 
+/// Set once an overlay could not be mounted: from then on this process makes
+/// layered binds plain ones (see [`SandboxSpec::bind_rw_layered`]).
+static OVERLAY_UNUSABLE: AtomicBool = AtomicBool::new(false);
+
 fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
     let filters = seccomp::filters().map_err(SpawnError::Seccomp)?;
     // SAFETY: trivial getters.
@@ -329,7 +334,8 @@ fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
     let as_root = euid == 0;
     let staging = spec.staging_dir.clone().unwrap_or_else(default_staging);
     ensure_staging(&staging)?;
-    let plan = plan::make_plan(&spec, &staging)?;
+    let mut overlay = !spec.layered.is_empty() && !OVERLAY_UNUSABLE.load(Ordering::Relaxed);
+    let mut plan = plan::make_plan(&spec, &staging, overlay)?;
 
     let uid_range = if as_root {
         Some(match spec.uid_range.take() {
@@ -344,9 +350,6 @@ fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
         None => (euid, egid),
     };
 
-    let (report_r, report_w) = pipe().map_err(io_err("creating a pipe"))?;
-    let (go_r, go_w) = pipe().map_err(io_err("creating a pipe"))?;
-    let (status_r, status_w) = pipe().map_err(io_err("creating a pipe"))?;
     let (output_parent, output_child, is_pty) = match std::mem::take(&mut spec.output) {
         Output::Pipe => {
             let (r, w) = pipe().map_err(io_err("creating the output pipe"))?;
@@ -359,7 +362,130 @@ fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
         Output::Null => (None, None, false),
         Output::Fd(fd) => (None, Some(fd), false),
     };
-    let out_fd = output_child.as_ref().map_or(-1, |f| f.as_raw_fd());
+
+    let cgroup = spec.cgroup.as_ref().map(cgroup::Cgroup::create);
+    let (cgroup, cgroup_status) = match cgroup {
+        None => (None, CgroupStatus::NotRequested),
+        Some(Ok(cg)) => {
+            let status = match cg.partial() {
+                Some(why) => CgroupStatus::Partial(why.to_owned()),
+                None => CgroupStatus::Active,
+            };
+            (Some(cg), status)
+        }
+        Some(Err(why)) => (None, CgroupStatus::Unavailable(why)),
+    };
+
+    // An ordinary user maps itself from inside, without a round trip to us; root
+    // maps a whole range, which only a process outside the namespace may do.
+    let self_maps = (!as_root).then(|| {
+        (
+            CString::from(c"deny"),
+            CString::new(format!("{} {euid} 1\n", spec.uid)).unwrap(),
+            CString::new(format!("{} {egid} 1\n", spec.gid)).unwrap(),
+        )
+    });
+    let common = Common {
+        as_root,
+        self_maps: self_maps
+            .as_ref()
+            .map(|(s, u, g)| (s.as_c_str(), u.as_c_str(), g.as_c_str())),
+        out_fd: output_child.as_ref().map_or(-1, |f| f.as_raw_fd()),
+        is_pty,
+        filters,
+    };
+    // Nothing runs until an attempt has cloned init: dropping this kills nothing.
+    let mut child = Child {
+        pid: -1,
+        status_r: None,
+        output: output_parent.map(File::from),
+        exit: Some(ExitStatus::from_raw(0)),
+        cgroup,
+        cgroup_status,
+        uid_range,
+        host_ids: Some(host_ids),
+        cpu_usage_usec: None,
+    };
+    loop {
+        let outcome = attempt(&spec, &plan, &common, &mut child).inspect_err(|_| {
+            if let Some(cg) = child.cgroup.take() {
+                cg.finish();
+            }
+        });
+        match outcome? {
+            None => {
+                drop(output_child);
+                return Ok(child);
+            }
+            Some((Stage::Step, index, _))
+                if overlay && matches!(plan.steps[index as usize], plan::Step::Overlay { .. }) =>
+            {
+                OVERLAY_UNUSABLE.store(true, Ordering::Relaxed);
+                overlay = false;
+                plan = plan::make_plan(&spec, &staging, false)?;
+            }
+            Some((stage, index, errno)) => {
+                if let Some(cg) = child.cgroup.take() {
+                    cg.finish();
+                }
+                return Err(setup_error(&spec, &plan, stage, index, errno));
+            }
+        }
+    }
+}
+
+/// What every attempt at starting a sandbox shares.
+struct Common<'a> {
+    as_root: bool,
+    /// `(setgroups, uid_map, gid_map)` when init maps itself.
+    self_maps: Option<(&'a CStr, &'a CStr, &'a CStr)>,
+    out_fd: RawFd,
+    is_pty: bool,
+    filters: &'static [seccompiler::BpfProgram],
+}
+
+/// What a failure the sandbox's init reported means.
+fn setup_error(
+    spec: &SandboxSpec,
+    plan: &Plan,
+    stage: Stage,
+    index: u32,
+    errno: i32,
+) -> SpawnError {
+    let source = io::Error::from_raw_os_error(errno);
+    if stage == Stage::Exec {
+        return SpawnError::Exec {
+            program: spec.program.clone(),
+            source,
+        };
+    }
+    let what = match stage {
+        Stage::Step => plan.steps[index as usize].describe(plan),
+        Stage::OpenSource => format!(
+            "opening bind source {}",
+            plan.sources[index as usize].to_string_lossy()
+        ),
+        other => format!("{other:?}"),
+    };
+    SpawnError::Setup {
+        hint: hint(stage, errno),
+        what,
+        source,
+    }
+}
+
+/// Clones init for `plan` and waits until the program runs: `None`, with
+/// `child` running; or the stage that failed, with init reaped.
+fn attempt(
+    spec: &SandboxSpec,
+    plan: &Plan,
+    common: &Common,
+    child: &mut Child,
+) -> Result<Option<(Stage, u32, i32)>, SpawnError> {
+    let (report_r, report_w) = pipe().map_err(io_err("creating a pipe"))?;
+    let (go_r, go_w) = pipe().map_err(io_err("creating a pipe"))?;
+    let (status_r, status_w) = pipe().map_err(io_err("creating a pipe"))?;
+    let out_fd = common.out_fd;
 
     let mut keep: Vec<RawFd> = vec![report_w.as_raw_fd(), go_r.as_raw_fd(), status_w.as_raw_fd()];
     if out_fd >= 0 {
@@ -406,51 +532,26 @@ fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
     if plan.loopback {
         namespaces |= libc::CLONE_NEWNET;
     }
-
-    let cgroup = spec.cgroup.as_ref().map(cgroup::Cgroup::create);
-    let (cgroup, cgroup_status) = match cgroup {
-        None => (None, CgroupStatus::NotRequested),
-        Some(Ok(cg)) => {
-            let status = match cg.partial() {
-                Some(why) => CgroupStatus::Partial(why.to_owned()),
-                None => CgroupStatus::Active,
-            };
-            (Some(cg), status)
-        }
-        Some(Err(why)) => (None, CgroupStatus::Unavailable(why)),
-    };
-
-    // An ordinary user maps itself from inside, without a round trip to us; root
-    // maps a whole range, which only a process outside the namespace may do.
-    let self_maps = (!as_root).then(|| {
-        (
-            CString::from(c"deny"),
-            CString::new(format!("{} {euid} 1\n", spec.uid)).unwrap(),
-            CString::new(format!("{} {egid} 1\n", spec.gid)).unwrap(),
-        )
-    });
-    let wait_for_go = as_root || cgroup.is_some();
+    let wait_for_go = common.as_root || child.cgroup.is_some();
 
     let mut args = ChildArgs {
-        plan: &plan,
-        become_root: as_root,
+        plan,
+        become_root: common.as_root,
         wait_for_go,
-        self_maps: self_maps
-            .as_ref()
-            .map(|(s, u, g)| (s.as_c_str(), u.as_c_str(), g.as_c_str())),
-        set_groups: as_root,
+        self_maps: common.self_maps,
+        set_groups: common.as_root,
         report_w: report_w.as_raw_fd(),
         go_r: go_r.as_raw_fd(),
         status_w: status_w.as_raw_fd(),
         out_fd,
-        pty: is_pty,
+        pty: common.is_pty,
         keep_fds: &keep,
         source_fds: &mut source_fds,
         nofile_needed,
         nofile_orig,
         rlimits: &rlimits,
         cap_last: cap_last_cap(),
-        filters,
+        filters: common.filters,
         argv: &argv,
         envp: &envp,
     };
@@ -480,46 +581,11 @@ fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
     if init == 0 {
         child::init_entry(&mut args);
     }
-    drop((report_w, go_r, status_w, output_child));
+    drop((report_w, go_r, status_w));
     let mut report = File::from(report_r);
-
-    let fail = |stage: u32, index: u32, errno: u32| -> SpawnError {
-        let source = io::Error::from_raw_os_error(errno as i32);
-        let Some(stage) = Stage::from_u32(stage) else {
-            return SpawnError::Vanished;
-        };
-        if stage == Stage::Exec {
-            return SpawnError::Exec {
-                program: spec.program.clone(),
-                source,
-            };
-        }
-        let what = match stage {
-            Stage::Step => plan.steps[index as usize].describe(&plan),
-            Stage::OpenSource => format!(
-                "opening bind source {}",
-                plan.sources[index as usize].to_string_lossy()
-            ),
-            other => format!("{other:?}"),
-        };
-        SpawnError::Setup {
-            hint: hint(stage, errno as i32),
-            what,
-            source,
-        }
-    };
-
-    let mut child = Child {
-        pid: init,
-        status_r: Some(File::from(status_r)),
-        output: output_parent.map(File::from),
-        exit: None,
-        cgroup,
-        cgroup_status,
-        uid_range,
-        host_ids: Some(host_ids),
-        cpu_usage_usec: None,
-    };
+    child.pid = init;
+    child.exit = None;
+    child.status_r = Some(File::from(status_r));
 
     if wait_for_go {
         let prepared = (|| -> io::Result<()> {
@@ -550,14 +616,24 @@ fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
     }
 
     // End of file means the program was executed.
-    match read_msg(&mut report).map_err(io_err("reading the sandbox setup pipe"))? {
-        None => Ok(child),
+    let msg = read_msg(&mut report).map_err(io_err("reading the sandbox setup pipe"))?;
+    let failed = match msg {
+        None => return Ok(None),
         Some([MSG_FAILED, stage, index, errno]) => {
-            let _ = child.wait();
-            Err(fail(stage, index, errno))
+            Stage::from_u32(stage).map(|s| (s, index, errno as i32))
         }
-        Some(_) => Err(SpawnError::Vanished),
-    }
+        Some(_) => None,
+    };
+    // init exits right after reporting; reap it without finishing the cgroup,
+    // which a further attempt may still use.
+    let mut raw = 0;
+    // SAFETY: waiting for our own child.
+    while unsafe { libc::waitpid(init, &mut raw, 0) } < 0
+        && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+    {}
+    child.exit = Some(ExitStatus::from_raw(raw));
+    child.status_r = None;
+    failed.map(Some).ok_or(SpawnError::Vanished)
 }
 
 fn spawn_unsandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {

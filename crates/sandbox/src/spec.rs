@@ -94,6 +94,9 @@ pub struct SandboxSpec {
     pub(crate) env: Vec<(OsString, OsString)>,
     pub(crate) cwd: PathBuf,
     pub(crate) binds: Vec<Bind>,
+    /// Writable binds (by target) whose nested binds get their mount points on
+    /// a tmpfs below an overlay, with the overlay's work directory.
+    pub(crate) layered: Vec<(PathBuf, PathBuf)>,
     pub(crate) symlinks: Vec<(PathBuf, PathBuf)>,
     pub(crate) uid: u32,
     pub(crate) gid: u32,
@@ -121,6 +124,7 @@ impl SandboxSpec {
             env: Vec::new(),
             cwd: PathBuf::from("/"),
             binds: Vec::new(),
+            layered: Vec::new(),
             symlinks: Vec::new(),
             uid: 1000,
             gid: 100,
@@ -186,6 +190,29 @@ impl SandboxSpec {
             optional: false,
         });
         self
+    }
+
+    /// Binds a host directory writable at `target`, like [`SandboxSpec::bind_rw`],
+    /// but with the mount points of the binds nested below `target` kept out of
+    /// `source`: they are made on a tmpfs that an overlay lays under `source`, so
+    /// `source` receives only what the program writes, and creating and deleting a
+    /// mount point per nested bind on the host's disk is saved (a build's input
+    /// closure under a writable store directory). `work` is an empty host
+    /// directory on the same file system as `source`, for the overlay's own use.
+    ///
+    /// Where an overlay cannot be mounted in a user namespace (before Linux 5.11,
+    /// or a file system under `source` that overlayfs does not accept), this is a
+    /// plain writable bind and the mount points are made in `source`.
+    pub fn bind_rw_layered(
+        mut self,
+        source: impl Into<PathBuf>,
+        work: impl Into<PathBuf>,
+        target: impl Into<PathBuf>,
+    ) -> Self {
+        let target = target.into();
+        self.layered.retain(|(t, _)| *t != target);
+        self.layered.push((target.clone(), work.into()));
+        self.bind_rw(source, target)
     }
 
     /// Adds one entry in Nix's `sandbox-paths` syntax: `path`, `inside=host`, with an

@@ -206,6 +206,89 @@ fn inputs_the_store_and_host_paths_cannot_be_written() {
     both(writes);
 }
 
+// --- a writable store laid over its inputs' mount points ---------------------------
+
+fn layered_store(caller: Caller) -> Result<(), String> {
+    let tmp = tempdir_for(caller);
+    let input = tmp.path().join("input");
+    std::fs::create_dir(&input).unwrap();
+    std::fs::write(input.join("file"), "original\n").unwrap();
+    std::fs::set_permissions(&input, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(input.join("file"), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let file_input = tmp.path().join("file-input");
+    std::fs::write(&file_input, "a file\n").unwrap();
+    std::fs::set_permissions(&file_input, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let mut build = Build::new(&tmp.path().join("builds"));
+    let (scratch, work) = (tmp.path().join("store"), tmp.path().join("store-work"));
+    for dir in [&scratch, &work] {
+        std::fs::create_dir(dir).unwrap();
+        if let Some((uid, gid)) = build.owner {
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid)).unwrap();
+        }
+    }
+    let spec = build
+        .spec(&[
+            "ls",
+            "/nix/store",
+            "write",
+            "/nix/store/aaaa-input/file",
+            "write",
+            "/nix/store/bbbb-file",
+            "write",
+            "/nix/store/out",
+            "mkdir",
+            "/nix/store/outdir",
+            "write",
+            "/nix/store/outdir/x",
+            "remount-rw",
+            "/nix/store/aaaa-input",
+            "ls",
+            "/nix/store",
+        ])
+        .bind_rw_layered(&scratch, &work, "/nix/store")
+        .bind_ro(&input, "/nix/store/aaaa-input")
+        .bind_ro(&file_input, "/nix/store/bbbb-file");
+    let (status, out) = run(spec);
+    ensure!(status.success(), "{status:?}\n{out}");
+    ensure!(
+        nth(&out, "ls ", 0) == "ls ok aaaa-input bbbb-file",
+        "the store must show exactly the inputs\n{out}"
+    );
+    for (i, want) in [EROFS, EROFS, "ok 6", "ok 6"].into_iter().enumerate() {
+        ensure!(
+            nth(&out, "write ", i) == format!("write {want}"),
+            "write #{i}: expected {want:?}\n{out}"
+        );
+    }
+    expect(&out, "mkdir", "ok")?;
+    expect(&out, "remount-rw", EPERM)?;
+    ensure!(
+        nth(&out, "ls ", 1) == "ls ok aaaa-input bbbb-file out outdir",
+        "the outputs must appear beside the inputs\n{out}"
+    );
+    let mut left: Vec<String> = std::fs::read_dir(&scratch)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    ensure!(
+        left == ["out", "outdir"],
+        "the host directory must receive the outputs and no mount points (an overlay in a \
+         user namespace needs Linux 5.11 or later), found {left:?}"
+    );
+    ensure!(
+        std::fs::read_to_string(input.join("file")).unwrap() == "original\n"
+            && std::fs::read_to_string(&file_input).unwrap() == "a file\n",
+        "an input was modified"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_layered_store_receives_only_the_outputs_and_its_inputs_stay_read_only() {
+    both(layered_store);
+}
+
 // --- reading the host --------------------------------------------------------------
 
 fn host_files(_caller: Caller) -> Result<(), String> {

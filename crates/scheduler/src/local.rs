@@ -11,7 +11,7 @@
 //! ([`crate::commit`]), and build directories removed, off the path of
 //! the next build.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -123,6 +123,11 @@ pub struct LocalBackend {
     substituter: Option<Substituter>,
     /// Only find out what would be substituted.
     dry_run: bool,
+    /// The references of valid paths met so far (fixed while a path is
+    /// valid): input closures are walked here rather than with a database
+    /// query per path, which along a deep graph repeated the same hundreds
+    /// of queries for every build.
+    references: Mutex<HashMap<StorePath, Arc<[StorePath]>>>,
 }
 
 fn print_set(store_dir: &StoreDir, paths: &StorePathSet) -> String {
@@ -180,6 +185,7 @@ impl LocalBackend {
             rebuild: Rebuild::No,
             rebuild_targets: HashSet::new(),
             hook,
+            references: Mutex::new(HashMap::new()),
         })
     }
 
@@ -383,7 +389,33 @@ impl LocalBackend {
                 ));
             }
         }
-        compute_closure(&self.view(), &start, false, false, false).map_err(misc)
+        self.closure(start).map_err(misc)
+    }
+
+    /// The closure of `start` under references (all of it must be valid).
+    fn closure(&self, start: StorePathSet) -> Result<StorePathSet, StoreError> {
+        let mut closure = StorePathSet::new();
+        let mut pending: Vec<StorePath> = start.into_iter().collect();
+        while let Some(path) = pending.pop() {
+            if closure.contains(&path) {
+                continue;
+            }
+            let references = self.references_of(&path)?;
+            pending.extend(references.iter().filter(|r| !closure.contains(*r)).cloned());
+            closure.insert(path);
+        }
+        Ok(closure)
+    }
+
+    fn references_of(&self, path: &StorePath) -> Result<Arc<[StorePath]>, StoreError> {
+        let cache = || self.references.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = cache().get(path) {
+            return Ok(known.clone());
+        }
+        let info = self.view().path_info_or_error(path)?;
+        let references: Arc<[StorePath]> = info.references.into_iter().collect();
+        cache().insert(path.clone(), references.clone());
+        Ok(references)
     }
 
     fn read_drv(&self, drv_path: &StorePath) -> Result<Derivation, BuildResult> {
@@ -517,12 +549,18 @@ impl LocalBackend {
             .parent()
             .expect("build directories have a parent")
             .to_path_buf();
+        // The scratch store the builder writes its outputs in, and the work
+        // directory of the overlay that keeps the inputs' mount points off
+        // the disk (see `SandboxSpec::bind_rw_layered`).
+        let store_work = outer.join("store-work");
         let built_in = if sandboxed {
             let scratch = outer.join("store");
-            let made = std::fs::create_dir(&scratch)
-                .and_then(|()| std::os::unix::fs::chown(&scratch, Some(owner.0), Some(owner.1)));
-            if let Err(e) = made {
-                return misc(format!("cannot create '{}': {e}", scratch.display()));
+            for dir in [&scratch, &store_work] {
+                let made = std::fs::create_dir(dir)
+                    .and_then(|()| std::os::unix::fs::chown(dir, Some(owner.0), Some(owner.1)));
+                if let Err(e) = made {
+                    return misc(format!("cannot create '{}': {e}", dir.display()));
+                }
             }
             scratch
         } else {
@@ -563,9 +601,11 @@ impl LocalBackend {
             spec = spec.env(os(k), os(v));
         }
         if sandboxed {
-            spec = spec
-                .bind_rw(build_dir.path(), BUILD_TOP)
-                .bind_rw(&built_in, store_dir.as_str());
+            spec = spec.bind_rw(build_dir.path(), BUILD_TOP).bind_rw_layered(
+                &built_in,
+                &store_work,
+                store_dir.as_str(),
+            );
             for p in input_paths {
                 spec = spec.bind_ro(self.store.real_path(p), store_dir.print_path(p));
             }
@@ -698,6 +738,11 @@ impl LocalBackend {
             Ok(placed) => {
                 self.remove_build_dir(build_dir);
                 if !placed.infos.is_empty() {
+                    let mut cache = self.references.lock().unwrap_or_else(|p| p.into_inner());
+                    for info in &placed.infos {
+                        cache.insert(info.path.clone(), info.references.iter().cloned().collect());
+                    }
+                    drop(cache);
                     self.commit.submit(Pending {
                         drv_path: job.drv_path.clone(),
                         infos: placed.infos,

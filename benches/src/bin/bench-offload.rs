@@ -135,8 +135,13 @@ fn b64(s: &str) -> String {
 }
 
 fn line(r: &Remote, key: &Path, program: &str, jobs: u32) -> String {
+    line_with(r, key, program, jobs, "")
+}
+
+/// A machines line with further URI parameters (`&name=value`).
+fn line_with(r: &Remote, key: &Path, program: &str, jobs: u32, params: &str) -> String {
     format!(
-        "ssh://root@{}?remote-program={} x86_64-linux {} {jobs} 1 - - {}",
+        "ssh://root@{}?remote-program={}{params} x86_64-linux {} {jobs} 1 - - {}",
         r.addr,
         r.dir.join(program).display(),
         key.display(),
@@ -144,14 +149,44 @@ fn line(r: &Remote, key: &Path, program: &str, jobs: u32) -> String {
     )
 }
 
-/// ~`count` paths of ~`size` bytes of incompressible data, each referring
-/// to the one before it (a chain, so the closure of the last is all).
+/// The files under `dir` (sorted, depth first), for content like a real
+/// closure's: libraries, executables, documentation.
+fn system_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    for p in entries {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => system_files(&p, out),
+            Ok(m) if m.is_file() => out.push(p),
+            _ => {}
+        }
+    }
+}
+
+/// ~`count` paths of ~`size` bytes each referring to the one before it (a
+/// chain, so the closure of the last is all). The bytes are incompressible
+/// noise, or with `BENCH_DATA=system` the contents of the files under
+/// /usr/lib, /usr/bin and /usr/share in turn (what a closure of real
+/// packages holds, about 2.7× compressible with zstd level 1).
 fn make_closure(
     store: &LocalStore,
     count: usize,
     size: usize,
 ) -> kiln_formats::store_path::StorePath {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut system = Vec::new();
+    if std::env::var("BENCH_DATA").is_ok_and(|v| v == "system") {
+        for d in ["/usr/lib", "/usr/bin", "/usr/share"] {
+            system_files(Path::new(d), &mut system);
+        }
+    }
+    let mut system = system
+        .into_iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .flatten();
     let mut prev: Option<kiln_formats::store_path::StorePath> = None;
     for i in 0..count {
         let mut data = Vec::with_capacity(size + 100);
@@ -159,6 +194,7 @@ fn make_closure(
             data.extend_from_slice(store.store_dir().print_path(p).as_bytes());
             data.push(b'\n');
         }
+        data.extend(system.by_ref().take(size.saturating_sub(data.len())));
         while data.len() < size {
             state ^= state << 13;
             state ^= state >> 7;
@@ -230,6 +266,35 @@ fn main() {
     kiln_offload::remote::copy_from(&target, &back, &paths, quiet.clone()).unwrap();
     let kiln_from = t.elapsed();
     assert_eq!(back.query_all_valid_paths().unwrap().len(), count);
+    // Each copy needs ~2× the closure on disk: free it before the next.
+    drop(back);
+    target.exit_master();
+    drop(r_kiln);
+    let _ = std::fs::remove_dir_all(base.join("r0"));
+    let _ = std::fs::remove_dir_all(&back_root);
+
+    // The same through a zstd stream (what Kiln remotes off loopback get).
+    let r_zstd = start_remote(base, 5, "kiln", &key_pub, &daemon);
+    let m = &parse_builders(
+        &line_with(&r_zstd, &key, "bin/store-daemon", 1, "&compress=zstd"),
+        "bench",
+        "x86_64-linux",
+    )
+    .unwrap()[0];
+    let target_z = SshTarget::new(m, &ssh_dir).unwrap();
+    let t = Instant::now();
+    kiln_offload::remote::copy_to(&target_z, &src, &paths, quiet.clone()).unwrap();
+    let zstd_to = t.elapsed();
+    let back_z = LocalStore::open_root(base.join("back-zstd")).unwrap();
+    let t = Instant::now();
+    kiln_offload::remote::copy_from(&target_z, &back_z, &paths, quiet.clone()).unwrap();
+    let zstd_from = t.elapsed();
+    assert_eq!(back_z.query_all_valid_paths().unwrap().len(), count);
+    drop(back_z);
+    target_z.exit_master();
+    drop(r_zstd);
+    let _ = std::fs::remove_dir_all(base.join("r5"));
+    let _ = std::fs::remove_dir_all(base.join("back-zstd"));
     drop(src);
 
     let nix_uri = format!(
@@ -295,8 +360,20 @@ fn main() {
         nix_from.as_secs_f64(),
         nix_from.as_secs_f64() / kiln_from.as_secs_f64()
     );
-    drop(r_kiln);
+    println!(
+        "  with a zstd stream:     to {:>6.2}s   back {:>6.2}s   ({:.1}x, {:.1}x of nix copy)",
+        zstd_to.as_secs_f64(),
+        zstd_from.as_secs_f64(),
+        nix_to.as_secs_f64() / zstd_to.as_secs_f64(),
+        nix_from.as_secs_f64() / zstd_from.as_secs_f64()
+    );
+    println!(
+        "  (Kiln's remote and local store fsync what they add (one syncfs per batch); Nix's run with fsync-metadata = false)"
+    );
     drop(r_nix);
+    let _ = std::fs::remove_dir_all(base.join("r1"));
+    let _ = std::fs::remove_dir_all(base.join("back-nix"));
+    let _ = std::fs::remove_dir_all(&src_root);
 
     // 2. Wide graph on three remotes running nix-store --serve.
     let remotes: Vec<Remote> = (2..5)

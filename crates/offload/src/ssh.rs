@@ -659,4 +659,36 @@ mod tests {
         );
         assert_eq!(t.remote_disk_dir(), "/tmp/r");
     }
+
+    #[test]
+    fn zstd_only_for_kiln_remotes_off_loopback_unless_asked() {
+        let target = |uri: &str| {
+            let m =
+                crate::machines::parse_builders(&format!("{uri} x86_64-linux"), "t", "x").unwrap();
+            SshTarget::new(&m[0], Path::new("/tmp/s")).unwrap()
+        };
+        let kiln = target("ssh://root@builder?remote-program=/opt/bin/store-daemon");
+        assert_eq!(kiln.compression(), Compression::Zstd);
+        assert_eq!(
+            kiln.remote_program(),
+            "/opt/bin/store-daemon --serve --write --zstd"
+        );
+        let nix = target("ssh://root@builder");
+        assert_eq!(nix.compression(), Compression::None);
+        assert_eq!(nix.remote_program(), "nix-store --serve --write");
+        for local in [
+            "ssh://root@127.0.0.5:22?remote-program=store-daemon",
+            "ssh://localhost?remote-program=store-daemon",
+            "ssh://[::1]:2222?remote-program=store-daemon",
+        ] {
+            assert_eq!(target(local).compression(), Compression::None, "{local}");
+        }
+        let forced = target("ssh://127.0.0.1?remote-program=store-daemon&compress=zstd");
+        assert_eq!(forced.compression(), Compression::Zstd);
+        let off = target("ssh://builder?remote-program=store-daemon&compress=none");
+        assert_eq!(off.compression(), Compression::None);
+        let ng = target("ssh-ng://builder?remote-program=store-daemon");
+        assert_eq!(ng.compression(), Compression::None);
+        assert_eq!(ng.remote_program(), "store-daemon --stdio");
+    }
 }

@@ -182,20 +182,17 @@ fn vm_jobs_run_on_the_agent_and_forged_results_are_rejected() {
             .into_iter()
             .map(|b| (b.job, b.id))
             .collect();
-        let app = kiln_ci::web::router(kiln_ci::web::AppState {
-            db: db.clone(),
-            live: coordinator.live_logs().clone(),
-        })
-        .merge(kiln_ci::agents::router(
-            coordinator.clone(),
-            AgentsConfig {
-                task_settings: BTreeMap::from([(
-                    "sandbox-paths".to_owned(),
-                    "/bin/sh=/bin/busybox".to_owned(),
-                )]),
-                ..AgentsConfig::default()
-            },
-        ));
+        let app = kiln_ci::web::router(kiln_ci::web::AppState::for_coordinator(&coordinator))
+            .merge(kiln_ci::agents::router(
+                coordinator.clone(),
+                AgentsConfig {
+                    task_settings: BTreeMap::from([(
+                        "sandbox-paths".to_owned(),
+                        "/bin/sh=/bin/busybox".to_owned(),
+                    )]),
+                    ..AgentsConfig::default()
+                },
+            ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });

@@ -1,7 +1,8 @@
 //! kiln-ci's coordinator through its library, on a throwaway store: GC
 //! roots on `.drv`s from registration to the end of their builds, output
 //! roots with a time to live, builds for a system nobody builds failing at
-//! once with a reason, restarts in dependency order, and webhooks.
+//! once with a reason, restarts in dependency order, and webhooks; cached
+//! failures on SQLite and PostgreSQL.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -118,6 +119,9 @@ async fn roots_unbuildable_systems_restarts_and_webhooks() {
         .collect();
     let eval = db.create_evaluation("lib").await.unwrap();
     assert_eq!(coordinator.register(eval, "lib", 3, jobs).await.unwrap(), 5);
+    db.finish_evaluation(eval, kiln_ci::model::EvaluationStatus::Succeeded, None)
+        .await
+        .unwrap();
     let builds = db.builds_of_evaluation(eval).await.unwrap();
     let id_of = |job: &str| builds.iter().find(|b| b.job == job).unwrap().id;
 
@@ -226,4 +230,160 @@ async fn roots_unbuildable_systems_restarts_and_webhooks() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+const FAILING: &str = r#"
+[packages.good]
+builder = "/bin/sh"
+args = ["-c", "echo good > $out"]
+
+[packages.broken]
+builder = "/bin/sh"
+args = ["-c", "echo broken-ran >&2; exit 1"]
+
+[packages.after-broken]
+builder = "/bin/sh"
+args = ["-c", "echo after > $out"]
+inputs = ["broken"]
+
+[packages.fetch-fails]
+builder = "/bin/sh"
+args = ["-c", "exit 1"]
+hash = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+hash-mode = "flat"
+"#;
+
+/// Registers the recipe's jobs as a new evaluation of "lib" and builds
+/// until idle. Returns the builds by job.
+async fn evaluate_and_build(
+    coordinator: &Coordinator,
+    db: &Db,
+    recipe: &Path,
+) -> BTreeMap<String, kiln_ci::model::Build> {
+    let store = coordinator.store().clone();
+    let recipe = recipe.to_owned();
+    let jobs: Vec<Job> = tokio::task::spawn_blocking(move || {
+        kiln_ci::recipe_jobs::recipe_jobs(&store, &recipe, "x86_64-linux").unwrap()
+    })
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|l| Job {
+        attr: l.attr,
+        drv_path: l.drv_path,
+        outputs: l.outputs,
+        system: l.system,
+        error: None,
+    })
+    .collect();
+    let eval = db.create_evaluation("lib").await.unwrap();
+    coordinator.register(eval, "lib", 3, jobs).await.unwrap();
+    db.finish_evaluation(eval, kiln_ci::model::EvaluationStatus::Succeeded, None)
+        .await
+        .unwrap();
+    coordinator.run_until_idle().await.unwrap();
+    db.builds_of_evaluation(eval)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.job.clone(), b))
+        .collect()
+}
+
+/// A derivation that failed permanently is not built in the next
+/// evaluation (its build fails at once, pointing to the failure, with its
+/// log); a transient failure is built again; a restart builds it again.
+async fn cached_failures(db: Db) {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tmp.path().join("ci.toml");
+    std::fs::write(&recipe, FAILING).unwrap();
+    let mut config = Config::new(tmp.path().join("state"));
+    config.store_root = Some(tmp.path().join("store"));
+    config.settings = BTreeMap::from([
+        ("sandbox".to_owned(), "true".to_owned()),
+        (
+            "sandbox-paths".to_owned(),
+            "/bin /usr /lib /lib64?".to_owned(),
+        ),
+    ]);
+    // The fixed-output failure is transient: counted as failed at once.
+    config.max_attempts = 1;
+    let coordinator = Coordinator::new(db.clone(), config).unwrap();
+    db.put_specification(&spec()).await.unwrap();
+
+    let first = evaluate_and_build(&coordinator, &db, &recipe).await;
+    let status = |builds: &BTreeMap<String, kiln_ci::model::Build>, job: &str| builds[job].status;
+    assert_eq!(status(&first, "good"), BuildStatus::Succeeded);
+    assert_eq!(status(&first, "broken"), BuildStatus::Failed);
+    assert_eq!(status(&first, "fetch-fails"), BuildStatus::Failed);
+    assert_eq!(
+        status(&first, "after-broken"),
+        BuildStatus::FailedDependency
+    );
+    assert_eq!(first["broken"].attempts, 1);
+    assert_eq!(first["fetch-fails"].attempts, 1);
+    assert_eq!(first["broken"].cached_failure_of, None);
+
+    let second = evaluate_and_build(&coordinator, &db, &recipe).await;
+    let broken = &second["broken"];
+    assert_eq!(broken.status, BuildStatus::Failed);
+    assert_eq!(broken.cached_failure_of, Some(first["broken"].id));
+    assert_eq!(
+        (broken.attempts, broken.started_at),
+        (0, None),
+        "{broken:?}"
+    );
+    assert!(
+        broken
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains(&format!(
+                "build {} of this derivation failed",
+                first["broken"].id
+            )),
+        "{broken:?}"
+    );
+    assert_eq!(broken.log_path, first["broken"].log_path);
+    assert_eq!(
+        status(&second, "after-broken"),
+        BuildStatus::FailedDependency
+    );
+    // Transient: tried again.
+    assert_eq!(second["fetch-fails"].attempts, 1);
+    assert_eq!(second["fetch-fails"].cached_failure_of, None);
+    assert_eq!(status(&second, "good"), BuildStatus::Succeeded);
+
+    // An explicit restart builds it.
+    let restarted = coordinator.restart(&[broken.id]).await.unwrap();
+    assert_eq!(restarted, [broken.id, second["after-broken"].id]);
+    coordinator.run_until_idle().await.unwrap();
+    let rebuilt = db.build(broken.id).await.unwrap().unwrap();
+    assert_eq!(rebuilt.status, BuildStatus::Failed);
+    assert_eq!(rebuilt.attempts, 1);
+    assert_eq!(rebuilt.cached_failure_of, None);
+    assert!(rebuilt.started_at.is_some());
+    // …and that failure is the one the next evaluation points to.
+    let third = evaluate_and_build(&coordinator, &db, &recipe).await;
+    assert_eq!(third["broken"].cached_failure_of, Some(broken.id));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cached_failures_on_sqlite() {
+    let tmp = tempfile::tempdir().unwrap();
+    cached_failures(
+        Db::open(&tmp.path().join("ci.sqlite").to_string_lossy())
+            .await
+            .unwrap(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cached_failures_on_postgres() {
+    let cluster = kiln_ci::testing::TempPostgres::start().expect("a throwaway PostgreSQL cluster");
+    let url = cluster.create_database("kiln_ci_cached").unwrap();
+    let db = Db::open(&url).await.unwrap();
+    cached_failures(db.clone()).await;
+    db.close().await;
 }

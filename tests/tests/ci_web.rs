@@ -225,10 +225,7 @@ fn serve() -> Site {
             .await
             .unwrap();
         let (evaluation, builds) = fill(&db, dir.path()).await;
-        let state = AppState {
-            db,
-            live: LiveLogs::default(),
-        };
+        let state = AppState::new(db, LiveLogs::default());
         let notify = tail_requested.clone();
         let app = router(state.clone()).layer(axum::middleware::from_fn(
             move |request: axum::extract::Request, next: axum::middleware::Next| {

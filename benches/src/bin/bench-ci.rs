@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use kiln_ci::coordinator::{Config, Coordinator, fair_share};
-use kiln_ci::db::{Db, StatusChange};
+use kiln_ci::db::{Db, FeatureFilter, StatusChange};
 use kiln_ci::eval::Job;
 use kiln_ci::model::{BuildStatus, EvaluationStatus, Input, Specification};
 use kiln_ci::testing::TempPostgres;
@@ -80,7 +80,10 @@ async fn run(
     let mut running: Vec<i64> = Vec::new();
     while started < jobs.len() {
         db.promote_ready_builds().await.unwrap();
-        let ready = db.dispatchable_builds(4096).await.unwrap();
+        let ready = db
+            .dispatchable_builds(4096, FeatureFilter::Any)
+            .await
+            .unwrap();
         let chosen = fair_share(ready, 4096);
         for batch in chosen.chunks(64) {
             let ids: Vec<i64> = batch.iter().map(|b| b.id).collect();

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use kiln_ci::coordinator::{Config, Coordinator};
-use kiln_ci::db::{BuildFilter, Db};
+use kiln_ci::coordinator::{Config, Coordinator, CoordinatorError};
+use kiln_ci::db::{BuildFilter, Db, DbError};
 use kiln_ci::model::{BuildStatus, BuildTargets, GitRef, Input, Specification};
+use kiln_ci::web::ApiToken;
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
@@ -33,6 +34,10 @@ struct Cli {
     /// Kiln's store-daemon or nix-daemon) instead of the embedded scheduler.
     #[arg(long, env = "KILN_CI_STORE_DAEMON", global = true)]
     store_daemon: Option<String>,
+    /// File whose first line is the API's bearer token: `serve` requires
+    /// it of writing requests, `evaluate` sends it.
+    #[arg(long, env = "KILN_CI_API_TOKEN_FILE", global = true)]
+    api_token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -44,11 +49,23 @@ enum Command {
     /// Manage specifications.
     #[command(subcommand)]
     Spec(SpecCommand),
-    /// Evaluate a specification now (and with --build, build until idle).
+    /// Evaluate a specification in this process, now (and with --build,
+    /// build until idle).
     Eval {
         spec: String,
         #[arg(long)]
         build: bool,
+    },
+    /// Ask a running `kiln-ci serve` to evaluate a specification now
+    /// (through its API); prints the evaluation's id.
+    Evaluate {
+        spec: String,
+        /// The server (default: http:// and the configured listen address).
+        #[arg(long)]
+        url: Option<String>,
+        /// Wait until the evaluation has registered its builds (or failed).
+        #[arg(long)]
+        wait: bool,
     },
     /// List builds.
     Builds {
@@ -84,6 +101,10 @@ struct ServeArgs {
     /// Builds running at once.
     #[arg(long)]
     max_jobs: Option<usize>,
+    /// Seconds agent builds wait for a build agent (none holding a task,
+    /// none seen) before they fail (default 600).
+    #[arg(long, value_name = "SECS")]
+    agent_wait: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,6 +179,10 @@ struct FileConfig {
     agent_task_settings: BTreeMap<String, String>,
     /// Seconds before an unanswered agent task is taken back (default 3 hours).
     agent_session_timeout_secs: Option<u64>,
+    /// Seconds agent builds wait for an agent before they fail (default 600).
+    agent_wait_secs: Option<u64>,
+    /// File whose first line is the API's bearer token.
+    api_token_file: Option<PathBuf>,
 }
 
 fn parse_input(text: &str) -> Result<Input> {
@@ -286,7 +311,78 @@ fn coordinator_config(setup: &Setup, max_jobs: Option<usize>) -> Config {
         .map(|days| Duration::from_secs(days * 24 * 3600));
     config.webhooks = file.webhooks.clone();
     config.agent_features = file.agent_features.iter().cloned().collect();
+    if let Some(secs) = file.agent_wait_secs {
+        config.agent_wait = Duration::from_secs(secs);
+    }
     config
+}
+
+/// The API token, if one is configured (flag or environment over the file).
+fn api_token(cli_file: Option<&PathBuf>, setup: &Setup) -> Result<Option<ApiToken>> {
+    match cli_file.or(setup.file.api_token_file.as_ref()) {
+        Some(path) => Ok(Some(ApiToken::from_file(path)?)),
+        None => Ok(None),
+    }
+}
+
+/// `kiln-ci evaluate`: a POST to the server's trigger, then (with `wait`)
+/// polls the evaluation until its evaluator is done.
+fn request_evaluation(
+    base: &str,
+    spec: &str,
+    token: Option<&str>,
+    wait: bool,
+) -> Result<(i64, Option<String>)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(30)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let base = base.trim_end_matches('/');
+    let url = format!("{base}/api/specs/{spec}/evaluate");
+    let mut request = agent.post(&url);
+    if let Some(token) = token {
+        request = request.header("authorization", &format!("Bearer {token}"));
+    }
+    let mut response = request
+        .send_empty()
+        .with_context(|| format!("cannot reach kiln-ci at {url}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response
+        .body_mut()
+        .read_to_string()
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .with_context(|| format!("{url} answered {status} without JSON"))?;
+    if !status.is_success() {
+        bail!(
+            "{url} answered {status}: {}",
+            body["error"].as_str().unwrap_or("(no error message)")
+        );
+    }
+    let id = body["id"]
+        .as_i64()
+        .with_context(|| format!("{url} answered without an evaluation id: {body}"))?;
+    if !wait {
+        return Ok((id, None));
+    }
+    let url = format!("{base}/api/evaluations/{id}");
+    loop {
+        let evaluation: serde_json::Value = agent
+            .get(&url)
+            .call()
+            .with_context(|| format!("cannot reach kiln-ci at {url}"))?
+            .body_mut()
+            .read_to_string()
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .with_context(|| format!("{url} answered without JSON"))?;
+        match evaluation["status"].as_str() {
+            Some("started") => std::thread::sleep(Duration::from_millis(500)),
+            Some(status) => return Ok((id, Some(status.to_owned()))),
+            None => bail!("{url} answered an evaluation without status: {evaluation}"),
+        }
+    }
 }
 
 /// Makes the configured agent keys the trusted set's rows (a row's
@@ -403,6 +499,34 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Evaluate { spec, url, wait } => {
+            let base = match url {
+                Some(url) => url,
+                None => format!(
+                    "http://{}",
+                    setup.file.listen.as_deref().unwrap_or("127.0.0.1:8080")
+                ),
+            };
+            let token = cli
+                .api_token_file
+                .as_ref()
+                .or(setup.file.api_token_file.as_ref())
+                .map(|path| kiln_ci::web::auth::read_token_file(path))
+                .transpose()?;
+            let (id, status) = tokio::task::spawn_blocking(move || {
+                request_evaluation(&base, &spec, token.as_deref(), wait)
+            })
+            .await??;
+            match &status {
+                None => println!("evaluation {id}"),
+                Some(status) => println!("evaluation {id}: {status}"),
+            }
+            Ok(if matches!(status.as_deref(), Some("failed" | "aborted")) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Builds {
             evaluation,
             spec,
@@ -459,8 +583,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Serve(args) => {
             let db = open_db(&setup).await?;
-            let coordinator =
-                Coordinator::new(db.clone(), coordinator_config(&setup, args.max_jobs))?;
+            let mut config = coordinator_config(&setup, args.max_jobs);
+            if let Some(secs) = args.agent_wait {
+                config.agent_wait = Duration::from_secs(secs);
+            }
+            let token = api_token(cli.api_token_file.as_ref(), &setup)?;
+            let coordinator = Coordinator::new(db.clone(), config)?;
             coordinator.recover().await?;
             let listen = args
                 .listen
@@ -469,13 +597,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
+            kiln_ci::web::auth::check_listen(listener.local_addr()?, token.as_ref())?;
             eprintln!("kiln-ci: listening on http://{}", listener.local_addr()?);
             register_agent_keys(&db, &setup.file.agent_keys).await?;
-            let app = kiln_ci::web::router(kiln_ci::web::AppState {
-                db: db.clone(),
-                live: coordinator.live_logs().clone(),
-            })
-            .merge(kiln_ci::agents::router(
+            let mut state = kiln_ci::web::AppState::for_coordinator(&coordinator);
+            if let Some(token) = token {
+                state = state.with_api_token(token);
+            }
+            let app = kiln_ci::web::router(state).merge(kiln_ci::agents::router(
                 coordinator.clone(),
                 kiln_ci::agents::AgentsConfig {
                     task_settings: setup.file.agent_task_settings.clone(),
@@ -515,8 +644,13 @@ async fn periodic_evaluations(coordinator: Coordinator) {
                     .and_then(|e| e.first().map(|e| e.created_at))
                     .unwrap_or(0);
                 if kiln_ci::model::now() - last >= spec.period_secs {
-                    if let Err(e) = coordinator.evaluate(&spec.name).await {
-                        tracing::error!(spec = %spec.name, error = %e, "evaluation failed");
+                    match coordinator.evaluate(&spec.name).await {
+                        Ok(_) => {}
+                        // Started through the API meanwhile: that one counts.
+                        Err(CoordinatorError::Db(DbError::EvaluationRunning { .. })) => {}
+                        Err(e) => {
+                            tracing::error!(spec = %spec.name, error = %e, "evaluation failed")
+                        }
                     }
                 }
             }

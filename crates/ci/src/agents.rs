@@ -27,15 +27,23 @@
 //!   size) and the path the derivation names, imported into the CI store,
 //!   and the build ends succeeded or failed like a local one.
 //!
-//! Sessions live in memory: after a restart of kiln-ci, builds left started
-//! are scheduled again by [`Coordinator::recover`], and results of the old
-//! sessions are refused (404).
+//! Sessions are rows of the database (`agent_sessions`), so that a
+//! restart of kiln-ci does not lose the work of agents building meanwhile:
+//! [`Coordinator::recover`] leaves their builds started, and the results
+//! are accepted as before. A session not answered within the timeout is
+//! taken back (its build is scheduled again).
+//!
+//! Agent builds do not wait forever for an agent: while no agent holds a
+//! task and none has asked for work within [`Config::agent_wait`] (counted
+//! from kiln-ci's start at the earliest), waiting agent builds fail
+//! (failed-other), saying which feature no agent came for and since when
+//! ([`fail_builds_without_agents`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -53,9 +61,9 @@ use kiln_formats::store_path::{StorePath, StorePathSet};
 use kiln_store::{AddOptions, PathInfo, Store as _};
 use sha2::Digest as _;
 
-use crate::coordinator::{Config, Coordinator, fair_share};
-use crate::db::{DbError, StatusChange};
-use crate::model::{Build, BuildStatus};
+use crate::coordinator::{CACHEABLE_FAILURES, Config, Coordinator, CoordinatorError, fair_share};
+use crate::db::{DbError, FeatureFilter, StatusChange};
+use crate::model::{AgentSession, Build, BuildStatus, now};
 
 /// Whether `build` is for agents rather than the embedded scheduler.
 pub fn is_agent_build(config: &Config, build: &Build) -> bool {
@@ -168,7 +176,7 @@ impl Default for AgentsConfig {
     }
 }
 
-/// A task handed out and not yet answered.
+/// A task handed out and not yet answered, with its build as it was then.
 #[derive(Debug, Clone)]
 struct Session {
     build: Build,
@@ -176,14 +184,12 @@ struct Session {
     key: PublicKey,
     challenge: String,
     dir: PathBuf,
-    handed_out: Instant,
 }
 
 #[derive(Debug)]
 struct Controller {
     coordinator: Coordinator,
     config: AgentsConfig,
-    sessions: Mutex<HashMap<String, Session>>,
     /// Handing out is one at a time, so that two agents never get one build.
     handout: tokio::sync::Mutex<()>,
 }
@@ -193,7 +199,6 @@ pub fn router(coordinator: Coordinator, config: AgentsConfig) -> Router {
     let state = Arc::new(Controller {
         coordinator,
         config,
-        sessions: Mutex::new(HashMap::new()),
         handout: tokio::sync::Mutex::new(()),
     });
     Router::new()
@@ -256,11 +261,8 @@ async fn task(
     take_back_expired(&c).await?;
     let config = c.coordinator.config();
     let candidates: Vec<Build> = db
-        .dispatchable_builds(256)
-        .await?
-        .into_iter()
-        .filter(|b| is_agent_build(config, b))
-        .collect();
+        .dispatchable_builds(256, FeatureFilter::With(&config.agent_features))
+        .await?;
     let Some(build) = fair_share(candidates, 1).pop() else {
         return Ok(axum::Json(TaskResponse::default()));
     };
@@ -312,17 +314,16 @@ async fn task(
         settings,
     };
     tracing::info!(build = build.id, agent = %agent.name, session, "build handed to an agent");
-    c.sessions.lock().expect("sessions lock").insert(
-        session.clone(),
-        Session {
-            build,
-            agent: agent.name,
-            key,
-            challenge: challenge.clone(),
-            dir,
-            handed_out: Instant::now(),
-        },
-    );
+    db.put_agent_session(&AgentSession {
+        session: session.clone(),
+        build_id: build.id,
+        agent: agent.name,
+        public_key: key.to_string(),
+        challenge: challenge.clone(),
+        dir: dir.to_string_lossy().into_owned(),
+        handed_out: now(),
+    })
+    .await?;
     Ok(axum::Json(TaskResponse {
         result_url: format!("{base}/agent/result/{session}"),
         session,
@@ -333,32 +334,27 @@ async fn task(
 
 /// Schedules again the builds of sessions older than the timeout.
 async fn take_back_expired(c: &Controller) -> Result<()> {
-    let expired: Vec<Session> = {
-        let mut sessions = c.sessions.lock().expect("sessions lock");
-        let old: Vec<String> = sessions
-            .iter()
-            .filter(|(_, s)| s.handed_out.elapsed() > c.config.session_timeout)
-            .map(|(id, _)| id.clone())
-            .collect();
-        old.iter().filter_map(|id| sessions.remove(id)).collect()
-    };
-    for s in expired {
-        tracing::warn!(build = s.build.id, agent = %s.agent, "agent did not answer in time; build scheduled again");
-        c.coordinator
-            .db()
-            .set_build_status(
-                s.build.id,
-                BuildStatus::Scheduled,
-                &StatusChange {
-                    error: Some(format!(
-                        "agent '{}' did not answer within {} s",
-                        s.agent,
-                        c.config.session_timeout.as_secs()
-                    )),
-                    ..StatusChange::default()
-                },
-            )
-            .await?;
+    let db = c.coordinator.db();
+    let timeout = c.config.session_timeout.as_secs() as i64;
+    for s in db.agent_sessions().await? {
+        // Removing first: of two requests taking the same session back, one does.
+        if now() - s.handed_out < timeout || !db.remove_agent_session(&s.session).await? {
+            continue;
+        }
+        tracing::warn!(build = s.build_id, agent = %s.agent, "agent did not answer in time; build scheduled again");
+        db.set_build_status(
+            s.build_id,
+            BuildStatus::Scheduled,
+            &StatusChange {
+                error: Some(format!(
+                    "agent '{}' did not answer within {} s",
+                    s.agent,
+                    c.config.session_timeout.as_secs()
+                )),
+                ..StatusChange::default()
+            },
+        )
+        .await?;
         let _ = tokio::fs::remove_dir_all(&s.dir).await;
     }
     Ok(())
@@ -400,17 +396,34 @@ fn write_inputs(
     out.flush().map_err(io("write", file))
 }
 
-fn session(c: &Controller, id: &str) -> Result<Session> {
-    c.sessions
-        .lock()
-        .expect("sessions lock")
-        .get(id)
-        .cloned()
-        .ok_or_else(|| AgentError::UnknownSession(id.to_owned()))
+/// The open session `id` with its build (gone with its specification, the
+/// session is as good as closed).
+async fn session(c: &Controller, id: &str) -> Result<Session> {
+    let db = c.coordinator.db();
+    let unknown = || AgentError::UnknownSession(id.to_owned());
+    let stored = db.agent_session(id).await?.ok_or_else(unknown)?;
+    let build = db.build(stored.build_id).await?.ok_or_else(unknown)?;
+    let key = stored
+        .public_key
+        .parse()
+        .map_err(
+            |e: kiln_formats::signature::SignatureError| DbError::Corrupt {
+                what: "agent session key",
+                value: stored.public_key.clone(),
+                problem: e.to_string(),
+            },
+        )?;
+    Ok(Session {
+        build,
+        agent: stored.agent,
+        key,
+        challenge: stored.challenge,
+        dir: PathBuf::from(stored.dir),
+    })
 }
 
 async fn inputs(State(c): State<Arc<Controller>>, UrlPath(id): UrlPath<String>) -> Result<Vec<u8>> {
-    let s = session(&c, &id)?;
+    let s = session(&c, &id).await?;
     let file = s.dir.join("inputs");
     tokio::fs::read(&file)
         .await
@@ -430,7 +443,7 @@ async fn upload(
     UrlPath((id, kind, name)): UrlPath<(String, String, String)>,
     body: Bytes,
 ) -> Result<StatusCode> {
-    let s = session(&c, &id)?;
+    let s = session(&c, &id).await?;
     if kind != "nar" && kind != "log" {
         return Err(AgentError::BadName(kind));
     }
@@ -450,7 +463,7 @@ async fn result(
     UrlPath(id): UrlPath<String>,
     body: Bytes,
 ) -> Result<StatusCode> {
-    let s = session(&c, &id)?;
+    let s = session(&c, &id).await?;
     let request: ResultRequest =
         serde_json::from_slice(&body).map_err(|source| AgentError::BadRequest {
             what: "result request",
@@ -471,9 +484,12 @@ async fn result(
             }
         })
     };
-    // Whatever happens now, this session is over.
-    c.sessions.lock().expect("sessions lock").remove(&id);
+    // Whatever happens now, this session is over; if another request ended
+    // it meanwhile (a take-back), this result is too late.
     let db = c.coordinator.db();
+    if !db.remove_agent_session(&id).await? {
+        return Err(AgentError::UnknownSession(id));
+    }
     if let Err(rejected) = verdict {
         db.set_build_status(
             s.build.id,
@@ -505,6 +521,10 @@ async fn result(
             "Built" | "Substituted" | "AlreadyValid" | "ResolvesToAlreadyValid"
         )
     });
+    // The agent names the scheduler's status as Nix does.
+    let cacheable = outcome
+        .as_ref()
+        .is_some_and(|o| CACHEABLE_FAILURES.iter().any(|s| s.name() == o.status));
     let log_path = keep_log(&c, &s).await;
     let (status, error) = if built {
         let outcome = outcome.expect("checked above");
@@ -545,7 +565,74 @@ async fn result(
         (status, Some(why))
     };
     finish(&c, &s, status, log_path, error).await?;
+    if status == BuildStatus::Failed && cacheable {
+        db.remember_failures(&[s.build.id]).await?;
+    }
     Ok(StatusCode::OK)
+}
+
+/// Fails the waiting agent builds when no build agent is connected: none
+/// holds a task and none has asked for work within [`Config::agent_wait`]
+/// (counted from the coordinator's start at the earliest, since agents
+/// could not connect while it was down).
+pub async fn fail_builds_without_agents(coordinator: &Coordinator) -> Result<(), CoordinatorError> {
+    let config = coordinator.config();
+    let db = coordinator.db();
+    if !db.agent_sessions().await?.is_empty() {
+        return Ok(());
+    }
+    let last_seen = db
+        .agents()
+        .await?
+        .iter()
+        .filter(|a| a.enabled)
+        .filter_map(|a| a.last_seen)
+        .max();
+    let since = last_seen.unwrap_or(0).max(coordinator.started_at());
+    if now() - since < config.agent_wait.as_secs() as i64 {
+        return Ok(());
+    }
+    let waiting = db
+        .dispatchable_builds(i64::MAX, FeatureFilter::With(&config.agent_features))
+        .await?;
+    let mut by_reason: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for build in waiting {
+        let features: Vec<&str> = build
+            .required_features
+            .iter()
+            .filter(|f| config.agent_features.contains(*f))
+            .map(String::as_str)
+            .collect();
+        let when = match last_seen {
+            Some(seen) if seen >= coordinator.started_at() => {
+                format!("{} UTC", crate::web::format::time(seen))
+            }
+            _ => format!(
+                "kiln-ci started at {} UTC",
+                crate::web::format::time(coordinator.started_at())
+            ),
+        };
+        let reason = format!(
+            "no build-agent with feature '{}' has connected since {when} (agent builds wait {} s for one: agent-wait)",
+            features.join("', '"),
+            config.agent_wait.as_secs()
+        );
+        by_reason.entry(reason).or_default().push(build.id);
+    }
+    for (reason, ids) in by_reason {
+        tracing::warn!(count = ids.len(), %reason, "agent builds failed");
+        coordinator
+            .finish_builds(
+                &ids,
+                BuildStatus::FailedOther,
+                StatusChange {
+                    error: Some(reason),
+                    ..StatusChange::default()
+                },
+            )
+            .await?;
+    }
+    Ok(())
 }
 
 async fn finish(
@@ -801,6 +888,24 @@ mod tests {
         let second = take().await;
         assert!(second.has_task());
         assert_ne!(first.session, second.session);
+        // Sessions outlive kiln-ci: after a restart the build is still the
+        // agent's, and its session still answers.
+        let restarted = Coordinator::new(db.clone(), coordinator.config().clone()).unwrap();
+        restarted.recover().await.unwrap();
+        assert_eq!(
+            db.build(id).await.unwrap().unwrap().status,
+            BuildStatus::Started
+        );
+        let after_restart = router(restarted, AgentsConfig::default());
+        let (status, inputs) = call(
+            &after_restart,
+            "GET",
+            &format!("/agent/inputs/{}", second.session),
+            vec![],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(!inputs.is_empty());
         let path = |s: &TaskResponse| format!("/agent/result/{}", s.session);
         assert_eq!(
             call(&app, "POST", &path(&first), b"{}".to_vec()).await.0,
@@ -874,5 +979,83 @@ mod tests {
         let agents = db.agents().await.unwrap();
         assert_eq!(agents[0].machines, ["vm-machine"]);
         assert!(agents[0].last_seen.is_some());
+    }
+
+    /// Agent builds fill the front of the queue (higher priority) yet the
+    /// local dispatcher finds the local build behind them; with no agent
+    /// around for the wait, they fail saying so, unless an agent holds a task.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn agent_builds_neither_starve_local_ones_nor_wait_forever() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = crate::db::Db::open(&tmp.path().join("ci.sqlite").to_string_lossy())
+            .await
+            .unwrap();
+        let mut config = Config::new(tmp.path().join("state"));
+        config.store_root = Some(tmp.path().join("store"));
+        config.agent_features = BTreeSet::from(["vm".to_owned()]);
+        config.max_jobs = 1;
+        let spec = crate::model::Specification::new(
+            "s",
+            vec![crate::model::Input::branch("src", "/nowhere", "main")],
+            vec!["true".into()],
+        );
+        db.put_specification(&spec).await.unwrap();
+        let eval = db.create_evaluation("s").await.unwrap();
+        let system = kiln_scheduler::settings::Settings::from_environment()
+            .unwrap()
+            .system;
+        let new = |i: usize, features: &[&str]| crate::model::NewBuild {
+            job: format!("job-{i}"),
+            drv_path: format!("/nix/store/{i:0>32}-job-{i}.drv"),
+            system: system.clone(),
+            outputs: BTreeMap::from([("out".into(), format!("/nix/store/{i:0>32}-job-{i}"))]),
+            required_features: features.iter().map(|f| f.to_string()).collect(),
+        };
+        let mut builds: Vec<_> = (0..70).map(|i| new(i, &["vm"])).collect();
+        builds.push(new(70, &[]));
+        let ids = db.insert_builds(eval, "s", 5, &builds, &[]).await.unwrap();
+        db.promote_ready_builds().await.unwrap();
+
+        let patient = Coordinator::new(db.clone(), config.clone()).unwrap();
+        assert_eq!(patient.dispatch_once().await.unwrap(), 1);
+        let local = db.build(ids[70]).await.unwrap().unwrap();
+        assert_ne!(local.status, BuildStatus::Scheduled);
+        assert_eq!(
+            db.status_counts(Some(eval)).await.unwrap()[&BuildStatus::Scheduled],
+            70
+        );
+
+        // No wait at all: only an agent holding a task keeps them waiting.
+        config.agent_wait = Duration::ZERO;
+        let impatient = Coordinator::new(db.clone(), config).unwrap();
+        db.put_agent_session(&AgentSession {
+            session: "held".into(),
+            build_id: ids[0],
+            agent: "a".into(),
+            public_key: "a:AAAA".into(),
+            challenge: "c".into(),
+            dir: tmp.path().join("held").to_string_lossy().into_owned(),
+            handed_out: now(),
+        })
+        .await
+        .unwrap();
+        impatient.dispatch_once().await.unwrap();
+        assert_eq!(
+            db.build(ids[1]).await.unwrap().unwrap().status,
+            BuildStatus::Scheduled
+        );
+        db.remove_agent_session("held").await.unwrap();
+        impatient.dispatch_once().await.unwrap();
+        for &id in &ids[..70] {
+            let build = db.build(id).await.unwrap().unwrap();
+            assert_eq!(build.status, BuildStatus::FailedOther, "{build:?}");
+            let error = build.error.unwrap_or_default();
+            assert!(
+                error.contains(
+                    "no build-agent with feature 'vm' has connected since kiln-ci started at"
+                ),
+                "{error}"
+            );
+        }
     }
 }

@@ -23,9 +23,9 @@ use kiln_store::Store as _;
 use kiln_store::local::LocalStore;
 use tokio::sync::{Notify, mpsc};
 
-use crate::db::{Db, DbError, StatusChange};
+use crate::db::{Db, DbError, FeatureFilter, StatusChange};
 use crate::eval::{self, EvalError, EvalLog, Job};
-use crate::model::{Build, BuildStatus, EvaluationStatus, NewBuild, now};
+use crate::model::{Build, BuildStatus, EvaluationStatus, NewBuild, Specification, now};
 use crate::web::{LiveLogSink, LiveLogs};
 
 /// What went wrong in the coordinator.
@@ -92,6 +92,9 @@ pub struct Config {
     /// that builds the batches instead of the embedded scheduler
     /// ([`crate::daemon_dispatch`]).
     pub store_daemon: Option<PathBuf>,
+    /// How long agent builds wait with no build agent connected (none
+    /// holding a task, none seen) before they fail, saying so.
+    pub agent_wait: Duration,
 }
 
 impl Config {
@@ -110,6 +113,7 @@ impl Config {
             webhooks: Vec::new(),
             agent_features: BTreeSet::new(),
             store_daemon: None,
+            agent_wait: Duration::from_secs(600),
         }
     }
 }
@@ -131,6 +135,9 @@ struct Inner {
     running: AtomicUsize,
     /// Logs of running builds, for the web interface's live tail.
     live: LiveLogs,
+    /// Unix seconds when this coordinator was made: agents cannot have
+    /// connected while it was not running.
+    started_at: i64,
 }
 
 /// One status change, as sent to webhooks.
@@ -177,6 +184,7 @@ impl Coordinator {
                 wake: Notify::new(),
                 running: AtomicUsize::new(0),
                 live: LiveLogs::default(),
+                started_at: now(),
             }),
         })
     }
@@ -237,16 +245,52 @@ impl Coordinator {
         Ok(())
     }
 
+    /// When this coordinator was made (unix seconds).
+    pub fn started_at(&self) -> i64 {
+        self.inner.started_at
+    }
+
     /// Runs an evaluation of `spec` to the registration of its builds.
     /// Returns the evaluation's id (also when it failed: the failure is
-    /// recorded in it, with its log).
+    /// recorded in it, with its log). While another evaluation of `spec`
+    /// runs, fails with [`DbError::EvaluationRunning`].
     pub async fn evaluate(&self, spec_name: &str) -> Result<i64> {
-        let db = &self.inner.db;
-        let spec = db
+        let (id, spec) = self.begin_evaluation(spec_name).await?;
+        self.run_evaluation(id, spec).await?;
+        Ok(id)
+    }
+
+    /// Starts an evaluation of `spec` in the background (as the API's
+    /// trigger does) and returns its id at once.
+    pub async fn trigger_evaluation(&self, spec_name: &str) -> Result<i64> {
+        let (id, spec) = self.begin_evaluation(spec_name).await?;
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.run_evaluation(id, spec).await {
+                tracing::error!(evaluation = id, error = %e, "evaluation failed");
+                let _ = this
+                    .inner
+                    .db
+                    .finish_evaluation(id, EvaluationStatus::Failed, Some(&e.to_string()))
+                    .await;
+            }
+        });
+        Ok(id)
+    }
+
+    async fn begin_evaluation(&self, spec_name: &str) -> Result<(i64, Specification)> {
+        let spec = self
+            .inner
+            .db
             .specification(spec_name)
             .await?
             .ok_or_else(|| CoordinatorError::NoSuchSpecification(spec_name.to_owned()))?;
-        let id = db.create_evaluation(spec_name).await?;
+        let id = self.inner.db.create_evaluation(spec_name).await?;
+        Ok((id, spec))
+    }
+
+    async fn run_evaluation(&self, id: i64, spec: Specification) -> Result<()> {
+        let db = &self.inner.db;
         let log_path = self
             .log_dir()
             .join("evaluations")
@@ -281,7 +325,7 @@ impl Coordinator {
                 log.finish()?;
                 db.finish_evaluation(id, EvaluationStatus::Failed, Some(&error.to_string()))
                     .await?;
-                return Ok(id);
+                return Ok(());
             }
         };
         let checkouts: Vec<_> = checkouts.into_iter().map(|(c, _)| c).collect();
@@ -312,7 +356,7 @@ impl Coordinator {
             }
         }
         self.wake();
-        Ok(id)
+        Ok(())
     }
 
     /// Registers jobs as builds of evaluation `id`: dependencies from the
@@ -358,6 +402,15 @@ impl Coordinator {
         })
         .await
         .map_err(|e| CoordinatorError::Join(e.to_string()))?;
+        // Before anything promotes the new builds to scheduled.
+        let cached = self.inner.db.fail_cached_failures(evaluation_id).await?;
+        if !cached.is_empty() {
+            tracing::info!(
+                count = cached.len(),
+                "builds failed earlier: not built again"
+            );
+            self.builds_ended(&cached, BuildStatus::Failed).await?;
+        }
         if !valid.is_empty() {
             self.finish_builds(
                 &valid,
@@ -421,8 +474,16 @@ impl Coordinator {
         status: BuildStatus,
         change: StatusChange,
     ) -> Result<()> {
+        self.inner
+            .db
+            .set_build_statuses(ids, status, &change)
+            .await?;
+        self.builds_ended(ids, status).await
+    }
+
+    /// What follows the end of builds whose status is set already.
+    async fn builds_ended(&self, ids: &[i64], status: BuildStatus) -> Result<()> {
         let db = &self.inner.db;
-        db.set_build_statuses(ids, status, &change).await?;
         let mut ended: Vec<i64> = ids.to_vec();
         if status.is_failure() {
             ended.extend(db.propagate_failures().await?);
@@ -563,12 +624,18 @@ impl Coordinator {
         if free == 0 {
             return Ok(0);
         }
-        let candidates = db.dispatchable_builds((free * 4).max(64) as i64).await?;
+        let agent_features = &self.inner.config.agent_features;
+        if !agent_features.is_empty() {
+            crate::agents::fail_builds_without_agents(self).await?;
+        }
+        let candidates = db
+            .dispatchable_builds(
+                (free * 4).max(64) as i64,
+                FeatureFilter::Without(agent_features),
+            )
+            .await?;
         let mut buildable = Vec::with_capacity(candidates.len());
         for build in candidates {
-            if crate::agents::is_agent_build(&self.inner.config, &build) {
-                continue;
-            }
             match self.unbuildable_reason(&build) {
                 None => buildable.push(build),
                 Some(reason) => {
@@ -799,11 +866,36 @@ impl Coordinator {
             log_path,
             error: (!result.error.is_empty()).then(|| result.error.clone()),
         };
+        // Remembered before the status is set, so that whoever sees the
+        // failure also finds it cached.
+        if is_cacheable_failure(result.status)
+            && let Err(e) = self.inner.db.remember_failures(&to_finish).await
+        {
+            tracing::error!(error = %e, "cannot remember failed derivations");
+        }
         if let Err(e) = self.finish_builds(&to_finish, status, change).await {
             tracing::error!(error = %e, "cannot record build results");
         }
     }
 }
+
+/// Whether a failure is the derivation's own, so that building it again
+/// would fail again (Hydra's "cached failure"): the builder failed, or its
+/// inputs or outputs were rejected, or it is not deterministic. Timeouts,
+/// log limits, transient failures (a fixed-output fetch, a lost remote
+/// machine) and failures of other kinds depend on the machine, the limits
+/// or the network, and are built again in later evaluations, as in Hydra.
+pub fn is_cacheable_failure(status: SchedulerStatus) -> bool {
+    CACHEABLE_FAILURES.contains(&status)
+}
+
+/// The scheduler's statuses [`is_cacheable_failure`] accepts.
+pub const CACHEABLE_FAILURES: [SchedulerStatus; 4] = [
+    SchedulerStatus::PermanentFailure,
+    SchedulerStatus::InputRejected,
+    SchedulerStatus::OutputRejected,
+    SchedulerStatus::NotDeterministic,
+];
 
 /// Forwards the scheduler's `Finished` events of the batch's targets, and
 /// its log lines to the live logs.
@@ -1004,6 +1096,7 @@ mod tests {
             attempts: 0,
             retry_after: None,
             error: None,
+            cached_failure_of: None,
         }
     }
 

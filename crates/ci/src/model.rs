@@ -353,6 +353,10 @@ pub struct Build {
     pub retry_after: Option<i64>,
     /// Why it failed, for people.
     pub error: Option<String>,
+    /// A cached failure: the earlier build of the same derivation that
+    /// failed permanently, which this one repeats without building.
+    #[serde(default)]
+    pub cached_failure_of: Option<i64>,
 }
 
 /// A job as a new evaluation registers it.
@@ -379,6 +383,23 @@ pub struct Agent {
     #[serde(default)]
     pub registered_at: i64,
     pub last_seen: Option<i64>,
+}
+
+/// A task handed to a build agent and not answered yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentSession {
+    /// The session id the agent's requests name.
+    pub session: String,
+    pub build_id: i64,
+    /// The agent that took the task.
+    pub agent: String,
+    /// Its key (`name:base64`) when it took the task; the result must be signed with it.
+    pub public_key: String,
+    pub challenge: String,
+    /// Where the task's inputs and the agent's uploads are kept.
+    pub dir: String,
+    /// Unix seconds.
+    pub handed_out: i64,
 }
 
 /// Builds per status.

@@ -7,13 +7,13 @@
 //! and only portable SQL. The one dialect difference, the auto-increment key,
 //! is substituted into the migration text ([`Dialect::id_column`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row as _};
 
 use crate::model::{
-    Agent, Build, BuildStatus, BuildTargets, Checkout, Evaluation, EvaluationError,
+    Agent, AgentSession, Build, BuildStatus, BuildTargets, Checkout, Evaluation, EvaluationError,
     EvaluationStatus, Input, NewBuild, Specification, StatusCounts, now,
 };
 
@@ -45,6 +45,10 @@ pub enum DbError {
     },
     #[error("no specification named '{0}'")]
     NoSuchSpecification(String),
+    #[error(
+        "specification '{spec}' is being evaluated already (evaluation {running}); try again when it has ended"
+    )]
+    EvaluationRunning { spec: String, running: i64 },
 }
 
 type Result<T, E = DbError> = std::result::Result<T, E>;
@@ -71,8 +75,14 @@ impl Dialect {
 }
 
 /// The migrations, in order. Never edit one that has shipped: add another.
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "initial", include_str!("migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "initial", include_str!("migrations/0001_initial.sql")),
+    (
+        2,
+        "auth, cached failures, agent sessions",
+        include_str!("migrations/0002_auth_cache_agents.sql"),
+    ),
+];
 
 /// Filters for [`Db::list_builds`].
 #[derive(Debug, Clone, Default)]
@@ -84,6 +94,18 @@ pub struct BuildFilter {
     /// At most this many (newest first); 0 means no limit.
     pub limit: i64,
     pub offset: i64,
+}
+
+/// Which builds [`Db::dispatchable_builds`] returns, by the system
+/// features they require (space-separated in `required_features`).
+#[derive(Debug, Clone, Copy)]
+pub enum FeatureFilter<'a> {
+    /// All builds.
+    Any,
+    /// Builds requiring none of these (the local dispatcher's, without agents' builds).
+    Without(&'a BTreeSet<String>),
+    /// Builds requiring at least one of these (the agents' builds).
+    With(&'a BTreeSet<String>),
 }
 
 /// What else changes with a build's status.
@@ -103,7 +125,7 @@ pub struct Db {
 
 const BUILD_COLUMNS: &str = "id, evaluation_id, specification, job, drv_path, system, outputs, \
      status, priority, required_features, created_at, started_at, stopped_at, machine, \
-     log_path, attempts, retry_after, error";
+     log_path, attempts, retry_after, error, cached_failure_of";
 
 const EVALUATION_COLUMNS: &str =
     "id, specification, status, checkouts, created_at, evaluated_at, finished_at, log_path, error";
@@ -315,12 +337,15 @@ impl Db {
 
     // ---- evaluations ----------------------------------------------------
 
-    /// Records a new evaluation of `spec` as started.
+    /// Records a new evaluation of `spec` as started. Fails with
+    /// [`DbError::EvaluationRunning`] while another evaluation of `spec` is
+    /// started: a unique index allows one, so two kiln-ci processes (or an
+    /// API call and the timer) cannot both start one.
     pub async fn create_evaluation(&self, spec: &str) -> Result<i64> {
         if self.specification(spec).await?.is_none() {
             return Err(DbError::NoSuchSpecification(spec.to_owned()));
         }
-        let row = sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO evaluations (specification, status, checkouts, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
         )
         .bind(spec)
@@ -328,10 +353,36 @@ impl Db {
         .bind("[]")
         .bind(now())
         .fetch_one(&self.pool)
-        .await
-        .map_err(query_error("create an evaluation"))?;
-        row.try_get::<i64, _>(0)
-            .map_err(query_error("create an evaluation"))
+        .await;
+        match inserted {
+            Ok(row) => row
+                .try_get::<i64, _>(0)
+                .map_err(query_error("create an evaluation")),
+            // The index's refusal reads differently in each engine; the
+            // running evaluation is what tells.
+            Err(source) => match self.running_evaluation(spec).await? {
+                Some(running) => Err(DbError::EvaluationRunning {
+                    spec: spec.to_owned(),
+                    running,
+                }),
+                None => Err(DbError::Query {
+                    what: "create an evaluation",
+                    source,
+                }),
+            },
+        }
+    }
+
+    /// The id of the evaluation of `spec` that is started, if one is.
+    pub async fn running_evaluation(&self, spec: &str) -> Result<Option<i64>> {
+        sqlx::query("SELECT id FROM evaluations WHERE specification = $1 AND status = 'started'")
+            .bind(spec)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("find a running evaluation"))?
+            .map(|row| row.try_get::<i64, _>(0))
+            .transpose()
+            .map_err(query_error("find a running evaluation"))
     }
 
     /// Records the revisions the inputs had and where the log is.
@@ -766,21 +817,64 @@ impl Db {
         }
     }
 
-    /// Scheduled builds that may be dispatched now (their back-off is over),
-    /// highest priority first, then oldest; at most `limit`.
-    pub async fn dispatchable_builds(&self, limit: i64) -> Result<Vec<Build>> {
-        sqlx::query(&format!(
+    /// Scheduled builds that may be dispatched now (their back-off is over)
+    /// and pass `features`, highest priority first, then oldest; at most
+    /// `limit`. The features are filtered in the query, so that a window of
+    /// builds one dispatcher cannot take never hides those it can.
+    pub async fn dispatchable_builds(
+        &self,
+        limit: i64,
+        features: FeatureFilter<'_>,
+    ) -> Result<Vec<Build>> {
+        let (set, join) = match features {
+            FeatureFilter::Any => (None, ""),
+            FeatureFilter::Without(set) => (Some(set), " AND "),
+            FeatureFilter::With(set) if set.is_empty() => return Ok(Vec::new()),
+            FeatureFilter::With(set) => (Some(set), " OR "),
+        };
+        let mut sql = format!(
             "SELECT {BUILD_COLUMNS} FROM builds WHERE status = 'scheduled' \
-             AND (retry_after IS NULL OR retry_after <= $1) ORDER BY priority DESC, id LIMIT $2"
-        ))
-        .bind(now())
-        .bind(limit.max(1))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(query_error("find builds to dispatch"))?
-        .iter()
-        .map(build_from_row)
-        .collect()
+             AND (retry_after IS NULL OR retry_after <= $1)"
+        );
+        let patterns: Vec<String> = set
+            .into_iter()
+            .flatten()
+            .map(|feature| {
+                let escaped = feature
+                    .replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_");
+                format!("% {escaped} %")
+            })
+            .collect();
+        if !patterns.is_empty() {
+            let negate = if matches!(features, FeatureFilter::Without(_)) {
+                "NOT "
+            } else {
+                ""
+            };
+            let tests: Vec<String> = (0..patterns.len())
+                .map(|i| {
+                    format!(
+                        "(' ' || required_features || ' ') {negate}LIKE ${} ESCAPE '\\'",
+                        i + 3
+                    )
+                })
+                .collect();
+            sql.push_str(&format!(" AND ({})", tests.join(join)));
+        }
+        sql.push_str(" ORDER BY priority DESC, id LIMIT $2");
+        let mut query = sqlx::query(&sql).bind(now()).bind(limit.max(1));
+        for pattern in &patterns {
+            query = query.bind(pattern);
+        }
+        query
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("find builds to dispatch"))?
+            .iter()
+            .map(build_from_row)
+            .collect()
     }
 
     /// Ids of the builds `id` depends on.
@@ -851,9 +945,17 @@ impl Db {
         let what = "restart builds";
         let mut tx = self.pool.begin().await.map_err(query_error(what))?;
         for &id in &all {
+            // A restart is the way to build a cached failure again.
+            sqlx::query(
+                "DELETE FROM failed_derivations WHERE drv_path = (SELECT drv_path FROM builds WHERE id = $1)",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error(what))?;
             sqlx::query(
                 "UPDATE builds SET status = 'submitted', started_at = NULL, stopped_at = NULL, \
-                 error = NULL, retry_after = NULL, attempts = 0 WHERE id = $1",
+                 error = NULL, retry_after = NULL, attempts = 0, cached_failure_of = NULL WHERE id = $1",
             )
             .bind(id)
             .execute(&mut *tx)
@@ -886,9 +988,13 @@ impl Db {
         Ok(done.rows_affected())
     }
 
-    /// Builds left started (by a crash) go back to scheduled. Returns their ids.
+    /// Builds left started (by a crash) go back to scheduled, except those
+    /// a build agent holds in an open session (its result is still
+    /// welcome; the session's timeout takes them back otherwise). Returns
+    /// the ids requeued.
     pub async fn requeue_started_builds(&self) -> Result<Vec<i64>> {
-        let ids = sqlx::query("SELECT id FROM builds WHERE status = 'started' ORDER BY id")
+        const LEFT: &str = "status = 'started' AND id NOT IN (SELECT build_id FROM agent_sessions)";
+        let ids = sqlx::query(&format!("SELECT id FROM builds WHERE {LEFT} ORDER BY id"))
             .fetch_all(&self.pool)
             .await
             .map_err(query_error("find builds left started"))?
@@ -896,11 +1002,151 @@ impl Db {
             .map(|row| row.try_get::<i64, _>(0))
             .collect::<Result<Vec<_>, _>>()
             .map_err(query_error("find builds left started"))?;
-        sqlx::query("UPDATE builds SET status = 'scheduled' WHERE status = 'started'")
+        sqlx::query(&format!(
+            "UPDATE builds SET status = 'scheduled' WHERE {LEFT}"
+        ))
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("requeue builds left started"))?;
+        Ok(ids)
+    }
+
+    // ---- cached failures ------------------------------------------------
+
+    /// Remembers that the derivations of these ended builds failed
+    /// permanently, so that later evaluations do not build them again.
+    pub async fn remember_failures(&self, ids: &[i64]) -> Result<()> {
+        let what = "remember failed derivations";
+        let mut tx = self.pool.begin().await.map_err(query_error(what))?;
+        for &id in ids {
+            sqlx::query(
+                "DELETE FROM failed_derivations WHERE drv_path = (SELECT drv_path FROM builds WHERE id = $1)",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error(what))?;
+            sqlx::query(
+                "INSERT INTO failed_derivations (drv_path, build_id, failed_at) \
+                 SELECT drv_path, id, $2 FROM builds WHERE id = $1",
+            )
+            .bind(id)
+            .bind(now())
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error(what))?;
+        }
+        tx.commit().await.map_err(query_error(what))
+    }
+
+    /// The build that failed permanently for `drv_path`, if one is remembered.
+    pub async fn cached_failure(&self, drv_path: &str) -> Result<Option<i64>> {
+        sqlx::query("SELECT build_id FROM failed_derivations WHERE drv_path = $1")
+            .bind(drv_path)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("look up a cached failure"))?
+            .map(|row| row.try_get::<i64, _>(0))
+            .transpose()
+            .map_err(query_error("look up a cached failure"))
+    }
+
+    /// The submitted builds of an evaluation whose derivation failed
+    /// permanently before end failed at once: they point to the earlier
+    /// build and show its log. Returns their ids.
+    pub async fn fail_cached_failures(&self, evaluation_id: i64) -> Result<Vec<i64>> {
+        let what = "mark cached failures";
+        let rows = sqlx::query(
+            "SELECT b.id, f.build_id, e.log_path FROM builds b \
+             JOIN failed_derivations f ON f.drv_path = b.drv_path \
+             LEFT JOIN builds e ON e.id = f.build_id \
+             WHERE b.evaluation_id = $1 AND b.status = 'submitted' ORDER BY b.id",
+        )
+        .bind(evaluation_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error(what))?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = now();
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut tx = self.pool.begin().await.map_err(query_error(what))?;
+        for row in &rows {
+            let id: i64 = row.try_get(0).map_err(query_error(what))?;
+            let earlier: i64 = row.try_get(1).map_err(query_error(what))?;
+            let log_path: Option<String> = row.try_get(2).map_err(query_error(what))?;
+            sqlx::query(
+                "UPDATE builds SET status = 'failed', stopped_at = $2, cached_failure_of = $3, \
+                 log_path = $4, error = $5 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(now)
+            .bind(earlier)
+            .bind(log_path)
+            .bind(format!(
+                "cached failure: build {earlier} of this derivation failed permanently; restart this build to build it again"
+            ))
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error(what))?;
+            ids.push(id);
+        }
+        tx.commit().await.map_err(query_error(what))?;
+        Ok(ids)
+    }
+
+    // ---- agent sessions -------------------------------------------------
+
+    /// Records a task handed to an agent.
+    pub async fn put_agent_session(&self, session: &AgentSession) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO agent_sessions (session, build_id, agent, public_key, challenge, dir, handed_out) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&session.session)
+        .bind(session.build_id)
+        .bind(&session.agent)
+        .bind(&session.public_key)
+        .bind(&session.challenge)
+        .bind(&session.dir)
+        .bind(session.handed_out)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("record an agent session"))?;
+        Ok(())
+    }
+
+    pub async fn agent_session(&self, session: &str) -> Result<Option<AgentSession>> {
+        sqlx::query("SELECT * FROM agent_sessions WHERE session = $1")
+            .bind(session)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("read an agent session"))?
+            .map(|row| agent_session_from_row(&row))
+            .transpose()
+    }
+
+    /// Ends a session; false if it was not open (so that of two requests
+    /// ending it, one wins).
+    pub async fn remove_agent_session(&self, session: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM agent_sessions WHERE session = $1")
+            .bind(session)
             .execute(&self.pool)
             .await
-            .map_err(query_error("requeue builds left started"))?;
-        Ok(ids)
+            .map_err(query_error("end an agent session"))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Open sessions, oldest first.
+    pub async fn agent_sessions(&self) -> Result<Vec<AgentSession>> {
+        sqlx::query("SELECT * FROM agent_sessions ORDER BY handed_out, session")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("list agent sessions"))?
+            .iter()
+            .map(agent_session_from_row)
+            .collect()
     }
 
     // ---- agents ---------------------------------------------------------
@@ -1125,6 +1371,18 @@ fn evaluation_from_row(row: &AnyRow) -> Result<Evaluation> {
     })
 }
 
+fn agent_session_from_row(row: &AnyRow) -> Result<AgentSession> {
+    Ok(AgentSession {
+        session: get(row, "session")?,
+        build_id: get(row, "build_id")?,
+        agent: get(row, "agent")?,
+        public_key: get(row, "public_key")?,
+        challenge: get(row, "challenge")?,
+        dir: get(row, "dir")?,
+        handed_out: get(row, "handed_out")?,
+    })
+}
+
 fn build_from_row(row: &AnyRow) -> Result<Build> {
     let features: String = get(row, "required_features")?;
     let outputs: BTreeMap<String, String> =
@@ -1148,6 +1406,7 @@ fn build_from_row(row: &AnyRow) -> Result<Build> {
         attempts: get(row, "attempts")?,
         retry_after: get(row, "retry_after")?,
         error: get(row, "error")?,
+        cached_failure_of: get(row, "cached_failure_of")?,
     })
 }
 

@@ -1,6 +1,6 @@
 //! One test body run against SQLite and PostgreSQL.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::testing::TempPostgres;
@@ -72,6 +72,13 @@ async fn exercise(db: Db) {
         .insert_builds(eval, "main", 9, &builds, &[(1, 0), (2, 1)])
         .await
         .unwrap();
+    // One evaluation of a specification at a time.
+    match db.create_evaluation("main").await {
+        Err(DbError::EvaluationRunning { spec, running }) => {
+            assert_eq!((spec.as_str(), running), ("main", eval))
+        }
+        other => panic!("a second evaluation of 'main' while {eval} runs: {other:?}"),
+    }
     db.finish_evaluation(eval, EvaluationStatus::Succeeded, None)
         .await
         .unwrap();
@@ -94,13 +101,39 @@ async fn exercise(db: Db) {
     // Only builds without waiting dependencies become scheduled.
     assert_eq!(db.promote_ready_builds().await.unwrap(), 2);
     let ready: Vec<i64> = db
-        .dispatchable_builds(10)
+        .dispatchable_builds(10, FeatureFilter::Any)
         .await
         .unwrap()
         .iter()
         .map(|b| b.id)
         .collect();
     assert_eq!(ready, [ids[0], ids[3]]);
+    // Features filter in the query: "kvm" is not "vm".
+    let set = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
+    let with = |names| {
+        let db = db.clone();
+        async move {
+            db.dispatchable_builds(10, FeatureFilter::With(&names))
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    assert_eq!(with(set(&["kvm"])).await, 2);
+    assert_eq!(with(set(&["vm", "big_parallel"])).await, 0);
+    assert_eq!(with(set(&["vm", "kvm"])).await, 2);
+    assert_eq!(with(set(&[])).await, 0);
+    let without = |names| {
+        let db = db.clone();
+        async move {
+            db.dispatchable_builds(10, FeatureFilter::Without(&names))
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    assert_eq!(without(set(&["kvm"])).await, 0);
+    assert_eq!(without(set(&["vm", "k%"])).await, 2);
 
     // a starts, fails: b and c fail with it, transitively.
     db.set_build_status(
@@ -165,7 +198,12 @@ async fn exercise(db: Db) {
     db.schedule_retry(ids[0], now() + 3600, "machine went away")
         .await
         .unwrap();
-    assert!(db.dispatchable_builds(10).await.unwrap().is_empty());
+    assert!(
+        db.dispatchable_builds(10, FeatureFilter::Any)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // Started builds are requeued after a crash; old ones canceled.
     db.set_build_status(ids[0], BuildStatus::Started, &StatusChange::default())
@@ -223,6 +261,8 @@ async fn exercise(db: Db) {
     db.remove_output_root("/roots/x").await.unwrap();
     assert!(db.expired_output_roots(now()).await.unwrap().is_empty());
 
+    cached_failures_and_sessions(&db).await;
+
     // Removing a specification removes its evaluations and builds.
     assert!(db.remove_specification("main").await.unwrap());
     assert!(!db.remove_specification("main").await.unwrap());
@@ -262,4 +302,119 @@ async fn postgres() {
 async fn bad_urls_say_what_was_expected() {
     let err = Db::open("mysql://x").await.unwrap_err();
     assert!(err.to_string().contains("postgres://"), "{err}");
+}
+
+/// Cached failures from one evaluation to the next, concurrent evaluation
+/// starts, and agent sessions (on the specification "other").
+async fn cached_failures_and_sessions(db: &Db) {
+    // Of many evaluations started at once, one starts.
+    let starts: Vec<_> = (0..8)
+        .map(|_| {
+            let db = db.clone();
+            tokio::spawn(async move { db.create_evaluation("other").await })
+        })
+        .collect();
+    let mut started = Vec::new();
+    for start in starts {
+        match start.await.unwrap() {
+            Ok(id) => started.push(id),
+            Err(DbError::EvaluationRunning { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(started.len(), 1, "{started:?}");
+    let first_eval = started[0];
+    db.finish_evaluation(first_eval, EvaluationStatus::Succeeded, None)
+        .await
+        .unwrap();
+    let first = db
+        .insert_builds(first_eval, "other", 0, &[new_build("x")], &[])
+        .await
+        .unwrap();
+    db.set_build_status(
+        first[0],
+        BuildStatus::Failed,
+        &StatusChange {
+            log_path: Some("/logs/x.bz2".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let drv = new_build("x").drv_path;
+    assert_eq!(db.cached_failure(&drv).await.unwrap(), None);
+    db.remember_failures(&first).await.unwrap();
+    assert_eq!(db.cached_failure(&drv).await.unwrap(), Some(first[0]));
+
+    // The next evaluation's build of x fails at once, pointing to the first.
+    let second_eval = db.create_evaluation("other").await.unwrap();
+    let second = db
+        .insert_builds(
+            second_eval,
+            "other",
+            0,
+            &[new_build("x"), new_build("needs-x")],
+            &[(1, 0)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        db.fail_cached_failures(second_eval).await.unwrap(),
+        [second[0]]
+    );
+    let x = db.build(second[0]).await.unwrap().unwrap();
+    assert_eq!(x.status, BuildStatus::Failed);
+    assert_eq!(x.cached_failure_of, Some(first[0]));
+    assert_eq!(x.log_path.as_deref(), Some("/logs/x.bz2"));
+    assert_eq!((x.attempts, x.started_at), (0, None));
+    assert!(
+        x.error
+            .as_deref()
+            .unwrap()
+            .contains(&format!("build {} of this derivation failed", first[0])),
+        "{x:?}"
+    );
+    assert_eq!(db.propagate_failures().await.unwrap(), [second[1]]);
+    // A restart builds it again: the failure is forgotten.
+    assert_eq!(
+        db.restart_builds(&[second[0]]).await.unwrap(),
+        [second[0], second[1]]
+    );
+    assert_eq!(db.cached_failure(&drv).await.unwrap(), None);
+    assert_eq!(
+        db.build(second[0])
+            .await
+            .unwrap()
+            .unwrap()
+            .cached_failure_of,
+        None
+    );
+    assert!(
+        db.fail_cached_failures(second_eval)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Agent sessions: a build held by one stays started across a restart.
+    db.set_build_status(second[0], BuildStatus::Started, &StatusChange::default())
+        .await
+        .unwrap();
+    let session = AgentSession {
+        session: "s1".into(),
+        build_id: second[0],
+        agent: "agent-1".into(),
+        public_key: "agent-1:AAAA".into(),
+        challenge: "c".into(),
+        dir: "/state/agent-sessions/s1".into(),
+        handed_out: 1000,
+    };
+    db.put_agent_session(&session).await.unwrap();
+    assert_eq!(db.agent_session("s1").await.unwrap(), Some(session.clone()));
+    assert_eq!(db.agent_sessions().await.unwrap(), [session]);
+    assert!(db.requeue_started_builds().await.unwrap().is_empty());
+    assert!(db.remove_agent_session("s1").await.unwrap());
+    assert!(!db.remove_agent_session("s1").await.unwrap());
+    assert_eq!(db.agent_session("s1").await.unwrap(), None);
+    assert_eq!(db.requeue_started_builds().await.unwrap(), [second[0]]);
 }

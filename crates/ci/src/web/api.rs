@@ -32,9 +32,31 @@ use crate::model::{
         (name = "evaluations", description = "Runs of a specification's evaluator"),
         (name = "builds", description = "Jobs of evaluations, their statuses and logs"),
         (name = "agents", description = "Build agents and the machines they offer"),
-    )
+    ),
+    modifiers(&BearerScheme)
 )]
 struct ApiDoc;
+
+/// Documents the API token: every writing operation names this scheme.
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            super::auth::SCHEME,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "The token of kiln-ci's --api-token-file; needed by every request that is not GET, when kiln-ci has one",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
 
 /// The API's routes with their OpenAPI document.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -46,6 +68,7 @@ pub fn router() -> OpenApiRouter<AppState> {
             delete_specification
         ))
         .routes(routes!(list_evaluations))
+        .routes(routes!(evaluate_specification))
         .routes(routes!(get_evaluation))
         .routes(routes!(evaluation_log))
         .routes(routes!(list_builds))
@@ -99,7 +122,7 @@ async fn list_specifications(State(state): State<AppState>) -> ApiResult<Json<Ve
 /// Adds a specification; fails if one of that name exists (as
 /// `kiln-ci spec add` does).
 #[utoipa::path(post, path = "/api/specs", tag = "specifications",
-    request_body = Specification,
+    request_body = Specification, security(("api_token" = [])),
     responses((status = 201, description = "The specification as stored", body = Specification),
         (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn create_specification(
@@ -139,7 +162,7 @@ async fn get_specification(
 /// name in the path.
 #[utoipa::path(put, path = "/api/specs/{name}", tag = "specifications",
     params(("name" = String, Path, description = "Specification name")),
-    request_body = Specification,
+    request_body = Specification, security(("api_token" = [])),
     responses((status = 200, description = "The specification as stored", body = Specification),
         (status = 400, body = ErrorBody)))]
 async fn put_specification(
@@ -205,6 +228,7 @@ fn check_specification(path_name: &str, spec: &Specification) -> Result<(), WebE
 /// Removes a specification with its evaluations and builds.
 #[utoipa::path(delete, path = "/api/specs/{name}", tag = "specifications",
     params(("name" = String, Path, description = "Specification name")),
+    security(("api_token" = [])),
     responses((status = 204, description = "Removed"), (status = 404, body = ErrorBody)))]
 async fn delete_specification(
     State(state): State<AppState>,
@@ -252,6 +276,47 @@ async fn list_evaluations(
         .list_evaluations(&name, query.limit.unwrap_or(50))
         .await?;
     Ok(Json(summarise(&state, evaluations).await?))
+}
+
+/// An evaluation the API started.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EvaluationStarted {
+    /// Its id: follow it at `/api/evaluations/{id}`.
+    pub id: i64,
+    pub specification: String,
+}
+
+/// Evaluates the specification now (fetching its inputs and running its
+/// evaluator in the background), as Cuirass's and Hydra's "evaluate"
+/// buttons and a git push hook would. Answers the new evaluation's id at
+/// once. While an evaluation of the specification runs, a second is
+/// refused (409) rather than run beside it.
+#[utoipa::path(post, path = "/api/specs/{name}/evaluate", tag = "evaluations",
+    params(("name" = String, Path, description = "Specification name")),
+    security(("api_token" = [])),
+    responses((status = 202, description = "Started", body = EvaluationStarted),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "An evaluation of it runs already", body = ErrorBody),
+        (status = 503, description = "This server runs no coordinator", body = ErrorBody)))]
+async fn evaluate_specification(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<EvaluationStarted>)> {
+    let Some(coordinator) = &state.coordinator else {
+        return Err(WebError::Unavailable(
+            "this web server runs without a coordinator and cannot evaluate (use `kiln-ci serve`)"
+                .into(),
+        )
+        .into());
+    };
+    let id = coordinator.trigger_evaluation(&name).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(EvaluationStarted {
+            id,
+            specification: name,
+        }),
+    ))
 }
 
 /// Adds the status counts to evaluations.
@@ -461,7 +526,9 @@ async fn get_build(
 /// dependency order. Answers the ids put back in the queue.
 #[utoipa::path(post, path = "/api/builds/{id}/restart", tag = "builds",
     params(("id" = i64, Path, description = "Build id")),
-    responses((status = 200, body = Vec<i64>), (status = 404, body = ErrorBody)))]
+    security(("api_token" = [])),
+    responses((status = 200, body = Vec<i64>), (status = 404, body = ErrorBody),
+        (status = 401, body = ErrorBody)))]
 async fn restart_build(
     State(state): State<AppState>,
     Path(id): Path<i64>,
@@ -469,7 +536,12 @@ async fn restart_build(
     if state.db.build(id).await?.is_none() {
         return Err(WebError::not_found("build", id).into());
     }
-    Ok(Json(state.db.restart_builds(&[id]).await?))
+    // The coordinator also roots the `.drv`s again and wakes its dispatcher.
+    let restarted = match &state.coordinator {
+        Some(coordinator) => coordinator.restart(&[id]).await?,
+        None => state.db.restart_builds(&[id]).await?,
+    };
+    Ok(Json(restarted))
 }
 
 /// The log as far as it goes: the stored log of an ended build, the live

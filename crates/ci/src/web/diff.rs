@@ -113,6 +113,7 @@ mod tests {
             attempts: 0,
             retry_after: None,
             error: None,
+            cached_failure_of: None,
         }
     }
 

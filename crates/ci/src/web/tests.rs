@@ -163,10 +163,7 @@ async fn fixture() -> Fixture {
     db.touch_agent("vm-agent", &["x86_64-linux-vm".into()])
         .await
         .unwrap();
-    let state = AppState {
-        db,
-        live: LiveLogs::default(),
-    };
+    let state = AppState::new(db, LiveLogs::default());
     Fixture {
         state,
         _dir: dir,
@@ -569,10 +566,20 @@ async fn the_openapi_document_describes_the_routes() {
         for (method, op) in item.as_object().unwrap() {
             operations += 1;
             assert!(
-                ["200", "201", "204"]
+                ["200", "201", "202", "204"]
                     .iter()
                     .any(|code| op["responses"][code].is_object()),
                 "{method} {path} documents no success response"
+            );
+            // Writing operations say that they need the token; reads do not.
+            let secured = op["security"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|r| r["api_token"].is_array()));
+            assert_eq!(
+                secured,
+                method != "get",
+                "{method} {path}: security {}",
+                op["security"]
             );
             let uri = path
                 .replace("{name}", "main")
@@ -587,9 +594,16 @@ async fn the_openapi_document_describes_the_routes() {
             );
         }
     }
+    let scheme = &doc["components"]["securitySchemes"]["api_token"];
+    assert_eq!(
+        (scheme["type"].as_str(), scheme["scheme"].as_str()),
+        (Some("http"), Some("bearer")),
+        "{scheme}"
+    );
+    assert!(paths["/api/specs/{name}/evaluate"]["post"].is_object());
     assert_eq!(
         operations,
-        15,
+        16,
         "{}",
         serde_json::to_string_pretty(paths).unwrap()
     );
@@ -665,10 +679,7 @@ async fn a_large_evaluation_is_shown_in_pages() {
     db.set_build_statuses(&ids[..300], BuildStatus::Failed, &StatusChange::default())
         .await
         .unwrap();
-    let state = AppState {
-        db,
-        live: LiveLogs::default(),
-    };
+    let state = AppState::new(db, LiveLogs::default());
     let page = |uri: String| {
         let state = state.clone();
         async move {
@@ -729,4 +740,88 @@ async fn a_failed_evaluation_shows_its_log() {
     // A failed evaluation is not the previous one a later diff compares with.
     let diff = get_json(&f.state, &format!("/api/evaluations/{}", f.second)).await;
     assert_eq!(diff["diff"]["previous_evaluation"], f.first);
+}
+
+/// With a token, every writing request needs it, in the Authorization
+/// header; reads stay open; without a coordinator, evaluating answers 503.
+#[tokio::test]
+async fn writes_need_the_token_and_reads_do_not() {
+    let f = fixture().await;
+    let state = f
+        .state
+        .clone()
+        .with_api_token(super::ApiToken::new("s3cret").unwrap());
+    let send = |method: Method, uri: String, authorization: Option<&'static str>| {
+        let state = state.clone();
+        async move {
+            let mut request = Request::builder().method(method).uri(uri);
+            if let Some(value) = authorization {
+                request = request.header(header::AUTHORIZATION, value);
+            }
+            let response = router(state)
+                .oneshot(request.body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            let status = response.status();
+            let challenge = response
+                .headers()
+                .get(header::WWW_AUTHENTICATE)
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            let body = String::from_utf8(body.to_vec()).unwrap();
+            (status, challenge, body)
+        }
+    };
+    let restart = format!("/api/builds/{}/restart", f.builds["c"]);
+    let before = f.state.db.build(f.builds["c"]).await.unwrap().unwrap();
+    for (authorization, problem) in [
+        (None, "needs 'Authorization: Bearer <token>'"),
+        (Some("Bearer wrong"), "the bearer token is wrong"),
+        (
+            Some("Basic czNjcmV0"),
+            "needs 'Authorization: Bearer <token>'",
+        ),
+        (Some("Bearer s3cret2"), "the bearer token is wrong"),
+    ] {
+        let (status, challenge, body) = send(Method::POST, restart.clone(), authorization).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(
+            challenge.as_deref(),
+            Some("Bearer realm=\"kiln-ci\""),
+            "{body}"
+        );
+        let error: Value = serde_json::from_str(&body).unwrap();
+        assert!(error["error"].as_str().unwrap().contains(problem), "{body}");
+    }
+    for (method, uri) in [
+        (Method::DELETE, "/api/specs/main".to_owned()),
+        (Method::PUT, "/api/specs/main".to_owned()),
+        (Method::POST, "/api/specs".to_owned()),
+        (Method::POST, "/api/specs/main/evaluate".to_owned()),
+    ] {
+        let (status, _, body) = send(method.clone(), uri.clone(), None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {uri}: {body}");
+    }
+    // Nothing changed.
+    assert_eq!(
+        f.state.db.build(f.builds["c"]).await.unwrap().unwrap(),
+        before
+    );
+    assert!(f.state.db.specification("main").await.unwrap().is_some());
+
+    // With the token the restart happens; reads never need it.
+    let (status, _, body) = send(Method::POST, restart, Some("Bearer s3cret")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let restarted: Vec<i64> = serde_json::from_str(&body).unwrap();
+    assert!(restarted.contains(&f.builds["c"]), "{body}");
+    for uri in ["/api/specs", "/", "/metrics", "/api/openapi.json"] {
+        let (status, _, body) = call(&state, Method::GET, uri, None).await;
+        assert_eq!(status, StatusCode::OK, "GET {uri}: {body}");
+    }
+    // This router has no coordinator to evaluate with.
+    let (status, _, body) = call(&f.state, Method::POST, "/api/specs/main/evaluate", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("without a coordinator"), "{body}");
 }

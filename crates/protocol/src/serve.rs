@@ -14,7 +14,13 @@ use kiln_formats::store_path::StorePath;
 use kiln_scheduler::result::{BuildResult, BuildStatus};
 use kiln_store::{AddOptions, Store, compute_closure};
 
-use crate::server::Daemon;
+use std::sync::Arc;
+
+use kiln_scheduler::events::Quiet;
+use kiln_scheduler::goals::{self, RunOptions, Wanted};
+use kiln_scheduler::local::LocalBackend;
+
+use crate::server::{Daemon, SentDerivation};
 use crate::wire::{self, WireError};
 use crate::worker::{self, DecodeError, DerivedPath};
 
@@ -170,15 +176,9 @@ pub fn serve<R: Read, W: Write>(
                     return Err(ServeError::WriteNotAllowed("BuildDerivation"));
                 }
                 let drv_path = worker::read_path(&mut r, &sd)?;
-                let _basic = worker::read_basic_derivation(&mut r, &sd)?;
+                let basic = worker::read_basic_derivation(&mut r, &sd)?;
                 let settings = read_build_options(&mut r, minor, daemon)?;
-                let target = DerivedPath::Built {
-                    drv: drv_path,
-                    outputs: Vec::new(),
-                };
-                let result = build(daemon, settings, &[target])
-                    .pop()
-                    .expect("one target, one result");
+                let result = build_sent(daemon, settings, drv_path, &basic);
                 wire::write_u64(&mut w, result.status as u64)?;
                 wire::write_bytes(&mut w, result.error.as_bytes())?;
                 if minor >= 3 {
@@ -231,6 +231,47 @@ fn read_build_options<R: Read>(
         settings.keep_failed = wire::read_bool(r)?;
     }
     Ok(settings)
+}
+
+/// Builds the derivation a client sent, as `nix-store --serve` does: its
+/// `.drv` need not be here, only its inputs (the client copied them).
+fn build_sent(
+    daemon: &Daemon,
+    settings: kiln_scheduler::settings::Settings,
+    drv_path: StorePath,
+    basic: &worker::BasicDerivation,
+) -> BuildResult {
+    let store = daemon.store();
+    let drv = match basic.to_derivation(store.store_dir()) {
+        Ok(d) => d,
+        Err(e) => return BuildResult::failure(BuildStatus::MiscFailure, e.to_string()),
+    };
+    let options = RunOptions {
+        max_jobs: settings.max_jobs,
+        keep_going: settings.keep_going,
+        dry_run: false,
+    };
+    let local = match LocalBackend::new(store.clone(), settings) {
+        Ok(l) => l,
+        Err(e) => {
+            return BuildResult::failure(
+                BuildStatus::MiscFailure,
+                format!("cannot set up building: {e}"),
+            );
+        }
+    };
+    let backend = Arc::new(SentDerivation::new(local, drv_path.clone(), drv));
+    let mut report = daemon.runtime().block_on(goals::run(
+        backend,
+        vec![(drv_path, Wanted::All)],
+        options,
+        Arc::new(Quiet),
+    ));
+    report
+        .targets
+        .pop()
+        .map(|(_, r)| r)
+        .unwrap_or_else(|| BuildResult::failure(BuildStatus::MiscFailure, "no result"))
 }
 
 fn build(

@@ -24,8 +24,11 @@ use kiln_formats::nar;
 use kiln_formats::signature::{Signature, TrustedKeys};
 use kiln_formats::store_path::{FileIngestionMethod, StoreDir, StorePath, StorePathSet};
 use kiln_scheduler::events::{Event, EventSink};
-use kiln_scheduler::goals::{self, RunOptions, RunReport, Wanted};
-use kiln_scheduler::local::{LocalBackend, Rebuild};
+use kiln_scheduler::goals::{
+    self, Attempt, Backend, Cancel, Job, Loaded, RunOptions, RunReport, Wanted,
+};
+use kiln_scheduler::hook::HookBuild;
+use kiln_scheduler::local::{LocalBackend, LocalDrv, OutputLocks, Rebuild};
 use kiln_scheduler::result::{BuildResult, BuildStatus};
 use kiln_scheduler::settings::Settings;
 use kiln_store::local::gc::{GcAction, GcOptions};
@@ -1043,9 +1046,9 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
         Ok(results)
     }
 
-    fn run_with_events(
+    fn run_with_events<B: Backend>(
         &mut self,
-        backend: Arc<LocalBackend>,
+        backend: Arc<B>,
         targets: Vec<(StorePath, Wanted)>,
     ) -> Result<RunReport, OpError> {
         let (tx, rx) = mpsc::channel::<ToSend>();
@@ -1132,12 +1135,34 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
         basic: &worker::BasicDerivation,
         mode: BuildMode,
     ) -> Result<BuildResult, OpError> {
-        // The scheduler builds derivations from the store. The `.drv` a
-        // client names must be there and agree with what it sent; then
-        // sending it is no more than asking for a build of a path it could
-        // ask for anyway, which is what an untrusted client may do. (Nix
-        // lets untrusted clients build only content-addressed derivations
-        // from the wire; Kiln never builds a wire-only derivation.)
+        let rebuild = match mode {
+            BuildMode::Normal => Rebuild::No,
+            BuildMode::Check => Rebuild::Check,
+            BuildMode::Repair => Rebuild::Repair,
+        };
+        if self.trusted {
+            // As Nix: a trusted client's derivation is built as sent; its
+            // `.drv` need not be here (remote builders over `ssh-ng://`
+            // are sent the derivation, not the file).
+            let sent = basic
+                .to_derivation(&self.store_dir)
+                .map_err(|e| OpError::failed(e.to_string()))?;
+            let local = LocalBackend::new(self.daemon.store.clone(), self.settings.clone())
+                .map_err(|e| OpError::failed(format!("cannot set up building: {e}")))?
+                .rebuild(rebuild, [drv_path.clone()]);
+            let backend = Arc::new(SentDerivation::new(local, drv_path.clone(), sent));
+            let mut report =
+                self.run_with_events(backend, vec![(drv_path.clone(), Wanted::All)])?;
+            return Ok(report.targets.pop().map(|(_, r)| r).unwrap_or_else(|| {
+                BuildResult::failure(BuildStatus::MiscFailure, "the scheduler gave no result")
+            }));
+        }
+        // An untrusted client may not have anything built into an
+        // input-addressed output path. The `.drv` it names must be here
+        // and agree with what it sent; then it is built from the store,
+        // which is no more than a build of a path it could ask for anyway.
+        // (Nix lets untrusted clients build only content-addressed
+        // derivations from the wire.)
         let drv = self.read_drv(drv_path)?;
         let same_outputs = drv.output_paths().count() == basic.outputs.len()
             && drv.output_paths().all(|(name, path)| {
@@ -1600,4 +1625,86 @@ impl EventSink for ToClient {
         };
         let _ = self.tx.send(message);
     }
+}
+
+/// One derivation a client sent whole (`BuildDerivation`, in the daemon
+/// and the serve protocol), built although its `.drv` need not be in this
+/// store: remote builders are sent the derivation, not the file. Its
+/// input derivations' outputs come as plain inputs, so it is the only
+/// goal; everything but loading it is the local backend's.
+#[derive(Debug)]
+pub(crate) struct SentDerivation {
+    local: LocalBackend,
+    drv_path: StorePath,
+    drv: kiln_derivation::Derivation,
+}
+
+impl SentDerivation {
+    /// `drv` comes from [`worker::BasicDerivation::to_derivation`], so
+    /// every output has its path.
+    pub(crate) fn new(
+        local: LocalBackend,
+        drv_path: StorePath,
+        drv: kiln_derivation::Derivation,
+    ) -> SentDerivation {
+        SentDerivation {
+            local,
+            drv_path,
+            drv,
+        }
+    }
+}
+
+impl Backend for SentDerivation {
+    type Drv = LocalDrv;
+    type Lock = OutputLocks;
+    type Remote = HookBuild;
+
+    fn store_dir(&self) -> &StoreDir {
+        self.local.store_dir()
+    }
+
+    fn load(&self, drv_path: &StorePath, wanted: &Wanted) -> Result<Loaded<LocalDrv>, BuildResult> {
+        if *drv_path != self.drv_path {
+            return self.local.load(drv_path, wanted);
+        }
+        let outputs = self
+            .drv
+            .output_paths()
+            .map(|(name, path)| (name.to_owned(), path.clone()))
+            .collect();
+        let options =
+            kiln_derivation::BuildOptions::from_derivation(&self.drv).map_err(|e| e.to_string());
+        // Valid outputs are found by the local backend's build, under the
+        // output locks (and kept from `--check`/`--repair` there).
+        Ok(Loaded {
+            inputs: Vec::new(),
+            valid: None,
+            substituted: None,
+            drv: LocalDrv {
+                drv: self.drv.clone(),
+                options,
+                outputs,
+            },
+        })
+    }
+
+    fn build(
+        &self,
+        job: &Job<LocalDrv>,
+        lock: Option<OutputLocks>,
+        cancel: &Cancel,
+        events: &dyn EventSink,
+    ) -> Attempt<OutputLocks> {
+        self.local.build(job, lock, cancel, events)
+    }
+
+    fn wait_for_locks(&self, job: &Job<LocalDrv>) -> Attempt<OutputLocks> {
+        self.local.wait_for_locks(job)
+    }
+
+    fn finish(&self) -> Vec<(StorePath, BuildResult)> {
+        self.local.finish()
+    }
+    // No build hook: it would be offered a `.drv` this machine may not have.
 }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
+use kiln_derivation::{Derivation, DerivationOutput, HashMethod, OutputHash};
 use kiln_formats::content_address::ContentAddress;
 use kiln_formats::hash::{Hash, HashAlgo};
 use kiln_formats::store_path::{StoreDir, StorePath, StorePathSet};
@@ -562,6 +563,56 @@ pub struct BasicDerivation {
     pub builder: String,
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
+}
+
+impl BasicDerivation {
+    /// The derivation to build: what was sent, with no input derivations
+    /// (their outputs arrive among `input_srcs`). Output paths must be
+    /// known: a sent derivation cannot be hashed modulo its inputs here.
+    pub fn to_derivation(&self, store: &StoreDir) -> Result<Derivation, DecodeError> {
+        let bad = |given: &str, reason: String| DecodeError::BadValue {
+            given: given.to_owned(),
+            what: "derivation output",
+            reason,
+        };
+        let mut outputs = BTreeMap::new();
+        for (name, (path, algo, hash)) in &self.outputs {
+            if path.is_empty() {
+                return Err(bad(
+                    name,
+                    "its path is not known in advance (content-addressed derivations are not supported)"
+                        .into(),
+                ));
+            }
+            let path = parse_path(store, path)?;
+            let output = if algo.is_empty() {
+                DerivationOutput::InputAddressed { path }
+            } else {
+                let (method, hash_algo) = HashMethod::parse_with_algo(algo)
+                    .map_err(|e| bad(algo, format!("hash algorithm of output '{name}': {e}")))?;
+                let hash = Hash::parse_bare(hash, hash_algo)
+                    .map_err(|e| bad(hash, format!("hash of output '{name}': {e}")))?;
+                DerivationOutput::Fixed {
+                    hash: OutputHash { method, hash },
+                    path,
+                }
+            };
+            outputs.insert(name.clone(), output);
+        }
+        Ok(Derivation {
+            outputs,
+            input_derivations: BTreeMap::new(),
+            input_sources: self.input_srcs.clone(),
+            system: self.platform.clone().into(),
+            builder: self.builder.clone().into(),
+            args: self.args.iter().map(|a| a.clone().into()).collect(),
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone().into(), v.clone().into()))
+                .collect(),
+        })
+    }
 }
 
 pub fn read_basic_derivation<R: Read + ?Sized>(

@@ -2,8 +2,11 @@
 //! `nix-daemon`, in the same run, on stores with the same contents.
 //!
 //! - QueryPathInfo requests per second from 32 concurrent clients (one
-//!   connection each, Kiln's daemon client for both daemons) over a store
-//!   of 10,000 paths;
+//!   connection each, the same minimal raw-socket client for both
+//!   daemons) over a store of 10,000 paths, with each daemon's CPU time
+//!   per request (from /proc, its threads and forked children): on a
+//!   small machine the clients share the cores, so CPU per request is
+//!   the fair figure of the server's cost;
 //! - `nix-build` (Nix 2.8's client) of the wide graph — 1,000 trivial
 //!   derivations plus one that depends on them all, `-j2` — through each
 //!   daemon, instantiation included, each on an empty store.
@@ -19,8 +22,6 @@ use std::time::{Duration, Instant};
 use kiln_e2e::NixStore;
 use kiln_formats::hash::HashAlgo;
 use kiln_formats::store_path::{FileIngestionMethod, StorePath};
-use kiln_protocol::client::DaemonStore;
-use kiln_store::Store;
 use kiln_store::local::{BatchItem, Durability, LocalStore};
 
 const PATHS: usize = 10_000;
@@ -89,43 +90,242 @@ fn start_nix(nix: &NixStore, socket: &Path) -> Running {
     Running(child)
 }
 
-/// QueryPathInfo from `CLIENTS` threads for `QUERY_TIME`: requests/s.
-fn query_rate(socket: &Path, paths: &Arc<Vec<StorePath>>) -> f64 {
+/// The protocol version the bench client speaks: Nix 2.8's, which both
+/// daemons serve.
+const CLIENT_VERSION: u64 = (1 << 8) | 34;
+const WORKER_MAGIC_1: u64 = 0x6e69_7863;
+const STDERR_NEXT: u64 = 0x6f6c_6d67;
+const STDERR_LAST: u64 = 0x616c_7473;
+const OP_QUERY_PATH_INFO: u64 = 26;
+
+/// The cheapest client there is, so that the figure is the server's: a
+/// raw socket, requests encoded once before the run, answers parsed in
+/// place in one buffer, one read per answer when it arrives whole.
+struct RawClient {
+    stream: std::os::unix::net::UnixStream,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl RawClient {
+    fn connect(socket: &Path) -> RawClient {
+        use std::io::Write;
+        let stream = std::os::unix::net::UnixStream::connect(socket).expect("connecting");
+        let mut c = RawClient {
+            stream,
+            buf: vec![0; 64 << 10].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        };
+        let mut hello = Vec::new();
+        for n in [WORKER_MAGIC_1] {
+            hello.extend_from_slice(&n.to_le_bytes());
+        }
+        c.stream.write_all(&hello).unwrap();
+        let _magic2 = c.u64();
+        let _server_version = c.u64();
+        let mut rest = Vec::new();
+        // Client version, no CPU affinity, reserveSpace.
+        for n in [CLIENT_VERSION, 0, 0] {
+            rest.extend_from_slice(&n.to_le_bytes());
+        }
+        c.stream.write_all(&rest).unwrap();
+        c.skip_string(); // the daemon's version (1.33+)
+        c.log_until_last();
+        c
+    }
+
+    fn need(&mut self, n: usize) {
+        use std::io::Read;
+        if self.end - self.start >= n {
+            return;
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        while self.end < n {
+            let got = self
+                .stream
+                .read(&mut self.buf[self.end..])
+                .expect("reading");
+            assert!(got > 0, "the daemon hung up");
+            self.end += got;
+        }
+    }
+
+    fn u64(&mut self) -> u64 {
+        self.need(8);
+        let v = u64::from_le_bytes(self.buf[self.start..self.start + 8].try_into().unwrap());
+        self.start += 8;
+        v
+    }
+
+    fn skip_string(&mut self) {
+        let len = self.u64() as usize;
+        let padded = len.div_ceil(8) * 8;
+        self.need(padded);
+        self.start += padded;
+    }
+
+    fn skip_strings(&mut self) {
+        for _ in 0..self.u64() {
+            self.skip_string();
+        }
+    }
+
+    /// Log messages up to `STDERR_LAST` (only `NEXT` lines are expected).
+    fn log_until_last(&mut self) {
+        loop {
+            match self.u64() {
+                STDERR_LAST => return,
+                STDERR_NEXT => self.skip_string(),
+                other => panic!("unexpected log message {other:#x}"),
+            }
+        }
+    }
+
+    /// One `QueryPathInfo`, sent pre-encoded; whether the path was valid.
+    fn query(&mut self, request: &[u8]) -> bool {
+        use std::io::Write;
+        self.stream.write_all(request).unwrap();
+        self.log_until_last();
+        if self.u64() == 0 {
+            return false;
+        }
+        self.skip_string(); // deriver
+        self.skip_string(); // narHash
+        self.skip_strings(); // references
+        self.u64(); // registration time
+        self.u64(); // narSize
+        self.u64(); // ultimate
+        self.skip_strings(); // sigs
+        self.skip_string(); // ca
+        true
+    }
+}
+
+fn encode_query(path: &StorePath) -> Vec<u8> {
+    let printed = kiln_formats::store_path::StoreDir::default().print_path(path);
+    let mut r = Vec::with_capacity(16 + printed.len() + 8);
+    r.extend_from_slice(&OP_QUERY_PATH_INFO.to_le_bytes());
+    r.extend_from_slice(&(printed.len() as u64).to_le_bytes());
+    r.extend_from_slice(printed.as_bytes());
+    r.resize(16 + printed.len().div_ceil(8) * 8, 0);
+    r
+}
+
+/// CPU time (user + system) of process `pid`, and with `children` of the
+/// processes it started too (Nix's daemon forks one per connection), in
+/// clock ticks.
+fn cpu_ticks(pid: u32, children: bool) -> u64 {
+    let fields = |stat: &str| -> Option<(u32, u64)> {
+        let after = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = after.split_whitespace().collect();
+        // After the name: state(0) ppid(1) … utime(11) stime(12).
+        Some((
+            f.get(1)?.parse().ok()?,
+            f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+        ))
+    };
+    let mut total = 0;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        if let Some((ppid, ticks)) = fields(&stat) {
+            if p == pid || (children && ppid == pid) {
+                total += ticks;
+            }
+        }
+    }
+    total
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc_sysconf(2) }) as f64 // _SC_CLK_TCK
+}
+
+unsafe extern "C" {
+    #[link_name = "sysconf"]
+    fn libc_sysconf(name: i32) -> i64;
+}
+
+/// What one daemon did under the query load.
+struct QueryFigures {
+    rate: f64,
+    /// Daemon CPU (all its threads and processes) per request.
+    server_cpu: Duration,
+    /// The bench's own CPU per request (its clients).
+    client_cpu: Duration,
+}
+
+/// QueryPathInfo from `CLIENTS` threads for `QUERY_TIME`, each with one
+/// connection of [`RawClient`] and one request in flight, as Nix's
+/// clients do.
+fn query_rate(socket: &Path, daemon_pid: u32, requests: &Arc<Vec<Vec<u8>>>) -> QueryFigures {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
     for c in 0..CLIENTS {
-        let (stop, count, paths, socket) = (
+        let (stop, count, requests, socket) = (
             stop.clone(),
             count.clone(),
-            paths.clone(),
+            requests.clone(),
             socket.to_path_buf(),
         );
         threads.push(std::thread::spawn(move || {
-            let store = DaemonStore::new(socket);
+            let mut client = RawClient::connect(&socket);
             let mut i = c * 7919;
+            let mut done = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let info = store
-                    .query_path_info(&paths[i % paths.len()])
-                    .expect("QueryPathInfo");
-                assert!(info.is_some());
-                count.fetch_add(1, Ordering::Relaxed);
+                assert!(
+                    client.query(&requests[i % requests.len()]),
+                    "path not valid"
+                );
+                done += 1;
+                if done % 64 == 0 {
+                    count.fetch_add(64, Ordering::Relaxed);
+                }
                 i += 104_729;
             }
         }));
     }
     // Warm up the connections, then measure.
     std::thread::sleep(Duration::from_millis(500));
-    let start_count = count.load(Ordering::Relaxed);
+    let own = std::process::id();
+    let (start_count, start_server, start_client) = (
+        count.load(Ordering::Relaxed),
+        cpu_ticks(daemon_pid, true),
+        cpu_ticks(own, false),
+    );
     let started = Instant::now();
     std::thread::sleep(QUERY_TIME);
     let done = count.load(Ordering::Relaxed) - start_count;
+    let (server, client) = (
+        cpu_ticks(daemon_pid, true) - start_server,
+        // Only the bench itself: the daemons are its children.
+        cpu_ticks(own, false) - start_client,
+    );
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         t.join().unwrap();
     }
-    done as f64 / elapsed.as_secs_f64()
+    let per_request = |ticks: u64| {
+        Duration::from_secs_f64(ticks as f64 / ticks_per_second() / done.max(1) as f64)
+    };
+    QueryFigures {
+        rate: done as f64 / elapsed.as_secs_f64(),
+        server_cpu: per_request(server),
+        client_cpu: per_request(client),
+    }
 }
 
 /// `nix-build -j2` of the wide graph through the daemon at `url`.
@@ -207,20 +407,35 @@ fn bench_query(work: &Path) {
     );
     let paths = Arc::new(paths);
 
+    let requests: Arc<Vec<Vec<u8>>> = Arc::new(paths.iter().map(encode_query).collect());
     let kiln_socket = work.join("kiln.sock");
     let nix_socket = work.join("nix.sock");
-    let kiln_rate = {
-        let _d = start_kiln(&kiln_root, &kiln_socket, &nix_store);
-        query_rate(&kiln_socket, &paths)
+    let kiln = {
+        let d = start_kiln(&kiln_root, &kiln_socket, &nix_store);
+        query_rate(&kiln_socket, d.0.id(), &requests)
     };
-    let nix_rate = {
-        let _d = start_nix(&nix_store, &nix_socket);
-        query_rate(&nix_socket, &paths)
+    let nix = {
+        let d = start_nix(&nix_store, &nix_socket);
+        query_rate(&nix_socket, d.0.id(), &requests)
     };
-    println!("QueryPathInfo, {CLIENTS} clients, {PATHS} paths:");
-    println!("  kiln store-daemon  {kiln_rate:>10.0} req/s");
-    println!("  nix-daemon 2.8     {nix_rate:>10.0} req/s");
-    println!("  ratio              {:>10.2}x", kiln_rate / nix_rate);
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "QueryPathInfo, {CLIENTS} clients (raw sockets, one request in flight each), {PATHS} paths:"
+    );
+    println!("                     req/s    daemon CPU/req   bench clients CPU/req");
+    for (name, f) in [("kiln store-daemon", &kiln), ("nix-daemon 2.8   ", &nix)] {
+        println!(
+            "  {name}  {:>10.0}    {:>8.2} µs       {:>8.2} µs",
+            f.rate,
+            us(f.server_cpu),
+            us(f.client_cpu)
+        );
+    }
+    println!(
+        "  ratio              {:>10.2}x   {:>8.2}x (nix-daemon CPU / Kiln CPU per request)",
+        kiln.rate / nix.rate,
+        us(nix.server_cpu) / us(kiln.server_cpu)
+    );
 }
 
 fn bench_wide(work: &Path) {

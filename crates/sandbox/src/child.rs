@@ -2,9 +2,14 @@
 //! prepared ([`crate::plan::Plan`]), reports failures as fixed-size messages on a
 //! pipe and never returns.
 //!
-//! Two processes take part, both made with the raw `clone` system call (no
-//! `fork` wrapper, whose atfork handlers could block on locks that another thread
-//! of the caller held at the moment of cloning; nothing here allocates):
+//! Two processes take part, both made with `clone` (no `fork` wrapper, whose
+//! atfork handlers could block on locks that another thread of the caller held
+//! at the moment of cloning; nothing here allocates). Both share the caller's
+//! memory (`CLONE_VM`) on stacks of their own rather than copy it: copying a
+//! large caller's page tables, and the copy-on-write faults the caller then
+//! took for as long as a build ran, cost more than the rest of the sandbox.
+//! So they only read what the caller prepared, and the caller keeps it until
+//! the program runs; after that, init touches nothing but its own stack:
 //! 1. *init*, cloned by the caller straight into new user, mount, PID, IPC, UTS
 //!    (and network) namespaces, so it is pid 1 there and the caller's own child.
 //!    It opens the bind sources while it still has the caller's credentials, gets
@@ -103,6 +108,8 @@ pub(crate) struct ChildArgs<'a> {
     pub filters: &'static [BpfProgram],
     pub argv: &'a [*const c_char],
     pub envp: &'a [*const c_char],
+    /// Top of the stack the builder starts on (see [`crate::spawn`]).
+    pub builder_stack: usize,
 }
 
 fn errno() -> i32 {
@@ -198,7 +205,16 @@ pub(crate) fn init_entry(a: &mut ChildArgs) -> ! {
         }
         // Still the caller's host credentials: open what the build user may not reach.
         for (i, src) in a.plan.sources.iter().enumerate() {
-            let fd = libc::open(src.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+            let fd = if a.plan.source_trees[i] {
+                libc::syscall(
+                    libc::SYS_open_tree,
+                    libc::AT_FDCWD,
+                    src.as_ptr(),
+                    OPEN_TREE_CLONE | libc::O_CLOEXEC as u32 | libc::AT_RECURSIVE as u32,
+                ) as i32
+            } else {
+                libc::open(src.as_ptr(), libc::O_PATH | libc::O_CLOEXEC)
+            };
             check!(a, Stage::OpenSource, i, fd);
             a.source_fds[i] = fd;
         }
@@ -243,6 +259,9 @@ pub(crate) fn init_entry(a: &mut ChildArgs) -> ! {
     }
     init(a)
 }
+
+const OPEN_TREE_CLONE: u32 = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: u32 = 4;
 
 #[repr(C)]
 struct MountAttr {
@@ -336,19 +355,24 @@ fn run_step(a: &ChildArgs, step: &Step) -> i32 {
                 path,
                 attrs,
             } => {
-                let mut buf = [0u8; 32];
-                let src: &CStr = match source {
-                    Source::Opened(i) => proc_fd_path(a.source_fds[*i], &mut buf),
-                    Source::Path(p) => p,
+                let attached = match source {
+                    Source::Opened(i) => libc::syscall(
+                        libc::SYS_move_mount,
+                        a.source_fds[*i],
+                        c"".as_ptr(),
+                        libc::AT_FDCWD,
+                        path.as_ptr(),
+                        MOVE_MOUNT_F_EMPTY_PATH,
+                    ) as i32,
+                    Source::Path(p) => libc::mount(
+                        p.as_ptr(),
+                        path.as_ptr(),
+                        ptr::null(),
+                        libc::MS_BIND | libc::MS_REC,
+                        ptr::null(),
+                    ),
                 };
-                if libc::mount(
-                    src.as_ptr(),
-                    path.as_ptr(),
-                    ptr::null(),
-                    libc::MS_BIND | libc::MS_REC,
-                    ptr::null(),
-                ) < 0
-                {
+                if attached < 0 {
                     return -1;
                 }
                 // (The source descriptors are closed all at once after setup.)
@@ -484,24 +508,24 @@ fn init(a: &ChildArgs) -> ! {
         if plan.loopback {
             check!(a, Stage::Loopback, 0, loopback_up());
         }
-        let builder_pid = libc::syscall(
-            libc::SYS_clone,
-            libc::SIGCHLD as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        ) as i32;
+        // Like vfork: the builder borrows this memory on a stack of its own,
+        // and we go on once it has executed the program (or failed to).
+        let builder_pid = libc::clone(
+            builder_entry,
+            a.builder_stack as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (a as *const ChildArgs).cast_mut().cast(),
+        );
         check!(a, Stage::ForkBuilder, 0, builder_pid);
-        if builder_pid == 0 {
-            builder(a);
-        }
-        close_all_but(&[a.status_w]);
+        // From the report pipe's end of file on (when the next line has closed
+        // it), the caller may free `a`: only copies on our own stack are used.
+        let status_w = a.status_w;
+        close_all_but(&[status_w]);
         loop {
             let mut status = 0;
             let pid = libc::waitpid(-1, &mut status, 0);
             if pid == builder_pid {
-                libc::write(a.status_w, (&status as *const i32).cast(), 4);
+                libc::write(status_w, (&status as *const i32).cast(), 4);
                 // Exiting makes the kernel kill and reap every other process in
                 // the namespace before our parent sees us exit.
                 libc::_exit(0);
@@ -520,6 +544,11 @@ struct KernelSigaction {
     flags: u64,
     restorer: usize,
     mask: u64,
+}
+
+extern "C" fn builder_entry(a: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `init` passes its `ChildArgs`, alive while it waits for us.
+    builder(unsafe { &*(a as *const ChildArgs) })
 }
 
 fn builder(a: &ChildArgs) -> ! {

@@ -20,9 +20,10 @@ pub(crate) const ATTR_NOEXEC: u64 = 0x8;
 /// Where a bind mount's source comes from.
 #[derive(Debug)]
 pub(crate) enum Source {
-    /// Index into [`Plan::sources`]: opened `O_PATH` right after the namespaces are
-    /// made (while still holding the caller's host credentials) and bound through
-    /// `/proc/self/fd/N`, so the sandbox's mapped uid needs no access to the path.
+    /// Index into [`Plan::sources`]: cloned as a detached mount tree (`open_tree`)
+    /// right after the namespaces are made (while still holding the caller's host
+    /// credentials) and attached with `move_mount`, so the sandbox's mapped uid
+    /// needs no access to the path, and no path is looked up twice.
     Opened(usize),
     /// A host device node under `/dev`, bound by path.
     Path(CString),
@@ -98,6 +99,9 @@ pub(crate) struct Plan {
     pub staging: CString,
     pub steps: Vec<Step>,
     pub sources: Vec<CString>,
+    /// Per source: cloned as a mount tree (a bind's), or opened `O_PATH` (an
+    /// overlay's directories, named through `/proc/self/fd/N`).
+    pub source_trees: Vec<bool>,
     pub hostname: CString,
     pub loopback: bool,
     pub program: CString,
@@ -422,6 +426,7 @@ pub(crate) fn make_plan(
     }
 
     let mut sources = Vec::new();
+    let mut overlay_dirs = Vec::new();
     let bind_step = |b: &mut Builder,
                      sources: &mut Vec<CString>,
                      bind: &crate::spec::Bind,
@@ -485,6 +490,7 @@ pub(crate) fn make_plan(
         if let Some((_, options, work)) = layers.iter().find(|(w, _, _)| *w == l.rel) {
             sources.push(cstr("bind source", l.bind.source.as_os_str())?);
             sources.push(cstr("overlay work directory", work.as_os_str())?);
+            overlay_dirs.extend([sources.len() - 2, sources.len() - 1]);
             let path = b.host(&l.rel)?;
             b.steps.push(Step::Overlay {
                 options: options.clone(),
@@ -553,6 +559,9 @@ pub(crate) fn make_plan(
     Ok(Plan {
         staging: root,
         steps: b.steps,
+        source_trees: (0..sources.len())
+            .map(|i| !overlay_dirs.contains(&i))
+            .collect(),
         sources,
         hostname: cstr("hostname", OsStr::new(&spec.hostname))?,
         loopback: spec.network == Network::None,

@@ -89,6 +89,71 @@ pub struct Child {
     uid_range: Option<UidRange>,
     host_ids: Option<(u32, u32)>,
     cpu_usage_usec: Option<u64>,
+    /// The stacks init and the builder started on; init runs on its until
+    /// it is reaped.
+    stacks: Option<Stacks>,
+}
+
+/// Room for the stacks of a sandbox's init and of its builder until `execve`.
+const STACK_SIZE: usize = 1 << 20;
+
+/// Two stacks in one anonymous mapping, each above a guard page.
+#[derive(Debug)]
+struct Stacks {
+    base: usize,
+}
+
+impl Stacks {
+    fn new() -> io::Result<Stacks> {
+        // SAFETY: a fresh private anonymous mapping, ours alone.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                2 * STACK_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let stacks = Stacks {
+            base: base as usize,
+        };
+        for i in 0..2 {
+            // SAFETY: the lowest page of each half of our mapping.
+            let guard = unsafe {
+                libc::mprotect(
+                    (stacks.base + i * STACK_SIZE) as *mut libc::c_void,
+                    4096,
+                    libc::PROT_NONE,
+                )
+            };
+            if guard != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(stacks)
+    }
+
+    /// The (16-byte aligned) top of stack `i`.
+    fn top(&self, i: usize) -> usize {
+        self.base + (i + 1) * STACK_SIZE
+    }
+}
+
+impl Drop for Stacks {
+    fn drop(&mut self) {
+        // SAFETY: our mapping, which no process runs on any more.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, 2 * STACK_SIZE) };
+    }
+}
+
+extern "C" fn init_entry(args: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `attempt` passes its `ChildArgs`, alive until the program runs.
+    child::init_entry(unsafe { &mut *args.cast::<ChildArgs>() })
 }
 
 impl Child {
@@ -184,6 +249,7 @@ impl Child {
                 return Err(e);
             }
         }
+        self.stacks = None;
         let mut status = ExitStatus::from_raw(raw);
         if let Some(mut r) = self.status_r.take() {
             let mut buf = [0u8; 4];
@@ -405,6 +471,7 @@ fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
         uid_range,
         host_ids: Some(host_ids),
         cpu_usage_usec: None,
+        stacks: None,
     };
     loop {
         let outcome = attempt(&spec, &plan, &common, &mut child).inspect_err(|_| {
@@ -554,21 +621,25 @@ fn attempt(
         filters: common.filters,
         argv: &argv,
         envp: &envp,
+        builder_stack: 0,
     };
 
-    // SAFETY: the raw clone gives the child a copy of our memory in which it only
-    // runs `child::init_entry` (system calls, no allocation, never returns), so
-    // locks other threads held at this moment do not matter.
+    let stacks = Stacks::new().map_err(io_err("allocating the sandbox's stacks"))?;
+    args.builder_stack = stacks.top(1);
+    let init_stack = stacks.top(0);
+    // SAFETY: the child shares our memory and runs `child::init_entry` on a
+    // stack of its own (system calls, no allocation, never returns). It reads
+    // `args` and the plan, which stay as they are until the report pipe's end
+    // of file, after which it only uses its stack, which `child` keeps mapped
+    // until it is reaped.
     let init = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            (namespaces | libc::SIGCHLD) as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
+        libc::clone(
+            init_entry,
+            init_stack as *mut libc::c_void,
+            namespaces | libc::CLONE_VM | libc::SIGCHLD,
+            (&raw mut args).cast(),
         )
-    } as i32;
+    };
     if init < 0 {
         let source = io::Error::last_os_error();
         let errno = source.raw_os_error().unwrap_or(0);
@@ -578,10 +649,8 @@ fn attempt(
             hint: hint(Stage::Unshare, errno),
         });
     }
-    if init == 0 {
-        child::init_entry(&mut args);
-    }
     drop((report_w, go_r, status_w));
+    child.stacks = Some(stacks);
     let mut report = File::from(report_r);
     child.pid = init;
     child.exit = None;
@@ -633,6 +702,7 @@ fn attempt(
     {}
     child.exit = Some(ExitStatus::from_raw(raw));
     child.status_r = None;
+    child.stacks = None;
     failed.map(Some).ok_or(SpawnError::Vanished)
 }
 
@@ -709,5 +779,6 @@ fn spawn_unsandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
         uid_range: None,
         host_ids: None,
         cpu_usage_usec: None,
+        stacks: None,
     })
 }

@@ -632,16 +632,10 @@ impl LocalBackend {
             Ok(l) => l,
             Err(e) => return misc(e),
         };
-        // One spawn at a time: a sandbox's init is cloned from this
-        // multi-threaded process, and concurrent clones were seen to leave a
-        // child blocked on a lock copied in a held state (reported to the
-        // sandbox crate). Spawning takes milliseconds; builds still overlap.
-        static SPAWN: Mutex<()> = Mutex::new(());
-        let spawned = {
-            let _one_at_a_time = SPAWN.lock().unwrap_or_else(|p| p.into_inner());
-            Sandbox::spawn(spec)
-        };
-        let mut child = match spawned {
+        // Spawns run concurrently: the sandbox's processes share this one's
+        // memory rather than copy it, so no lock can be copied in a held state
+        // (the hang once seen here was glibc's set*id wrappers, since replaced).
+        let mut child = match Sandbox::spawn(spec) {
             Ok(c) => c,
             Err(e) => {
                 return misc(format!("cannot start the builder of '{drv_shown}': {e}"));

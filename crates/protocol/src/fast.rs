@@ -18,8 +18,9 @@
 //! process cannot make the daemon call a deleted path valid.
 
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -44,6 +45,9 @@ const MAX_PATH: usize = 1024;
 #[derive(Debug)]
 pub(crate) struct AnswerCache {
     real_store: PathBuf,
+    /// The store directory, opened once: a hit's existence check looks up
+    /// one name in it instead of walking the whole physical path.
+    store_fd: Option<OwnedFd>,
     entries: RwLock<HashMap<Box<[u8]>, Arc<Answer>>>,
 }
 
@@ -53,20 +57,28 @@ struct Answer {
     unkeyed: Vec<u8>,
     /// Where the path is on disk.
     real: PathBuf,
+    /// Its name in the store directory.
+    base_name: CString,
 }
 
 impl AnswerCache {
     pub(crate) fn new(real_store: &Path) -> AnswerCache {
+        let store_fd = std::fs::File::open(real_store).ok().map(OwnedFd::from);
         AnswerCache {
             real_store: real_store.to_owned(),
+            store_fd,
             entries: RwLock::default(),
         }
     }
 
     pub(crate) fn remember(&self, printed: Vec<u8>, path: &StorePath, unkeyed: Vec<u8>) {
+        let Ok(base_name) = CString::new(path.base_name()) else {
+            return;
+        };
         let answer = Arc::new(Answer {
             unkeyed,
             real: self.real_store.join(path.base_name()),
+            base_name,
         });
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         if entries.len() >= MAX_ENTRIES {
@@ -91,8 +103,23 @@ impl AnswerCache {
             .cloned()?;
         // One stat: cheap, and it keeps a deletion by another process from
         // being answered as valid.
-        std::fs::symlink_metadata(&answer.real).ok()?;
-        Some(answer)
+        let exists = match &self.store_fd {
+            Some(dir) => {
+                // SAFETY: a valid directory fd, a NUL-terminated name and a
+                // stat buffer fstatat may fill.
+                let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+                unsafe {
+                    libc::fstatat(
+                        dir.as_raw_fd(),
+                        answer.base_name.as_ptr(),
+                        st.as_mut_ptr(),
+                        libc::AT_SYMLINK_NOFOLLOW,
+                    ) == 0
+                }
+            }
+            None => std::fs::symlink_metadata(&answer.real).is_ok(),
+        };
+        exists.then_some(answer)
     }
 }
 

@@ -2,8 +2,12 @@
 //! same machines (sshd's on loopback addresses, port 22).
 //!
 //! 1. A closure of ~1,000 paths / ~500 MB copied to a fresh remote and
-//!    back: Kiln's serve client (one batched query, one export stream)
-//!    vs `nix copy --to ssh://…` / `--from ssh://…`.
+//!    back: Kiln's serve client (one batched query, one export stream up,
+//!    pipelined NAR requests down; plain and through a zstd stream) vs
+//!    `nix copy --to ssh://…` / `--from ssh://…`. Kiln's stores make what
+//!    they add durable (one syncfs per batch); Nix's run with
+//!    `fsync-metadata = false`. `BENCH_DATA=system` fills the closure with
+//!    real files instead of incompressible noise.
 //! 2. A wide graph (1,000 independent derivations) with `max-jobs = 0` on three
 //!    remotes: Kiln's scheduler with `offload-hook` vs Nix 2.8's daemon
 //!    with its own `build-remote`, same machines file (the remotes run

@@ -9,7 +9,9 @@
 //!   for every choice;
 //! - [`ssh`]: the system's OpenSSH client with one master per machine and
 //!   host keys from the machines file;
-//! - [`remote`]: one build on one machine — missing inputs in one stream,
+//! - [`remote`]: one build on one machine — over the serve protocol
+//!   (`ssh://`: missing inputs in one stream, NARs back through a request
+//!   pipeline, zstd to Kiln remotes) or the daemon protocol (`ssh-ng://`),
 //!   the build, outputs back, checked before registration;
 //! - [`hook`]: the build-hook protocol, hook side, with retries elsewhere.
 //!

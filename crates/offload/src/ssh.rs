@@ -154,7 +154,7 @@ impl SshTarget {
             dir: dir.clone(),
             source,
         })?;
-        let file = dir.join(format!("{}", short_hash(&self.uri)));
+        let file = dir.join(short_hash(&self.uri));
         // Keyed by an alias, so one line fits any host name and port form.
         let line = format!("kiln-offload-{} {}\n", short_hash(&self.uri), key.trim());
         if std::fs::read_to_string(&file).ok().as_deref() != Some(line.as_str()) {
@@ -625,8 +625,11 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() + 0 && i + 2 <= b.len() - 1 {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+        if b[i] == b'%' && i + 2 < b.len() {
+            // Bytes, not a slice of the string: the two after '%' need not
+            // be on character boundaries.
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                 out.push(v);
                 i += 3;
                 continue;
@@ -658,6 +661,7 @@ mod tests {
             "store-daemon --store 'local?root=/tmp/r' --serve --write"
         );
         assert_eq!(t.remote_disk_dir(), "/tmp/r");
+        assert_eq!(percent_decode("a%3Db%é%2"), "a=b%é%2");
     }
 
     #[test]

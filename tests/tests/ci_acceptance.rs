@@ -4,7 +4,7 @@
 //! local git repository, registered as a specification;
 //! one evaluation builds them all and the database and the API agree on
 //! every status; a commit changing three jobs builds only those and their
-//! dependents; kiln-ci killed in the middle of its builds resumes them and
+//! dependents (earlier failures are cached); kiln-ci killed in the middle of its builds resumes them and
 //! builds nothing twice.
 //!
 //! What really ran is told by the build logs the scheduler writes (one file
@@ -418,8 +418,9 @@ async fn acceptance(setup: Setup) {
     api_agrees_with_db(&setup, &db, 1).await;
     fixed_output_mismatch_is_told(&db).await;
 
-    // Three jobs change: only they and their dependents are built (and the
-    // failed jobs are tried again, as in Cuirass).
+    // Three jobs change: only they and their dependents are built. The
+    // failed jobs are not tried again (Hydra's cached failures): their
+    // builds fail at once, pointing to those of the first evaluation.
     for name in ["ok07", "ok21", "leaf2"] {
         jobs.jobs.get_mut(name).unwrap().3 = 1;
     }
@@ -432,15 +433,27 @@ async fn acceptance(setup: Setup) {
     }
     let expected: BTreeSet<String> = jobs.with_dependents(&["ok07", "ok21", "leaf2"]);
     let logs2 = setup.logs();
-    let ran2: BTreeSet<String> = ran(&db, 2, &logs1, &logs2)
-        .await
-        .into_iter()
-        .filter(|n| !n.starts_with("bad"))
-        .collect();
+    let ran2: BTreeSet<String> = ran(&db, 2, &logs1, &logs2).await;
     assert_eq!(
         ran2, expected,
         "only the changed jobs and their dependents ran"
     );
+    let first_ids: BTreeMap<String, i64> = db
+        .builds_of_evaluation(1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.job, b.id))
+        .collect();
+    for build in db.builds_of_evaluation(2).await.unwrap() {
+        if build.status == BuildStatus::Failed {
+            assert_eq!(
+                build.cached_failure_of,
+                Some(first_ids[&build.job]),
+                "{build:?}"
+            );
+        }
+    }
     // ok07 with ok08-09, ok21 with ok22-24, leaf2.
     assert_eq!(expected.len(), 8, "{expected:?}");
     api_agrees_with_db(&setup, &db, 2).await;

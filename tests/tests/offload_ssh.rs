@@ -525,6 +525,22 @@ fn a_machine_killed_mid_build_moves_the_build() {
     let mut farm = Farm::new();
     farm.add(Kind::Kiln, 1, 1);
     farm.add(Kind::Kiln, 1, 1);
+    killed_mid_build_moves_the_build(farm);
+}
+
+/// The same over `ssh-ng://`, with a Kiln and a Nix daemon: the broken
+/// daemon connection is transient as the broken serve session is.
+#[test]
+fn an_ssh_ng_machine_killed_mid_build_moves_the_build() {
+    let mut farm = Farm::new();
+    farm.add_with(Kind::Kiln, 1, 1, "ssh-ng", "");
+    farm.add_with(Kind::Nix, 1, 1, "ssh-ng", "");
+    killed_mid_build_moves_the_build(farm);
+}
+
+/// Starts a slow build on a farm of two machines, kills the sshd of the
+/// one it runs on, and expects it built on the other.
+fn killed_mid_build_moves_the_build(mut farm: Farm) {
     let recipe = recipe(farm.dir.path(), 1, "sleep 4; echo slow {i} > $out");
     let target = format!("{}#p0", recipe.display());
     let handle = {

@@ -380,11 +380,14 @@ async fn ci_builds_through_a_store_daemon_and_survives_its_crash() {
     jobs.remove("hangs");
     jobs.remove("chatty");
     setup.commit(&jobs, "two slow jobs");
+    let child_log = setup.dir.join("kiln-ci.stderr");
     let mut child = setup
         .kiln_ci()
         .args(["eval", "main", "--build"])
+        .stderr(std::fs::File::create(&child_log).unwrap())
         .spawn()
         .unwrap();
+    let said = || std::fs::read_to_string(&child_log).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let now = builds(&db, 2).await;
@@ -400,7 +403,8 @@ async fn ci_builds_through_a_store_daemon_and_survives_its_crash() {
         );
         assert!(
             child.try_wait().unwrap().is_none(),
-            "kiln-ci ended before the slow builds started"
+            "kiln-ci ended before the slow builds started:\n{}",
+            said()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -435,7 +439,9 @@ async fn ci_builds_through_a_store_daemon_and_survives_its_crash() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(
         child.try_wait().unwrap().is_none(),
-        "kiln-ci gave up while the daemon was away"
+        "kiln-ci gave up while the daemon was away: {:?}\n{}",
+        builds(&db, 2).await,
+        said()
     );
     let waiting = builds(&db, 2).await;
     for job in ["slow-a", "slow-b"] {
@@ -457,7 +463,7 @@ async fn ci_builds_through_a_store_daemon_and_survives_its_crash() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert!(exit.success(), "kiln-ci eval --build: {exit}");
+    assert!(exit.success(), "kiln-ci eval --build: {exit}\n{}", said());
     let second = builds(&db, 2).await;
     for job in ["slow-a", "slow-b", "good", "after-good"] {
         assert_eq!(

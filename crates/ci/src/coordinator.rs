@@ -801,7 +801,7 @@ impl Coordinator {
     /// their attempts so far: their builder (a store daemon) could not be
     /// reached or its connection broke, which says nothing of the builds.
     pub(crate) async fn retry_later(&self, builds: &[Build], why: &str) {
-        self.inner.running.fetch_sub(builds.len(), Ordering::SeqCst);
+        let _slots = ReleaseSlots(&self.inner.running, builds.len());
         let at = now() + self.inner.config.retry_backoff.as_secs() as i64;
         for build in builds {
             if let Err(e) = self.inner.db.schedule_retry(build.id, at, why).await {
@@ -819,7 +819,7 @@ impl Coordinator {
         result: &BuildResult,
         log_dir: &Path,
     ) {
-        self.inner.running.fetch_sub(builds.len(), Ordering::SeqCst);
+        let _slots = ReleaseSlots(&self.inner.running, builds.len());
         let status = match result.status {
             SchedulerStatus::Built
             | SchedulerStatus::Substituted
@@ -896,6 +896,17 @@ pub const CACHEABLE_FAILURES: [SchedulerStatus; 4] = [
     SchedulerStatus::OutputRejected,
     SchedulerStatus::NotDeterministic,
 ];
+
+/// Gives back build slots when dropped: only once a build's outcome is in
+/// the database, so that no one sees a build neither running nor waiting
+/// (`run_until_idle` would stop early).
+struct ReleaseSlots<'a>(&'a AtomicUsize, usize);
+
+impl Drop for ReleaseSlots<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::SeqCst);
+    }
+}
 
 /// Forwards the scheduler's `Finished` events of the batch's targets, and
 /// its log lines to the live logs.

@@ -27,6 +27,7 @@ use std::ptr;
 use seccompiler::BpfProgram;
 
 use crate::plan::{Plan, Source, Step};
+use crate::raw;
 
 /// The only message on the report pipe; its end-of-file means success.
 pub(crate) const MSG_FAILED: u32 = 3;
@@ -147,13 +148,11 @@ fn close_all_but(keep: &[i32]) {
     for &fd in keep {
         let fd = fd as u32;
         if fd > next {
-            // SAFETY: closing descriptors of this forked process.
-            unsafe { libc::close_range(next, fd - 1, 0) };
+            raw::close_range(next, fd - 1);
         }
         next = next.max(fd + 1);
     }
-    // SAFETY: as above.
-    unsafe { libc::close_range(next, u32::MAX, 0) };
+    raw::close_range(next, u32::MAX);
 }
 
 // glibc's set*id wrappers stop every thread it knows of to change their ids too;
@@ -521,17 +520,19 @@ fn init(a: &ChildArgs) -> ! {
         // it), the caller may free `a`: only copies on our own stack are used.
         let status_w = a.status_w;
         close_all_but(&[status_w]);
+        // From here on the spawning thread may be gone: only raw system calls
+        // (see `raw`), which leave its thread block alone.
         loop {
             let mut status = 0;
-            let pid = libc::waitpid(-1, &mut status, 0);
-            if pid == builder_pid {
-                libc::write(status_w, (&status as *const i32).cast(), 4);
+            let pid = raw::wait_any(&mut status);
+            if pid == builder_pid as isize {
+                raw::write(status_w, &status.to_ne_bytes());
                 // Exiting makes the kernel kill and reap every other process in
                 // the namespace before our parent sees us exit.
-                libc::_exit(0);
+                raw::exit(0);
             }
-            if pid < 0 && errno() != libc::EINTR {
-                libc::_exit(126);
+            if pid < 0 && pid != -(libc::EINTR as isize) {
+                raw::exit(126);
             }
         }
     }

@@ -37,6 +37,7 @@ pub mod builddir;
 pub mod cgroup;
 mod child;
 mod plan;
+mod raw;
 pub mod seccomp;
 pub mod spawn;
 pub mod spec;

@@ -240,3 +240,20 @@ fn cgroup_is_best_effort_and_says_what_is_missing() {
     let child = Sandbox::spawn(probe(&["true"])).unwrap();
     assert_eq!(child.cgroup_status(), &CgroupStatus::NotRequested);
 }
+
+#[test]
+fn the_exit_status_arrives_after_the_spawning_thread_is_gone() {
+    // Init shares the caller's memory and, with it, the spawning thread's
+    // thread pointer. A 64 MiB stack is more than glibc caches, so it is
+    // unmapped when the thread is joined: an init that still used that
+    // thread's block (glibc's errno or cancellation state) would crash here
+    // rather than pass the builder's status on.
+    let mut child = std::thread::Builder::new()
+        .stack_size(64 << 20)
+        .spawn(|| Sandbox::spawn(probe(&["sleep", "300", "exit", "5"])).unwrap())
+        .unwrap()
+        .join()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(5), "{status:?}");
+}

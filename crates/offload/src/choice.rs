@@ -304,9 +304,11 @@ impl Chooser {
         })
     }
 
-    /// Appends a line to `choices.log` and says it on stderr.
+    /// Appends a line to `choices.log` and says it on stderr. The log comes
+    /// first and stderr's errors are ignored: stderr is the hook protocol's
+    /// channel, which the scheduler may have closed once the build is done,
+    /// and `eprintln!` would panic there and lose the line.
     pub fn log(&self, line: &str) {
-        eprintln!("offload: {line}");
         if let Ok(mut f) = OpenOptions::new()
             .create(true)
             .append(true)
@@ -314,6 +316,7 @@ impl Chooser {
         {
             let _ = writeln!(f, "{:.3} {line}", now());
         }
+        let _ = writeln!(std::io::stderr(), "offload: {line}");
     }
 
     /// The state of `m` for `status`.

@@ -22,6 +22,7 @@
 //! ```
 
 mod bins;
+pub mod ci;
 pub mod corpus;
 pub mod daemon;
 mod nix;

@@ -12,7 +12,6 @@
 //! appeared or changed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,6 +19,7 @@ use std::time::{Duration, Instant};
 use kiln_ci::db::{BuildFilter, Db};
 use kiln_ci::model::BuildStatus;
 use kiln_ci::testing::TempPostgres;
+use kiln_e2e::ci::{self, http_get, sh};
 use kiln_e2e::workspace_bin;
 use kiln_formats::hash::{Hash, HashAlgo};
 use kiln_formats::nar::Node;
@@ -152,21 +152,8 @@ struct Setup {
     db_url: String,
 }
 
-fn sh(dir: &Path, script: &str) {
-    let status = Command::new("sh")
-        .arg("-ec")
-        .arg(script)
-        .current_dir(dir)
-        .status()
-        .expect("sh runs");
-    assert!(status.success(), "failed: {script}");
-}
-
 fn setup(db_url: Option<String>) -> Setup {
-    assert!(
-        Command::new("git").arg("--version").output().is_ok(),
-        "git is missing: kiln-ci's inputs need it (install Debian's git package)"
-    );
+    ci::require_git();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_owned();
     let repo = dir.join("repo");
@@ -199,23 +186,11 @@ fn setup(db_url: Option<String>) -> Setup {
 
 impl Setup {
     fn kiln_ci(&self) -> Command {
-        let mut command = Command::new(workspace_bin("kiln-ci-bin", "kiln-ci"));
-        command
-            .env("KILN_CI_CONFIG", &self.config)
-            .env("KILN_CI_LOG", "warn")
-            .current_dir(&self.dir);
-        command
+        ci::kiln_ci(&self.config, &self.dir)
     }
 
     fn run(&self, args: &[&str]) -> String {
-        let output = self.kiln_ci().args(args).output().unwrap();
-        assert!(
-            output.status.success(),
-            "kiln-ci {args:?} failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        ci::run(self.kiln_ci(), args)
     }
 
     fn commit(&self, jobs: &Jobs, message: &str) {
@@ -289,21 +264,6 @@ async fn ran(
         })
         .map(|b| b.job)
         .collect()
-}
-
-/// GET over plain HTTP/1.1 (the API answers with a Content-Length).
-fn http_get(addr: &str, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
-    body.to_owned()
 }
 
 /// Checks the API of a running `kiln-ci serve` against the database.

@@ -4,14 +4,14 @@
 //! it, and a second trigger while one runs is refused instead of running
 //! beside it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_ci::db::Db;
 use kiln_ci::model::EvaluationStatus;
 use kiln_ci::testing::TempPostgres;
-use kiln_e2e::workspace_bin;
+use kiln_e2e::ci::{self, sh};
 
 struct Site {
     _tmp: tempfile::TempDir,
@@ -21,21 +21,8 @@ struct Site {
     db_url: String,
 }
 
-fn sh(dir: &Path, script: &str) {
-    let status = Command::new("sh")
-        .arg("-ec")
-        .arg(script)
-        .current_dir(dir)
-        .status()
-        .expect("sh runs");
-    assert!(status.success(), "failed: {script}");
-}
-
 fn site(db_url: Option<String>) -> Site {
-    assert!(
-        Command::new("git").arg("--version").output().is_ok(),
-        "git is missing: kiln-ci's inputs need it (install Debian's git package)"
-    );
+    ci::require_git();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_owned();
     let repo = dir.join("repo");
@@ -69,12 +56,8 @@ fn site(db_url: Option<String>) -> Site {
 
 impl Site {
     fn kiln_ci(&self) -> Command {
-        let mut command = Command::new(workspace_bin("kiln-ci-bin", "kiln-ci"));
-        command
-            .env("KILN_CI_CONFIG", &self.config)
-            .env("KILN_CI_LOG", "warn")
-            .env_remove("KILN_CI_API_TOKEN_FILE")
-            .current_dir(&self.dir);
+        let mut command = ci::kiln_ci(&self.config, &self.dir);
+        command.env_remove("KILN_CI_API_TOKEN_FILE");
         command
     }
 

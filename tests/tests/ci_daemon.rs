@@ -8,13 +8,13 @@
 //! it is back.
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_ci::db::{BuildFilter, Db};
 use kiln_ci::model::{Build, BuildStatus};
+use kiln_e2e::ci::{self, http_get, sh};
 use kiln_e2e::workspace_bin;
 
 /// A `store-daemon` on `root`, listening on `socket`; started again on the
@@ -144,22 +144,9 @@ struct Setup {
     _tmp: tempfile::TempDir,
 }
 
-fn sh(dir: &Path, script: &str) {
-    let status = Command::new("sh")
-        .arg("-ec")
-        .arg(script)
-        .current_dir(dir)
-        .status()
-        .expect("sh runs");
-    assert!(status.success(), "failed: {script}");
-}
-
 impl Setup {
     fn new() -> Setup {
-        assert!(
-            Command::new("git").arg("--version").output().is_ok(),
-            "git is missing: kiln-ci's inputs need it (install Debian's git package)"
-        );
+        ci::require_git();
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_owned();
         sh(&dir, "chmod 755 .");
@@ -204,23 +191,11 @@ impl Setup {
     }
 
     fn kiln_ci(&self) -> Command {
-        let mut command = Command::new(workspace_bin("kiln-ci-bin", "kiln-ci"));
-        command
-            .env("KILN_CI_CONFIG", &self.config)
-            .env("KILN_CI_LOG", "warn")
-            .current_dir(&self.dir);
-        command
+        ci::kiln_ci(&self.config, &self.dir)
     }
 
     fn run(&self, args: &[&str]) -> String {
-        let output = self.kiln_ci().args(args).output().unwrap();
-        assert!(
-            output.status.success(),
-            "kiln-ci {args:?} failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        ci::run(self.kiln_ci(), args)
     }
 
     fn commit(&self, jobs: &BTreeMap<&str, (String, Vec<&str>)>, message: &str) {
@@ -246,21 +221,6 @@ async fn builds(db: &Db, evaluation: i64) -> BTreeMap<String, Build> {
     .into_iter()
     .map(|b| (b.job.clone(), b))
     .collect()
-}
-
-/// GET over plain HTTP/1.1; the body.
-fn http_get(addr: &str, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
-    body.to_owned()
 }
 
 /// The logs of `ids` as `kiln-ci serve`'s API gives them.

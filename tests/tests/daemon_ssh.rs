@@ -260,18 +260,27 @@ fn nix_copy_over_ssh_to_store_daemon_serve_and_back() {
         );
     }
     remote.verify();
+    copy_back_into_an_empty_nix_store(&remote, &url, &top, &mine);
+}
 
-    // Back into an empty Nix store.
+/// `nix copy --from URL TOP` into an empty Nix store: it gets the closure
+/// `mine` and verifies.
+fn copy_back_into_an_empty_nix_store(
+    remote: &Remote,
+    url: &str,
+    top: &str,
+    mine: &BTreeSet<String>,
+) {
     let other = NixStore::with_config("require-sigs = false\n");
     ok(
         remote
             .nix(&other, "nix")
-            .args(["copy", "--from", &url, &top])
+            .args(["copy", "--from", url, top])
             .output()
             .unwrap(),
         &format!("nix copy --from {url}"),
     );
-    assert_eq!(closure(&remote, &other, &other.url(), &top), mine);
+    assert_eq!(&closure(remote, &other, &other.url(), top), mine);
     nix_verify(&other);
 }
 
@@ -311,18 +320,7 @@ fn nix_copy_over_ssh_ng_to_store_daemon_stdio_and_back() {
     assert_eq!(mine.len(), 2, "{mine:?}");
     assert_eq!(closure(&remote, &local, &url, &top), mine);
     remote.verify();
-
-    let other = NixStore::with_config("require-sigs = false\n");
-    ok(
-        remote
-            .nix(&other, "nix")
-            .args(["copy", "--from", &url, &top])
-            .output()
-            .unwrap(),
-        &format!("nix copy --from {url}"),
-    );
-    assert_eq!(closure(&remote, &other, &other.url(), &top), mine);
-    nix_verify(&other);
+    copy_back_into_an_empty_nix_store(&remote, &url, &top, &mine);
 }
 
 #[test]

@@ -74,7 +74,7 @@ pub fn run(root: &Path, args: TestArgs) -> Result<ExitCode> {
     let setup_time = setup.elapsed();
 
     let tests = Timer::start();
-    let (counts, tests_ok) = cargo_test(&args)?;
+    let (counts, tests_ok) = cargo_test(&args, ci)?;
     let test_time = tests.elapsed();
 
     let fuzz_report = if args.fuzz_secs > 0 {
@@ -139,9 +139,13 @@ pub fn run(root: &Path, args: TestArgs) -> Result<ExitCode> {
 }
 
 /// Runs `cargo test`, echoing its output as it comes while counting the results.
-fn cargo_test(args: &TestArgs) -> Result<(Counts, bool)> {
+fn cargo_test(args: &TestArgs, ci: bool) -> Result<(Counts, bool)> {
     let mut command = Command::new("cargo");
     command.arg("test").arg("--no-fail-fast");
+    if ci {
+        // A clean clone builds once: incremental state would only fill the disk.
+        command.env("CARGO_INCREMENTAL", "0");
+    }
     if args.packages.is_empty() {
         command.arg("--workspace");
     } else {

@@ -74,6 +74,19 @@ fn transient(
     })
 }
 
+/// Ends `session`; an error of `res` becomes a transient failure at
+/// `stage`, with the remote's last lines of stderr.
+fn end_session<T, E: std::fmt::Display>(
+    session: crate::ssh::Session,
+    target: &SshTarget,
+    stage: &str,
+    res: Result<T, E>,
+) -> Result<T, Failure> {
+    let tail = session.stderr_tail();
+    session.finish();
+    res.map_err(|e| transient(target, stage, e, &tail))
+}
+
 /// The basic derivation the serve protocol sends: inputs flattened to
 /// the input closure, as the remote gets no `.drv` files to follow.
 pub fn basic_derivation(
@@ -147,19 +160,11 @@ pub fn copy_to(
         let (session, remote) = open_daemon(target, log)?;
         let mut stats = Stats::default();
         let t = Instant::now();
-        let res = upload_to_daemon(&remote, store, &closure, &mut stats);
+        let res = upload_to_daemon(&remote, store, &closure, &mut stats)
+            .map_err(|e| kiln_formats::report::chain(&e));
         stats.upload = t.elapsed();
         drop(remote);
-        let tail = session.stderr_tail();
-        session.finish();
-        res.map_err(|e| {
-            transient(
-                target,
-                "copying paths",
-                kiln_formats::report::chain(&e),
-                &tail,
-            )
-        })?;
+        end_session(session, target, "copying paths", res)?;
         return Ok(stats);
     }
     let mut session = target
@@ -171,9 +176,7 @@ pub fn copy_to(
     let res = ServeClient::handshake(r, w, store.store_dir().clone())
         .and_then(|mut c| upload(&mut c, store, &closure, &mut stats));
     stats.upload = t.elapsed();
-    let tail = session.stderr_tail();
-    session.finish();
-    res.map_err(|e| transient(target, "copying paths", e, &tail))?;
+    end_session(session, target, "copying paths", res)?;
     Ok(stats)
 }
 
@@ -195,19 +198,11 @@ pub fn copy_from(
             }
             Ok(infos)
         })
-        .and_then(|infos| fetch_from_daemon(&remote, store, infos, &mut stats));
+        .and_then(|infos| fetch_from_daemon(&remote, store, infos, &mut stats))
+        .map_err(|e| kiln_formats::report::chain(&e));
         stats.download = t.elapsed();
         drop(remote);
-        let tail = session.stderr_tail();
-        session.finish();
-        res.map_err(|e| {
-            transient(
-                target,
-                "copying paths back",
-                kiln_formats::report::chain(&e),
-                &tail,
-            )
-        })?;
+        end_session(session, target, "copying paths back", res)?;
         return Ok(stats);
     }
     let mut session = target
@@ -222,9 +217,7 @@ pub fn copy_from(
         fetch_infos(&mut c, store, infos, &mut stats)
     })();
     stats.download = t.elapsed();
-    let tail = session.stderr_tail();
-    session.finish();
-    res.map_err(|e| transient(target, "copying paths back", e, &tail))?;
+    end_session(session, target, "copying paths back", res)?;
     Ok(stats)
 }
 
@@ -653,16 +646,12 @@ fn open_daemon(
         .map_err(|e| Failure::Transient(e.to_string()))?;
     match Connection::over(socket) {
         Ok(c) => Ok((session, DaemonStore::over_connection(c, &target.uri))),
-        Err(e) => {
-            let tail = session.stderr_tail();
-            session.finish();
-            Err(transient(
-                target,
-                "connecting to the daemon",
-                kiln_formats::report::chain(&e),
-                &tail,
-            ))
-        }
+        Err(e) => end_session(
+            session,
+            target,
+            "connecting to the daemon",
+            Err(kiln_formats::report::chain(&e)),
+        ),
     }
 }
 

@@ -91,13 +91,18 @@ pub struct HookBuild {
 }
 
 impl Hook {
-    /// A hook running `settings.build_hook` and told `settings`.
-    pub fn new(settings: &Settings) -> Hook {
+    /// A hook running `settings.build_hook` and told `settings`, with
+    /// `store` as the store it copies outputs back into: the one we build
+    /// into, whatever `settings` say (a daemon opened with `--store` has
+    /// no `store` setting, and a client's cannot move it).
+    pub fn new(settings: &Settings, store: &str) -> Hook {
         let mut all: Vec<(String, String)> = settings
             .raw
             .iter()
+            .filter(|(k, _)| k.as_str() != "store")
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        all.push(("store".into(), store.to_owned()));
         if !settings.raw.contains_key("builders") {
             all.push(("builders".into(), settings.builders.clone()));
         }

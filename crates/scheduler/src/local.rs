@@ -158,7 +158,7 @@ impl LocalBackend {
         let hook = if settings.build_hook.is_empty() {
             None
         } else {
-            Some(Mutex::new(Hook::new(&settings)))
+            Some(Mutex::new(Hook::new(&settings, &store.url())))
         };
         let (reaper, dirs) = std::sync::mpsc::channel::<kiln_sandbox::BuildDir>();
         let reaper_thread = std::thread::Builder::new()

@@ -25,6 +25,7 @@ mod bins;
 pub mod ci;
 pub mod corpus;
 pub mod daemon;
+pub mod farm;
 mod nix;
 
 pub use bins::{kiln_bin, workspace_bin};

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use kiln_ci::db::{BuildFilter, Db};
 use kiln_ci::model::{Build, BuildStatus};
 use kiln_e2e::ci::{self, http_get, sh};
+use kiln_e2e::farm::{Farm, Kind};
 use kiln_e2e::workspace_bin;
 
 /// A `store-daemon` on `root`, listening on `socket`; started again on the
@@ -23,17 +24,31 @@ struct Daemon {
     root: PathBuf,
     socket: PathBuf,
     conf: PathBuf,
+    /// Further `--option NAME VALUE`s and environment.
+    options: Vec<(String, String)>,
+    env: Vec<(String, PathBuf)>,
     child: Option<Child>,
 }
 
 impl Daemon {
     fn start(dir: &Path) -> Daemon {
+        Daemon::start_with(dir, dir.join("store"), Vec::new(), Vec::new())
+    }
+
+    fn start_with(
+        dir: &Path,
+        root: PathBuf,
+        options: Vec<(String, String)>,
+        env: Vec<(String, PathBuf)>,
+    ) -> Daemon {
         let conf = dir.join("daemon-conf");
         std::fs::create_dir_all(&conf).unwrap();
         let mut daemon = Daemon {
-            root: dir.join("store"),
+            root,
             socket: dir.join("daemon.socket"),
             conf,
+            options,
+            env,
             child: None,
         };
         daemon.spawn();
@@ -48,6 +63,12 @@ impl Daemon {
             .arg(&self.socket)
             .args(["--option", "sandbox", "true"])
             .args(["--option", "sandbox-paths", "/bin /usr /lib /lib64?"])
+            .args(
+                self.options
+                    .iter()
+                    .flat_map(|(name, value)| ["--option", name, value]),
+            )
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .env("NIX_CONF_DIR", &self.conf)
             .env("KILN_LOG", "warn")
             .stdin(Stdio::null())
@@ -106,7 +127,7 @@ fn first_jobs() -> BTreeMap<&'static str, (String, Vec<&'static str>)> {
         ),
         (
             "after-good",
-            ("cat ${good} > $out; echo after >> $out".to_owned(), vec!["good"]),
+            ("/bin/cat ${good} > $out; echo after >> $out".to_owned(), vec!["good"]),
         ),
         (
             "bad",
@@ -146,8 +167,13 @@ struct Setup {
 
 impl Setup {
     fn new() -> Setup {
-        ci::require_git();
         let tmp = tempfile::tempdir().unwrap();
+        let daemon = Daemon::start(tmp.path());
+        Setup::with_daemon(tmp, daemon)
+    }
+
+    fn with_daemon(tmp: tempfile::TempDir, daemon: Daemon) -> Setup {
+        ci::require_git();
         let dir = tmp.path().to_owned();
         sh(&dir, "chmod 755 .");
         let repo = dir.join("repo");
@@ -156,7 +182,6 @@ impl Setup {
             &repo,
             "git init -q -b main . && git config user.email ci@test && git config user.name ci",
         );
-        let daemon = Daemon::start(&dir);
         let setup = Setup {
             config: dir.join("ci.conf"),
             dir,
@@ -204,6 +229,23 @@ impl Setup {
             &self.repo,
             &format!("git add ci.toml && git commit -qm '{message}'"),
         );
+    }
+
+    /// The specification `main`: the repository's `ci.toml`, evaluated by
+    /// kiln-ci's recipe evaluator.
+    fn add_spec(&self) {
+        let evaluator = workspace_bin("kiln-ci-bin", "kiln-ci");
+        self.run(&[
+            "spec",
+            "add",
+            "main",
+            "--input",
+            &format!("src={}@branch:main", self.repo.display()),
+            "--",
+            &evaluator.to_string_lossy(),
+            "eval-recipe",
+            "ci.toml",
+        ]);
     }
 
     async fn db(&self) -> Db {
@@ -254,18 +296,7 @@ fn logs_through_the_api(setup: &Setup, ids: &[i64]) -> Vec<String> {
 async fn ci_builds_through_a_store_daemon_and_survives_its_crash() {
     let mut setup = Setup::new();
     setup.commit(&first_jobs(), "six jobs");
-    let evaluator = workspace_bin("kiln-ci-bin", "kiln-ci");
-    setup.run(&[
-        "spec",
-        "add",
-        "main",
-        "--input",
-        &format!("src={}@branch:main", setup.repo.display()),
-        "--",
-        &evaluator.to_string_lossy(),
-        "eval-recipe",
-        "ci.toml",
-    ]);
+    setup.add_spec();
 
     // One evaluation, built by the daemon.
     let out = setup.run(&["eval", "main", "--build"]);
@@ -445,4 +476,94 @@ async fn ci_builds_through_a_store_daemon_and_survives_its_crash() {
         assert_eq!(content, format!("{}\n", &job[5..]));
     }
     assert_eq!(second["needs-bad"].status, BuildStatus::FailedDependency);
+}
+
+/// The whole chain a build farm runs: kiln-ci dispatches to the daemon,
+/// whose scheduler offers every build to `offload-hook`, which builds it
+/// on a machine over real ssh and copies the outputs back. With
+/// `max-jobs = 0` nothing may be built on the daemon's own machine.
+#[tokio::test(flavor = "multi_thread")]
+async fn ci_builds_through_the_daemons_offload_hook_on_a_remote_machine() {
+    let mut farm = Farm::new();
+    farm.add(Kind::Kiln, 4, 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_with(
+        tmp.path(),
+        farm.local_root(),
+        vec![
+            (
+                "build-hook".into(),
+                workspace_bin("offload-hook", "offload-hook")
+                    .display()
+                    .to_string(),
+            ),
+            (
+                "builders".into(),
+                format!("@{}", farm.machines_file().display()),
+            ),
+        ],
+        vec![("KILN_OFFLOAD_SSH_DIR".into(), farm.ssh_dir())],
+    );
+    let setup = Setup::with_daemon(tmp, daemon);
+    setup.configure("max-jobs = \"0\"\n");
+    let mut jobs = first_jobs();
+    jobs.remove("hangs");
+    jobs.remove("chatty");
+    setup.commit(&jobs, "four jobs");
+    setup.add_spec();
+
+    let out = setup.run(&["eval", "main", "--build"]);
+    assert!(out.contains("evaluation 1: succeeded"), "{out}");
+    let db = setup.db().await;
+    let built = builds(&db, 1).await;
+    let status = |job: &str| built[job].status;
+    assert_eq!(
+        status("good"),
+        BuildStatus::Succeeded,
+        "{:?}",
+        built["good"]
+    );
+    assert_eq!(status("after-good"), BuildStatus::Succeeded);
+    assert_eq!(status("bad"), BuildStatus::Failed);
+    assert_eq!(status("needs-bad"), BuildStatus::FailedDependency);
+
+    // Built on the machine, not here: the hook's choices say so, and the
+    // outputs are in both stores.
+    let choices = farm.choices();
+    let machine = farm.machines[0].uri().to_owned();
+    for job in ["good", "after-good", "bad"] {
+        let drv = &built[job].drv_path;
+        assert!(
+            choices
+                .lines()
+                .any(|l| l.contains(drv.as_str()) && l.contains(&machine)),
+            "{job} ({drv}) was not sent to {machine}:\n{choices}"
+        );
+    }
+    for job in ["good", "after-good"] {
+        let out = built[job].outputs["out"].trim_start_matches('/');
+        let here = std::fs::read_to_string(setup.daemon.root.join(out)).unwrap();
+        let there = std::fs::read_to_string(farm.machines[0].root().join(out)).unwrap();
+        assert_eq!(here, there, "{job}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(
+            setup
+                .daemon
+                .root
+                .join(built["after-good"].outputs["out"].trim_start_matches('/'))
+        )
+        .unwrap(),
+        "good\nafter\n"
+    );
+    // The remote failure reaches kiln-ci with its log.
+    let error = built["bad"].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("bad-marker-two"),
+        "the remote failure keeps its log's tail: {error}"
+    );
+    let logs = logs_through_the_api(&setup, &[built["bad"].id]);
+    assert!(logs[0].contains("bad-marker-one"), "bad's log: {}", logs[0]);
+    drop(setup);
+    farm.verify_everywhere();
 }

@@ -7,22 +7,11 @@
 //! stores are checked afterwards: same closures, contents intact.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_e2e::{NixStore, kiln_bin, workspace_bin};
-
-fn sshd_program() -> PathBuf {
-    for p in ["/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd"] {
-        if Path::new(p).exists() {
-            return p.into();
-        }
-    }
-    panic!(
-        "sshd is not installed: these tests need OpenSSH's server (run `cargo xtask setup`, or apt-get install openssh-server)"
-    );
-}
 
 fn ok(out: Output, what: &str) -> String {
     assert!(
@@ -46,7 +35,7 @@ struct Remote {
 
 impl Remote {
     fn start() -> Remote {
-        let sshd = sshd_program();
+        let sshd = kiln_e2e::farm::sshd();
         std::fs::create_dir_all("/run/sshd").expect(
             "cannot create /run/sshd (sshd's privilege separation directory): run the tests as root",
         );

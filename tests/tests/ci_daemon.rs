@@ -485,7 +485,8 @@ async fn ci_builds_through_a_store_daemon_and_survives_its_crash() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ci_builds_through_the_daemons_offload_hook_on_a_remote_machine() {
     let mut farm = Farm::new();
-    farm.add(Kind::Kiln, 4, 1);
+    // One slot: the machine builds one at a time.
+    farm.add(Kind::Kiln, 1, 1);
     let tmp = tempfile::tempdir().unwrap();
     let daemon = Daemon::start_with(
         tmp.path(),
@@ -509,7 +510,10 @@ async fn ci_builds_through_the_daemons_offload_hook_on_a_remote_machine() {
     let mut jobs = first_jobs();
     jobs.remove("hangs");
     jobs.remove("chatty");
-    setup.commit(&jobs, "four jobs");
+    for name in ["slow-a", "slow-b"] {
+        jobs.insert(name, (format!("/bin/sleep 2; echo {name} > $out"), vec![]));
+    }
+    setup.commit(&jobs, "six jobs, two slow");
     setup.add_spec();
 
     let out = setup.run(&["eval", "main", "--build"]);
@@ -527,11 +531,24 @@ async fn ci_builds_through_the_daemons_offload_hook_on_a_remote_machine() {
     assert_eq!(status("bad"), BuildStatus::Failed);
     assert_eq!(status("needs-bad"), BuildStatus::FailedDependency);
 
+    // Each build started when the machine began it, not when kiln-ci sent
+    // the batch: the slow ones, sent together, ran one after the other.
+    let (a, b) = (&built["slow-a"], &built["slow-b"]);
+    assert_eq!(
+        (a.status, b.status),
+        (BuildStatus::Succeeded, BuildStatus::Succeeded)
+    );
+    let span = |b: &Build| (b.started_at.unwrap(), b.stopped_at.unwrap());
+    let ((a_start, a_stop), (b_start, b_stop)) = (span(a), span(b));
+    assert!(
+        a_stop <= b_start || b_stop <= a_start,
+        "one machine slot, yet the slow builds overlap: {a:?} {b:?}"
+    );
     // Built on the machine, not here: the hook's choices say so, and the
     // outputs are in both stores.
     let choices = farm.choices();
     let machine = farm.machines[0].uri().to_owned();
-    for job in ["good", "after-good", "bad"] {
+    for job in ["good", "after-good", "bad", "slow-a"] {
         let drv = &built[job].drv_path;
         assert!(
             choices

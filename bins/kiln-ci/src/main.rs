@@ -57,7 +57,8 @@ enum Command {
         build: bool,
     },
     /// Ask a running `kiln-ci serve` to evaluate a specification now
-    /// (through its API); prints the evaluation's id.
+    /// (through its API); prints the evaluation's id, or, while one runs,
+    /// that another is queued behind it.
     Evaluate {
         spec: String,
         /// The server (default: http:// and the configured listen address).
@@ -325,14 +326,24 @@ fn api_token(cli_file: Option<&PathBuf>, setup: &Setup) -> Result<Option<ApiToke
     }
 }
 
+/// What `kiln-ci evaluate` learnt: the evaluation, whether it was queued
+/// behind a running one, and with `--wait` how it ended.
+#[derive(Debug)]
+struct Requested {
+    id: i64,
+    queued: bool,
+    status: Option<String>,
+}
+
 /// `kiln-ci evaluate`: a POST to the server's trigger, then (with `wait`)
-/// polls the evaluation until its evaluator is done.
+/// polls the evaluation (or, when queued, the one after) until its
+/// evaluator is done.
 fn request_evaluation(
     base: &str,
     spec: &str,
     token: Option<&str>,
     wait: bool,
-) -> Result<(i64, Option<String>)> {
+) -> Result<Requested> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(30)))
         .http_status_as_error(false)
@@ -363,23 +374,50 @@ fn request_evaluation(
     let id = body["id"]
         .as_i64()
         .with_context(|| format!("{url} answered without an evaluation id: {body}"))?;
+    let queued = body["queued"].as_bool().unwrap_or(false);
     if !wait {
-        return Ok((id, None));
+        return Ok(Requested {
+            id,
+            queued,
+            status: None,
+        });
     }
-    let url = format!("{base}/api/evaluations/{id}");
-    loop {
-        let evaluation: serde_json::Value = agent
-            .get(&url)
+    let get = |url: &str| -> Result<serde_json::Value> {
+        agent
+            .get(url)
             .call()
             .with_context(|| format!("cannot reach kiln-ci at {url}"))?
             .body_mut()
             .read_to_string()
             .ok()
             .and_then(|text| serde_json::from_str(&text).ok())
-            .with_context(|| format!("{url} answered without JSON"))?;
+            .with_context(|| format!("{url} answered without JSON"))
+    };
+    // Queued: the evaluation to follow is the first one after `id`.
+    let id = if queued {
+        let url = format!("{base}/api/specs/{spec}/evaluations?limit=1");
+        loop {
+            let newest = get(&url)?[0]["id"].as_i64();
+            match newest {
+                Some(newest) if newest > id => break newest,
+                _ => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
+    } else {
+        id
+    };
+    let url = format!("{base}/api/evaluations/{id}");
+    loop {
+        let evaluation = get(&url)?;
         match evaluation["status"].as_str() {
             Some("started") => std::thread::sleep(Duration::from_millis(500)),
-            Some(status) => return Ok((id, Some(status.to_owned()))),
+            Some(status) => {
+                return Ok(Requested {
+                    id,
+                    queued: false,
+                    status: Some(status.to_owned()),
+                });
+            }
             None => bail!("{url} answered an evaluation without status: {evaluation}"),
         }
     }
@@ -513,19 +551,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .or(setup.file.api_token_file.as_ref())
                 .map(|path| kiln_ci::web::auth::read_token_file(path))
                 .transpose()?;
-            let (id, status) = tokio::task::spawn_blocking(move || {
+            let requested = tokio::task::spawn_blocking(move || {
                 request_evaluation(&base, &spec, token.as_deref(), wait)
             })
             .await??;
-            match &status {
+            let id = requested.id;
+            match &requested.status {
+                None if requested.queued => println!("queued behind evaluation {id}"),
                 None => println!("evaluation {id}"),
                 Some(status) => println!("evaluation {id}: {status}"),
             }
-            Ok(if matches!(status.as_deref(), Some("failed" | "aborted")) {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
+            Ok(
+                if matches!(requested.status.as_deref(), Some("failed" | "aborted")) {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                },
+            )
         }
         Command::Builds {
             evaluation,
@@ -634,6 +676,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 /// Evaluates each enabled specification with a period when it is due.
 async fn periodic_evaluations(coordinator: Coordinator) {
     loop {
+        if let Err(e) = coordinator.start_pending_triggers().await {
+            tracing::error!(error = %e, "cannot start queued evaluations");
+        }
         if let Ok(specs) = coordinator.db().list_specifications().await {
             for spec in specs.iter().filter(|s| s.enabled && s.period_secs > 0) {
                 let last = coordinator

@@ -10,8 +10,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln_formats::store_path::StorePath;
@@ -138,6 +138,20 @@ struct Inner {
     /// Unix seconds when this coordinator was made: agents cannot have
     /// connected while it was not running.
     started_at: i64,
+    /// Specifications triggered while one of their evaluations ran: each is
+    /// evaluated once more when it ends, however many triggers came (as
+    /// Hydra's trigger time). Kept in memory: a restart aborts the running
+    /// evaluation, and the timer evaluates again.
+    pending_triggers: Mutex<BTreeSet<String>>,
+}
+
+/// What a trigger did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Triggered {
+    /// This evaluation started.
+    Started(i64),
+    /// Another evaluation follows this running one.
+    Queued { behind: i64 },
 }
 
 /// One status change, as sent to webhooks.
@@ -185,6 +199,7 @@ impl Coordinator {
                 running: AtomicUsize::new(0),
                 live: LiveLogs::default(),
                 started_at: now(),
+                pending_triggers: Mutex::default(),
             }),
         })
     }
@@ -256,15 +271,28 @@ impl Coordinator {
     /// runs, fails with [`DbError::EvaluationRunning`].
     pub async fn evaluate(&self, spec_name: &str) -> Result<i64> {
         let (id, spec) = self.begin_evaluation(spec_name).await?;
-        self.run_evaluation(id, spec).await?;
-        Ok(id)
+        let result = self.run_evaluation(id, spec).await;
+        self.start_pending_trigger(spec_name);
+        result.map(|()| id)
     }
 
     /// Starts an evaluation of `spec` in the background (as the API's
-    /// trigger does) and returns its id at once.
-    pub async fn trigger_evaluation(&self, spec_name: &str) -> Result<i64> {
-        let (id, spec) = self.begin_evaluation(spec_name).await?;
+    /// trigger does). While one runs, queues another for when it ends.
+    pub async fn trigger_evaluation(&self, spec_name: &str) -> Result<Triggered> {
+        let (id, spec) = match self.begin_evaluation(spec_name).await {
+            Ok(started) => started,
+            Err(CoordinatorError::Db(DbError::EvaluationRunning { running, .. })) => {
+                self.lock_pending().insert(spec_name.to_owned());
+                // It may have ended between the refusal and the insert.
+                if self.inner.db.running_evaluation(spec_name).await?.is_none() {
+                    self.start_pending_trigger(spec_name);
+                }
+                return Ok(Triggered::Queued { behind: running });
+            }
+            Err(e) => return Err(e),
+        };
         let this = self.clone();
+        let name = spec_name.to_owned();
         tokio::spawn(async move {
             if let Err(e) = this.run_evaluation(id, spec).await {
                 tracing::error!(evaluation = id, error = %e, "evaluation failed");
@@ -274,8 +302,46 @@ impl Coordinator {
                     .finish_evaluation(id, EvaluationStatus::Failed, Some(&e.to_string()))
                     .await;
             }
+            this.start_pending_trigger(&name);
         });
-        Ok(id)
+        Ok(Triggered::Started(id))
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.inner
+            .pending_triggers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts the queued evaluations whose specification no longer
+    /// evaluates: the running one may have been another process's (the
+    /// `kiln-ci eval` command), whose end this one does not see.
+    pub async fn start_pending_triggers(&self) -> Result<()> {
+        let pending: Vec<String> = self.lock_pending().iter().cloned().collect();
+        for name in pending {
+            if self.inner.db.running_evaluation(&name).await?.is_none() {
+                self.start_pending_trigger(&name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the evaluation a trigger queued for `spec`, if one did.
+    fn start_pending_trigger(&self, spec_name: &str) {
+        if !self.lock_pending().remove(spec_name) {
+            return;
+        }
+        let this = self.clone();
+        let name = spec_name.to_owned();
+        // Boxed: the trigger's task may end by starting another trigger.
+        let next: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+            match this.trigger_evaluation(&name).await {
+                Ok(triggered) => tracing::info!(spec = %name, ?triggered, "queued evaluation"),
+                Err(e) => tracing::error!(spec = %name, error = %e, "queued evaluation failed"),
+            }
+        });
+        tokio::spawn(next);
     }
 
     async fn begin_evaluation(&self, spec_name: &str) -> Result<(i64, Specification)> {
@@ -620,6 +686,11 @@ impl Coordinator {
     pub async fn dispatch_once(&self) -> Result<usize> {
         let db = &self.inner.db;
         db.promote_ready_builds().await?;
+        // A derivation two evaluations wanted may have failed for the other.
+        let cached = db.fail_scheduled_cached_failures().await?;
+        if !cached.is_empty() {
+            self.builds_ended(&cached, BuildStatus::Failed).await?;
+        }
         let free = self.inner.config.max_jobs.saturating_sub(self.running());
         if free == 0 {
             return Ok(0);

@@ -29,7 +29,7 @@ use kiln_store::{Store as _, StoreError};
 use tokio::sync::mpsc;
 
 use crate::coordinator::Coordinator;
-use crate::model::Build;
+use crate::model::{Build, now};
 
 /// Lines of a build's log kept in the error of a failure that does not
 /// carry its own tail.
@@ -183,7 +183,7 @@ impl Batch {
     async fn follow(&mut self, mut receiver: mpsc::UnboundedReceiver<Update>) {
         while let Some(update) = receiver.recv().await {
             match update {
-                Update::Event(event) => self.event(event),
+                Update::Event(event) => self.event(event).await,
                 Update::Ended { drv, built: true } => {
                     let drv = self.store_dir.print_path(&drv);
                     let result = BuildResult::success(SchedulerStatus::Built, BTreeMap::new());
@@ -234,13 +234,18 @@ impl Batch {
         }
     }
 
-    fn event(&mut self, event: BuildEvent) {
+    async fn event(&mut self, event: BuildEvent) {
         match event {
             BuildEvent::Started { activity, drv, .. } => {
                 let drv = self.store_dir.print_path(&drv);
-                if self.pending.contains_key(&drv) {
-                    self.activities.insert(activity, drv);
+                let Some(builds) = self.pending.get(&drv) else {
+                    return;
+                };
+                let ids: Vec<i64> = builds.iter().map(|b| b.id).collect();
+                if let Err(e) = self.coordinator.db().set_started_at(&ids, now()).await {
+                    tracing::warn!(error = %e, %drv, "cannot record the build's start");
                 }
+                self.activities.insert(activity, drv);
             }
             BuildEvent::LogLine { activity, line } => {
                 let Some(drv) = self.activities.get(&activity) else {

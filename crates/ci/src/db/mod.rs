@@ -127,6 +127,14 @@ const BUILD_COLUMNS: &str = "id, evaluation_id, specification, job, drv_path, sy
      status, priority, required_features, created_at, started_at, stopped_at, machine, \
      log_path, attempts, retry_after, error, cached_failure_of";
 
+/// One build at a time per derivation, however many evaluations want it:
+/// not while another is started, and of the scheduled ones the oldest.
+/// The others wait, then find its outputs valid (or its failure cached).
+const ONE_BUILD_PER_DERIVATION: &str = "AND NOT EXISTS (SELECT 1 FROM builds s \
+     WHERE s.drv_path = builds.drv_path AND s.status = 'started') \
+     AND id = (SELECT MIN(t.id) FROM builds t \
+     WHERE t.drv_path = builds.drv_path AND t.status = 'scheduled')";
+
 const EVALUATION_COLUMNS: &str =
     "id, specification, status, checkouts, created_at, evaluated_at, finished_at, log_path, error";
 
@@ -753,6 +761,22 @@ impl Db {
         tx.commit().await.map_err(query_error(what))
     }
 
+    /// Moves the start of started builds to `at`: when their builder began,
+    /// which a daemon reports later than the batch was sent.
+    pub async fn set_started_at(&self, ids: &[i64], at: i64) -> Result<()> {
+        let what = "record a build's start";
+        let mut tx = self.pool.begin().await.map_err(query_error(what))?;
+        for &id in ids {
+            sqlx::query("UPDATE builds SET started_at = $2 WHERE id = $1 AND status = 'started'")
+                .bind(id)
+                .bind(at)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_error(what))?;
+        }
+        tx.commit().await.map_err(query_error(what))
+    }
+
     /// Puts a build back to scheduled after a transient failure, not to be
     /// dispatched before `retry_after`.
     pub async fn schedule_retry(&self, id: i64, retry_after: i64, error: &str) -> Result<()> {
@@ -834,7 +858,7 @@ impl Db {
         };
         let mut sql = format!(
             "SELECT {BUILD_COLUMNS} FROM builds WHERE status = 'scheduled' \
-             AND (retry_after IS NULL OR retry_after <= $1)"
+             AND (retry_after IS NULL OR retry_after <= $1) {ONE_BUILD_PER_DERIVATION}"
         );
         let patterns: Vec<String> = set
             .into_iter()
@@ -1055,17 +1079,38 @@ impl Db {
     /// permanently before end failed at once: they point to the earlier
     /// build and show its log. Returns their ids.
     pub async fn fail_cached_failures(&self, evaluation_id: i64) -> Result<Vec<i64>> {
+        self.fail_cached(Some(evaluation_id)).await
+    }
+
+    /// Scheduled builds whose derivation failed permanently since they were
+    /// submitted (the same derivation built for another evaluation) fail as
+    /// [`Db::fail_cached_failures`] does. Returns their ids.
+    pub async fn fail_scheduled_cached_failures(&self) -> Result<Vec<i64>> {
+        self.fail_cached(None).await
+    }
+
+    /// Fails the builds whose derivation has a cached failure: the
+    /// submitted ones of `evaluation_id`, or every scheduled one.
+    async fn fail_cached(&self, evaluation_id: Option<i64>) -> Result<Vec<i64>> {
         let what = "mark cached failures";
-        let rows = sqlx::query(
+        let filter = match evaluation_id {
+            Some(_) => "b.evaluation_id = $1 AND b.status = 'submitted'",
+            None => "b.status = 'scheduled'",
+        };
+        let sql = format!(
             "SELECT b.id, f.build_id, e.log_path FROM builds b \
              JOIN failed_derivations f ON f.drv_path = b.drv_path \
              LEFT JOIN builds e ON e.id = f.build_id \
-             WHERE b.evaluation_id = $1 AND b.status = 'submitted' ORDER BY b.id",
-        )
-        .bind(evaluation_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(query_error(what))?;
+             WHERE {filter} ORDER BY b.id"
+        );
+        let mut query = sqlx::query(&sql);
+        if let Some(id) = evaluation_id {
+            query = query.bind(id);
+        }
+        let rows = query
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error(what))?;
         if rows.is_empty() {
             return Ok(Vec::new());
         }

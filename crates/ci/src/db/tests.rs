@@ -262,6 +262,7 @@ async fn exercise(db: Db) {
     assert!(db.expired_output_roots(now()).await.unwrap().is_empty());
 
     cached_failures_and_sessions(&db).await;
+    one_build_per_derivation(&db).await;
 
     // Removing a specification removes its evaluations and builds.
     assert!(db.remove_specification("main").await.unwrap());
@@ -417,4 +418,50 @@ async fn cached_failures_and_sessions(db: &Db) {
     assert!(!db.remove_agent_session("s1").await.unwrap());
     assert_eq!(db.agent_session("s1").await.unwrap(), None);
     assert_eq!(db.requeue_started_builds().await.unwrap(), [second[0]]);
+}
+
+/// The same derivation wanted by two evaluations is handed out once at a
+/// time, and its permanent failure fails the other at once.
+async fn one_build_per_derivation(db: &Db) {
+    db.put_specification(&spec("twins")).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let eval = db.create_evaluation("twins").await.unwrap();
+        ids.push(
+            db.insert_builds(eval, "twins", 0, &[new_build("twin")], &[])
+                .await
+                .unwrap()[0],
+        );
+        db.finish_evaluation(eval, EvaluationStatus::Succeeded, None)
+            .await
+            .unwrap();
+    }
+    db.promote_ready_builds().await.unwrap();
+    let twins = || async {
+        db.dispatchable_builds(100, FeatureFilter::Any)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|b| b.job == "twin")
+            .map(|b| b.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(twins().await, [ids[0]], "the older one only");
+    db.set_build_status(ids[0], BuildStatus::Started, &StatusChange::default())
+        .await
+        .unwrap();
+    assert!(twins().await.is_empty(), "not while the first is started");
+    db.set_build_status(ids[0], BuildStatus::Failed, &StatusChange::default())
+        .await
+        .unwrap();
+    db.remember_failures(&ids[..1]).await.unwrap();
+    assert_eq!(twins().await, [ids[1]]);
+    assert_eq!(db.fail_scheduled_cached_failures().await.unwrap(), [ids[1]]);
+    let second = db.build(ids[1]).await.unwrap().unwrap();
+    assert_eq!(
+        (second.status, second.cached_failure_of),
+        (BuildStatus::Failed, Some(ids[0]))
+    );
+    assert!(twins().await.is_empty());
+    assert!(db.remove_specification("twins").await.unwrap());
 }

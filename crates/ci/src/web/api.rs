@@ -16,6 +16,7 @@ use utoipa_axum::routes;
 
 use super::diff::EvaluationDiff;
 use super::{AppState, WebError, format, logs};
+use crate::coordinator::Triggered;
 use crate::db::BuildFilter;
 use crate::model::{
     Agent, Build, BuildStatus, Evaluation, EvaluationError, Specification, StatusCounts, now,
@@ -278,30 +279,34 @@ async fn list_evaluations(
     Ok(Json(summarise(&state, evaluations).await?))
 }
 
-/// An evaluation the API started.
+/// What a trigger did: started an evaluation, or queued one behind the
+/// running evaluation.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct EvaluationStarted {
-    /// Its id: follow it at `/api/evaluations/{id}`.
+pub struct EvaluationTriggered {
+    /// The started evaluation (follow it at `/api/evaluations/{id}`), or,
+    /// when `queued`, the running one that the next follows.
     pub id: i64,
     pub specification: String,
+    /// Whether an evaluation of it was running: another then starts when
+    /// that one ends (many triggers meanwhile make one evaluation).
+    pub queued: bool,
 }
 
 /// Evaluates the specification now (fetching its inputs and running its
 /// evaluator in the background), as Cuirass's and Hydra's "evaluate"
 /// buttons and a git push hook would. Answers the new evaluation's id at
-/// once. While an evaluation of the specification runs, a second is
-/// refused (409) rather than run beside it.
+/// once. While an evaluation of the specification runs, another is queued
+/// to start when it ends, never run beside it.
 #[utoipa::path(post, path = "/api/specs/{name}/evaluate", tag = "evaluations",
     params(("name" = String, Path, description = "Specification name")),
     security(("api_token" = [])),
-    responses((status = 202, description = "Started", body = EvaluationStarted),
+    responses((status = 202, description = "Started, or queued behind the running evaluation", body = EvaluationTriggered),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, description = "An evaluation of it runs already", body = ErrorBody),
         (status = 503, description = "This server runs no coordinator", body = ErrorBody)))]
 async fn evaluate_specification(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> ApiResult<(StatusCode, Json<EvaluationStarted>)> {
+) -> ApiResult<(StatusCode, Json<EvaluationTriggered>)> {
     let Some(coordinator) = &state.coordinator else {
         return Err(WebError::Unavailable(
             "this web server runs without a coordinator and cannot evaluate (use `kiln-ci serve`)"
@@ -309,12 +314,16 @@ async fn evaluate_specification(
         )
         .into());
     };
-    let id = coordinator.trigger_evaluation(&name).await?;
+    let (id, queued) = match coordinator.trigger_evaluation(&name).await? {
+        Triggered::Started(id) => (id, false),
+        Triggered::Queued { behind } => (behind, true),
+    };
     Ok((
         StatusCode::ACCEPTED,
-        Json(EvaluationStarted {
+        Json(EvaluationTriggered {
             id,
             specification: name,
+            queued,
         }),
     ))
 }

@@ -117,6 +117,9 @@ impl Drop for Machine {
 pub struct Farm {
     pub dir: tempfile::TempDir,
     pub machines: Vec<Machine>,
+    /// Short (ssh control sockets' paths are limited), and dropped after
+    /// the machines whose ssh masters use it.
+    control: tempfile::TempDir,
 }
 
 impl Farm {
@@ -132,9 +135,14 @@ impl Farm {
                 .args(["-q", "-t", "ed25519", "-N", "", "-f"])
                 .arg(dir.path().join("client_key")),
         );
+        let control = tempfile::Builder::new()
+            .prefix("kos")
+            .tempdir_in("/tmp")
+            .unwrap();
         Farm {
             dir,
             machines: Vec::new(),
+            control,
         }
     }
 
@@ -276,14 +284,10 @@ impl Farm {
         self.dir.path().join("local")
     }
 
+    /// offload-hook's directory for ssh control sockets
+    /// (`KILN_OFFLOAD_SSH_DIR`), removed with the farm.
     pub fn ssh_dir(&self) -> PathBuf {
-        // Control sockets need a short path.
-        let d = PathBuf::from(format!(
-            "/tmp/kos-{}",
-            self.machines.first().map_or(0, |m| m.port)
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        self.control.path().to_owned()
     }
 
     pub fn choices(&self) -> String {

@@ -186,11 +186,26 @@ pub fn export_paths(
     out.flush().map_err(w)
 }
 
-/// Copies what is consumed from `inner` into `copy`.
-struct CopyConsumed<'a> {
-    inner: &'a mut dyn BufRead,
-    copy: &'a mut dyn Write,
-    error: Option<io::Error>,
+/// Copies what is consumed from `inner` into `copy`; refuses to read on
+/// once `limit` bytes are copied.
+pub(crate) struct CopyConsumed<'a> {
+    pub inner: &'a mut dyn BufRead,
+    pub copy: &'a mut dyn Write,
+    pub error: Option<io::Error>,
+    pub limit: u64,
+    pub copied: u64,
+}
+
+impl<'a> CopyConsumed<'a> {
+    pub fn new(inner: &'a mut dyn BufRead, copy: &'a mut dyn Write) -> Self {
+        CopyConsumed {
+            inner,
+            copy,
+            error: None,
+            limit: u64::MAX,
+            copied: 0,
+        }
+    }
 }
 
 impl Read for CopyConsumed<'_> {
@@ -205,12 +220,18 @@ impl Read for CopyConsumed<'_> {
 
 impl BufRead for CopyConsumed<'_> {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.copied >= self.limit {
+            return Err(io::Error::other("past the limit of what is copied"));
+        }
         self.inner.fill_buf()
     }
     fn consume(&mut self, n: usize) {
         if n > 0 && self.error.is_none() {
+            // The bytes fill_buf just gave: asking again reads nothing.
             if let Ok(buf) = self.inner.fill_buf() {
-                if let Err(e) = self.copy.write_all(&buf[..n.min(buf.len())]) {
+                let consumed = &buf[..n.min(buf.len())];
+                self.copied += consumed.len() as u64;
+                if let Err(e) = self.copy.write_all(consumed) {
                     self.error = Some(e);
                 }
             }
@@ -233,11 +254,7 @@ pub fn import_paths(
             .map_err(|e| StoreError::io("create a temporary file in", std::env::temp_dir(), e))?;
         let mut hashing = HashingWriter::new(HashAlgo::Sha256, io::BufWriter::new(spool));
         {
-            let mut tee = CopyConsumed {
-                inner: &mut *input,
-                copy: &mut hashing,
-                error: None,
-            };
+            let mut tee = CopyConsumed::new(&mut *input, &mut hashing);
             let mut reader = NarReader::embedded(&mut tee);
             while reader
                 .next()

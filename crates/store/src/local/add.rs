@@ -31,6 +31,8 @@ use super::{LocalStore, drv, par};
 use crate::store::text_path_info;
 use crate::{AddOptions, NarSource, PathInfo, Store, StoreError};
 
+mod import;
+
 /// How new paths are made durable before they are registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -1048,67 +1050,5 @@ impl Syncer {
             Some(e) => Err(e),
             None => Ok(()),
         }
-    }
-}
-
-impl LocalStore {
-    /// Imports a `nix-store --export` stream: each NAR is restored as it
-    /// arrives, and paths are registered in batches with one `syncfs` and
-    /// one transaction each. Returns the paths in stream order.
-    pub fn import_paths(&self, input: &mut dyn BufRead) -> Result<Vec<StorePath>, StoreError> {
-        let mut imported = Vec::new();
-        let mut ready = Vec::new();
-        let result = (|| {
-            while crate::export::read_more(input)? {
-                let staged =
-                    self.stage_nar(input, "(export stream)", CaHashing::None, Durability::Batch)?;
-                let meta = match crate::export::read_meta(&self.config.store_dir, input) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        let _ = fsutil::remove_tree(&staged.temp);
-                        return Err(e);
-                    }
-                };
-                let mut info = PathInfo::new(meta.path.clone(), staged.nar_hash, staged.nar_size);
-                info.references = meta.references;
-                info.deriver = meta.deriver;
-                imported.push(meta.path);
-                self.add_temp_root(&info.path)?;
-                let mut committed = Default::default();
-                let lock = match self.lock_without_deadlock(
-                    &info.path,
-                    &mut ready,
-                    Durability::Batch,
-                    &mut committed,
-                ) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = fsutil::remove_tree(&staged.temp);
-                        return Err(e);
-                    }
-                };
-                if self.is_valid_path(&info.path)? {
-                    let _ = fsutil::remove_tree(&staged.temp);
-                    continue;
-                }
-                ready.push(Ready {
-                    info,
-                    temp: staged.temp,
-                    _lock: lock,
-                });
-                if ready.len() >= BATCH {
-                    self.commit(std::mem::take(&mut ready), Durability::Batch)?;
-                }
-            }
-            Ok(())
-        })();
-        if let Err(e) = result {
-            for r in ready {
-                let _ = fsutil::remove_tree(&r.temp);
-            }
-            return Err(e);
-        }
-        self.commit(ready, Durability::Batch)?;
-        Ok(imported)
     }
 }

@@ -258,7 +258,7 @@ fn fetch_infos<R: std::io::Read + Send, W: std::io::Write + Send>(
     infos: BTreeMap<StorePath, kiln_store::PathInfo>,
     stats: &mut Stats,
 ) -> Result<(), ServeClientError> {
-    let ordered = dependency_order(infos)?;
+    let ordered = kiln_store::dependency_order(infos.into_values());
     stats.fetched_bytes += ordered.iter().map(|i| i.nar_size).sum::<u64>();
     // Each of the store's workers sends its request as soon as it starts
     // on a path, so the remote always has the next ones queued and the
@@ -275,33 +275,6 @@ fn fetch_infos<R: std::io::Read + Send, W: std::io::Write + Send>(
     };
     store.add_nars(&ordered, &source, AddOptions::default(), 0)?;
     Ok(())
-}
-
-/// `infos` with every path after the paths of the set it refers to.
-fn dependency_order(
-    mut infos: BTreeMap<StorePath, kiln_store::PathInfo>,
-) -> Result<Vec<kiln_store::PathInfo>, ServeClientError> {
-    let mut ordered = Vec::with_capacity(infos.len());
-    while !infos.is_empty() {
-        let ready: Vec<StorePath> = infos
-            .iter()
-            .filter(|(p, i)| {
-                i.references
-                    .iter()
-                    .all(|r| r == *p || !infos.contains_key(r))
-            })
-            .map(|(p, _)| p.clone())
-            .collect();
-        if ready.is_empty() {
-            return Err(ServeClientError::Io(std::io::Error::other(
-                "the remote's references form a cycle",
-            )));
-        }
-        for p in ready {
-            ordered.push(infos.remove(&p).expect("listed"));
-        }
-    }
-    Ok(ordered)
 }
 
 /// Builds `job` on `target`, logging the remote's output to `log`:
@@ -507,8 +480,8 @@ fn build_on_serve<R: std::io::Read + Send, W: std::io::Write + Send>(
 }
 
 /// `ssh-ng://`: the daemon protocol (`nix-daemon --stdio`,
-/// `store-daemon --stdio`) on `socket`. Inputs go with `AddToStoreNar`
-/// after one `QueryValidPaths`, the ones already there are held as
+/// `store-daemon --stdio`) on `socket`. Inputs go in one
+/// `AddMultipleToStore` after one `QueryValidPaths`, the ones already there are held as
 /// temporary roots for the session, the build is `BuildDerivation`, and
 /// its log lines arrive as the daemon's log messages.
 fn build_on_daemon(
@@ -583,7 +556,7 @@ fn build_on_daemon(
 }
 
 /// Sends what of `paths` the daemon lacks (one query, then one
-/// `AddToStoreNar` each, references first); holds the ones it has as
+/// `AddMultipleToStore`, references first); holds the ones it has as
 /// temporary roots for the session.
 fn upload_to_daemon(
     remote: &kiln_protocol::client::DaemonStore,
@@ -603,10 +576,7 @@ fn upload_to_daemon(
     }
     stats.already_there = present.len();
     stats.sent_paths = infos.len();
-    let ordered = dependency_order(infos).map_err(|e| kiln_store::StoreError::Stream {
-        action: "order the paths to send",
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    let ordered = kiln_store::dependency_order(infos.into_values());
     let from_here = |info: &kiln_store::PathInfo, out: &mut dyn std::io::Write| {
         store.nar_from_path(&info.path, out)
     };
@@ -622,10 +592,7 @@ fn fetch_from_daemon(
     infos: BTreeMap<StorePath, kiln_store::PathInfo>,
     stats: &mut Stats,
 ) -> Result<(), kiln_store::StoreError> {
-    let ordered = dependency_order(infos).map_err(|e| kiln_store::StoreError::Stream {
-        action: "order the paths to fetch",
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    let ordered = kiln_store::dependency_order(infos.into_values());
     stats.fetched_bytes += ordered.iter().map(|i| i.nar_size).sum::<u64>();
     let from_remote = |info: &kiln_store::PathInfo, out: &mut dyn std::io::Write| {
         remote.nar_from_path(&info.path, out)

@@ -829,46 +829,6 @@ impl Store for DaemonStore {
         })
     }
 
-    /// Skips paths the daemon has, then adds the others one by one,
-    /// each after its references among them.
-    fn add_nars(
-        &self,
-        infos: &[PathInfo],
-        nars: &kiln_store::NarSource<'_>,
-        options: AddOptions,
-        _jobs: usize,
-    ) -> Result<Vec<StorePath>, StoreError> {
-        let asked: StorePathSet = infos.iter().map(|i| i.path.clone()).collect();
-        let valid = self.query_valid_paths(&asked)?;
-        let mut todo: Vec<&PathInfo> = infos.iter().filter(|i| !valid.contains(&i.path)).collect();
-        let mut pending: StorePathSet = todo.iter().map(|i| i.path.clone()).collect();
-        let mut added = Vec::with_capacity(todo.len());
-        while !todo.is_empty() {
-            let before = todo.len();
-            // Store paths cannot refer to each other in a cycle; should a
-            // list claim one, the daemon judges the paths in the order given.
-            let stuck = |info: &PathInfo, pending: &StorePathSet| {
-                info.references_without_self().any(|r| pending.contains(r))
-            };
-            let any_ready = todo.iter().any(|i| !stuck(i, &pending));
-            let mut rest = Vec::new();
-            for info in todo {
-                if any_ready && stuck(info, &pending) {
-                    rest.push(info);
-                    continue;
-                }
-                let mut nar = Vec::with_capacity(info.nar_size.min(1 << 30) as usize);
-                nars(info, &mut nar)?;
-                self.add_nar(info, &mut &nar[..], options)?;
-                pending.remove(&info.path);
-                added.push(info.path.clone());
-            }
-            debug_assert!(rest.len() < before);
-            todo = rest;
-        }
-        Ok(added)
-    }
-
     fn add_nar(
         &self,
         info: &PathInfo,
@@ -953,6 +913,92 @@ impl Store for DaemonStore {
                 c.process_log(Some(&mut spool))
             }
         })
+    }
+
+    /// Skips paths the daemon has, then sends the others in one
+    /// `AddMultipleToStore` (protocol 1.32 and later), references first:
+    /// the daemon restores and registers them in batches rather than one
+    /// round trip and one commit per path, and checks each NAR against its
+    /// announced hash. Older daemons get one `AddToStoreNar` per path.
+    fn add_nars(
+        &self,
+        infos: &[PathInfo],
+        nars: &kiln_store::NarSource<'_>,
+        options: AddOptions,
+        jobs: usize,
+    ) -> Result<Vec<StorePath>, StoreError> {
+        let asked: StorePathSet = infos.iter().map(|i| i.path.clone()).collect();
+        let valid = if options.repair {
+            StorePathSet::new()
+        } else {
+            self.query_valid_paths(&asked)?
+        };
+        let todo: Vec<PathInfo> = infos
+            .iter()
+            .filter(|i| !valid.contains(&i.path))
+            .cloned()
+            .collect();
+        if todo.is_empty() {
+            return Ok(Vec::new());
+        }
+        let version = self.with(|c| Ok(c.version))?;
+        if minor(version) < 32 {
+            return kiln_store::substitute::add_nars_in_dependency_order(
+                self, &todo, nars, options, jobs,
+            );
+        }
+        let ordered = kiln_store::dependency_order(todo);
+        let sd = self.store_dir.clone();
+        let send =
+            |action: &'static str| move |e: io::Error| StoreError::Stream { action, source: e };
+        self.with(|c| {
+            c.send_op(Op::AddMultipleToStore, |w| {
+                wire::write_bool(w, options.repair)?;
+                wire::write_bool(w, !options.check_sigs)
+            })?;
+            let mut framed = FramedWriter::new(&mut c.w);
+            wire::write_u64(&mut framed, ordered.len() as u64)
+                .map_err(send("send paths to the daemon"))?;
+            // The daemon refuses a NAR that is not the one announced, but
+            // only in words: check here too, to say precisely what was
+            // wrong, and end the stream there (the daemon, finding it
+            // short, adds nothing more).
+            let mut mismatch = None;
+            for info in &ordered {
+                worker::write_path_info(&mut framed, &sd, info, version)
+                    .map_err(send("send paths to the daemon"))?;
+                let mut hashing = HashingWriter::new(HashAlgo::Sha256, &mut framed);
+                // A NAR that cannot be read here breaks the frame stream:
+                // the connection is not reused (see `with`).
+                nars(info, &mut hashing)?;
+                let (_, hash, size) = hashing.finish();
+                let path = || sd.print_path(&info.path);
+                if hash != info.nar_hash {
+                    mismatch = Some(StoreError::NarHashMismatch {
+                        path: path(),
+                        expected: info.nar_hash,
+                        actual: hash,
+                    });
+                } else if info.nar_size != 0 && size != info.nar_size {
+                    mismatch = Some(StoreError::NarSizeMismatch {
+                        path: path(),
+                        expected: info.nar_size,
+                        actual: size,
+                    });
+                }
+                if mismatch.is_some() {
+                    break;
+                }
+            }
+            framed.finish().map_err(send("send paths to the daemon"))?;
+            c.w.flush().map_err(send("send paths to the daemon"))?;
+            let answer = c.process_log(None);
+            match mismatch {
+                Some(e) => Err(e),
+                None => answer,
+            }
+        })?;
+        Ok(ordered.into_iter().map(|i| i.path).collect())
     }
 
     fn add_text(

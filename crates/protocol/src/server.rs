@@ -1310,6 +1310,35 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
         let mut framed = BufReader::new(FramedReader::new(&mut self.r));
         let mut outcome: OpResult = Ok(());
         let count = wire::read_count(&mut framed, "paths to add")?;
+        if !repair {
+            // The usual case (`nix copy --to`, offloading): restored several
+            // at once and registered in batches, as an import stream is.
+            let settings = &self.settings;
+            let added = self.daemon.store.add_nar_stream(
+                count as u64,
+                &mut framed,
+                &mut |input: &mut dyn BufRead| {
+                    let mut info = worker::read_path_info(input, &sd, version).map_err(|e| {
+                        StoreError::StreamRefused(format!("malformed paths to add: {e}"))
+                    })?;
+                    if !(trusted && dont_check_sigs) {
+                        check_signed_or_ca(settings, &sd, &info)
+                            .map_err(StoreError::StreamRefused)?;
+                    }
+                    if !trusted {
+                        info.ultimate = false;
+                    }
+                    Ok(info)
+                },
+            );
+            framed
+                .into_inner()
+                .drain()
+                .map_err(WireError::io("reading paths to add"))?;
+            added?;
+            self.last()?;
+            return Ok(());
+        }
         for _ in 0..count {
             let mut info = worker::read_path_info(&mut framed, &sd, version)?;
             let check = if trusted && dont_check_sigs {

@@ -20,6 +20,11 @@ struct Served {
 }
 
 fn serve() -> Served {
+    serve_as(true)
+}
+
+/// A daemon whose clients are `trusted` or not.
+fn serve_as(trusted: bool) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(LocalStore::open_root(dir.path().join("root")).unwrap());
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -36,7 +41,7 @@ fn serve() -> Served {
             let daemon = daemon.clone();
             std::thread::spawn(move || {
                 let input = stream.try_clone().unwrap();
-                let _ = daemon.serve_connection(true, input, &stream);
+                let _ = daemon.serve_connection(trusted, input, &stream);
             });
         }
     });
@@ -109,4 +114,48 @@ fn unknown_and_malformed_requests_get_errors_and_the_daemon_goes_on() {
     s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     drop(s);
     assert!(!store.is_valid_path(&missing).unwrap());
+}
+
+/// An untrusted client's unsigned paths are refused as a batch
+/// (AddMultipleToStore) with Nix's words, none becomes valid, and the
+/// daemon goes on serving the client.
+#[test]
+fn untrusted_batches_need_signatures() {
+    use kiln_formats::hash::{Hash, HashAlgo};
+    use kiln_formats::nar::Node;
+    use kiln_store::{AddOptions, PathInfo, StoreError};
+
+    let served = serve_as(false);
+    let store = DaemonStore::new(&served.socket);
+    let mut infos = Vec::new();
+    let mut nars = std::collections::HashMap::new();
+    for i in 0..3 {
+        let nar = Node::file(format!("unsigned {i}").into_bytes()).to_nar();
+        let path = store
+            .store_dir()
+            .make_path(
+                "output:out",
+                &Hash::digest(HashAlgo::Sha256, &nar),
+                &format!("unsigned-{i}"),
+            )
+            .unwrap();
+        let info = PathInfo::new(path, Hash::digest(HashAlgo::Sha256, &nar), nar.len() as u64);
+        nars.insert(info.path.clone(), nar);
+        infos.push(info);
+    }
+    let source = |info: &PathInfo, out: &mut dyn Write| {
+        out.write_all(&nars[&info.path])
+            .map_err(|source| StoreError::Stream {
+                action: "write a test NAR",
+                source,
+            })
+    };
+    let err = store
+        .add_nars(&infos, &source, AddOptions::default(), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("lacks a signature by a trusted key"), "{err}");
+    for info in &infos {
+        assert!(!store.is_valid_path(&info.path).unwrap(), "{}", info.path);
+    }
 }

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use kiln_formats::store_path::{StorePath, StorePathSet};
 
-use crate::{Store, StoreError};
+use crate::{PathInfo, Store, StoreError};
 
 /// The closure of `start` (Nix's `computeFSClosure`): everything reachable
 /// through references, or through referrers when `flip` is set;
@@ -78,6 +78,18 @@ pub fn topo_sort(store: &dyn Store, paths: &StorePathSet) -> Result<Vec<StorePat
     Ok(topo_sort_by(paths, |p| {
         refs.get(p).cloned().unwrap_or_default()
     }))
+}
+
+/// `infos` reordered so that every path comes after the paths of the set
+/// it refers to, as [`Store::add_nars`] and export streams want them.
+pub fn dependency_order(infos: impl IntoIterator<Item = PathInfo>) -> Vec<PathInfo> {
+    let mut by_path: BTreeMap<StorePath, PathInfo> =
+        infos.into_iter().map(|i| (i.path.clone(), i)).collect();
+    let paths: StorePathSet = by_path.keys().cloned().collect();
+    topo_sort_by(&paths, |p| by_path[p].references.clone())
+        .into_iter()
+        .map(|p| by_path.remove(&p).expect("sorted from the map's keys"))
+        .collect()
 }
 
 /// Topological sort of `paths` given each one's references (dependencies

@@ -98,6 +98,10 @@ pub enum StoreError {
     /// An export/import stream was malformed.
     #[error("malformed export stream: {0}")]
     BadExport(String),
+    /// A stream of paths to add (the daemon's AddMultipleToStore) was
+    /// malformed, or one of its paths was refused; the message says which.
+    #[error("{0}")]
+    StreamRefused(String),
     /// A derivation could not be written into the store.
     #[error("cannot add derivation '{name}': {what}")]
     BadDerivation { name: String, what: String },

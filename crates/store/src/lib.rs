@@ -30,7 +30,7 @@ pub mod substitute;
 pub mod testing;
 mod url;
 
-pub use closure::{compute_closure, topo_sort};
+pub use closure::{compute_closure, dependency_order, topo_sort};
 pub use error::StoreError;
 pub use path_info::{PathInfo, PathInfoJson};
 pub use store::{AddOptions, NarSource, Store};

@@ -124,7 +124,7 @@ fn is_remote(url: &str) -> bool {
 
 /// The default [`Store::add_nars`]: one [`Store::add_nar`] per path, up to
 /// `jobs` at once, each once its references among `infos` are in.
-pub(crate) fn add_nars_in_dependency_order<S: Store + ?Sized>(
+pub fn add_nars_in_dependency_order<S: Store + ?Sized>(
     dst: &S,
     infos: &[PathInfo],
     nars: &NarSource<'_>,

@@ -402,18 +402,7 @@ impl LocalStore {
         options: AddOptions,
     ) -> Result<(), StoreError> {
         let label = self.config.store_dir.print_path(&info.path);
-        let skip = |nar: &mut dyn BufRead| -> Result<(), StoreError> {
-            let mut reader = NarReader::embedded(nar);
-            while reader
-                .next()
-                .map_err(|source| StoreError::BadNar {
-                    path: label.clone(),
-                    source,
-                })?
-                .is_some()
-            {}
-            Ok(())
-        };
+        let skip = |nar: &mut dyn BufRead| import::skip_nar(nar, &label);
         self.add_temp_root(&info.path)?;
         if !options.repair && self.is_valid_path(&info.path)? {
             return skip(nar);

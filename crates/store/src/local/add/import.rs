@@ -1,15 +1,15 @@
-//! Importing a `nix-store --export` stream (what `nix copy` and the serve
-//! protocol's ImportPaths send) as a pipeline: this thread reads the
-//! stream, small NARs are restored on [`par::IO_WORKERS`] threads at once
-//! (file creation waits on the file system, and waits overlap), and a
-//! committer thread registers the paths in stream order, a batch at a time,
-//! while the next ones are restored. A NAR is only known to end by parsing
-//! it, so each is skimmed into memory first; one larger than
-//! [`SKIM_LIMIT`] is restored here from the skimmed part and the rest of
-//! the stream, as before, so memory stays bounded.
+//! Adding a stream of paths with their NARs — a `nix-store --export`
+//! stream (what `nix copy` and the serve protocol's ImportPaths send) or
+//! the daemon protocol's AddMultipleToStore — as a pipeline: the calling
+//! thread reads the stream, small NARs are restored on [`par::IO_WORKERS`]
+//! threads at once (file creation waits on the file system, and waits
+//! overlap), and a committer thread registers the paths in stream order, a
+//! batch at a time, while the next ones are restored. A NAR is only known
+//! to end by parsing it, so each is skimmed into memory first; one larger
+//! than [`SKIM_LIMIT`] is restored on the calling thread from the skimmed
+//! part and the rest of the stream, so memory stays bounded.
 
 use std::io::{BufRead, Cursor, Read};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -25,33 +25,105 @@ use crate::{PathInfo, Store as _, StoreError};
 /// NARs up to this size are restored on the worker threads.
 const SKIM_LIMIT: u64 = 4 << 20;
 
+/// What the stream says of a path.
+enum Header {
+    /// An export stream's metadata: the NAR is trusted to be the path's.
+    Exported(ExportedMeta),
+    /// Announced with its NAR hash and size (and maybe a content address),
+    /// which the restored NAR is checked against.
+    Announced(PathInfo),
+}
+
+impl Header {
+    fn path(&self) -> &StorePath {
+        match self {
+            Header::Exported(meta) => &meta.path,
+            Header::Announced(info) => &info.path,
+        }
+    }
+}
+
 /// A NAR waiting for a worker, and where its result goes.
 struct Job {
     nar: Vec<u8>,
+    ca: CaHashing,
     done: SyncSender<Result<Staged, StoreError>>,
 }
 
 /// A path of the stream on its way to the committer.
 struct Entry {
-    meta: ExportedMeta,
+    header: Header,
     staged: Pending,
 }
 
-enum Pending {
+/// A NAR restored, or being restored on a worker.
+struct Pending(PendingInner);
+
+enum PendingInner {
     Staged(Result<Staged, StoreError>),
     OnWorker(Receiver<Result<Staged, StoreError>>),
 }
 
 impl Pending {
     fn wait(self) -> Result<Staged, StoreError> {
-        match self {
-            Pending::Staged(result) => result,
-            Pending::OnWorker(done) => done.recv().unwrap_or_else(|_| {
+        match self.0 {
+            PendingInner::Staged(result) => result,
+            PendingInner::OnWorker(done) => done.recv().unwrap_or_else(|_| {
                 Err(StoreError::BadExport(
                     "a NAR restoring thread ended without an answer".into(),
                 ))
             }),
         }
+    }
+
+    /// Removes what was restored, for a path that will not be added.
+    fn discard(self) {
+        if let Ok(staged) = self.wait() {
+            let _ = fsutil::remove_tree(&staged.temp);
+        }
+    }
+}
+
+/// The reading end of the pipeline, given to the function that parses the
+/// stream.
+struct Feeder<'a> {
+    store: &'a LocalStore,
+    jobs: SyncSender<Job>,
+    entries: SyncSender<Entry>,
+    failed: &'a AtomicBool,
+}
+
+impl Feeder<'_> {
+    /// Reads the next NAR off `input` and starts restoring it.
+    fn nar(&self, input: &mut dyn BufRead, ca: CaHashing) -> Result<Pending, StoreError> {
+        if self.failed.load(Ordering::Relaxed) {
+            return Err(StoreError::BadExport("the import stopped".into()));
+        }
+        Ok(Pending(match skim(input) {
+            Skimmed::Whole(nar) => {
+                let (done, result) = mpsc::sync_channel(1);
+                if self.jobs.send(Job { nar, ca, done }).is_err() {
+                    return Err(StoreError::BadExport(
+                        "the NAR restoring threads ended".into(),
+                    ));
+                }
+                PendingInner::OnWorker(result)
+            }
+            Skimmed::Part(part) => {
+                let mut rest = Cursor::new(part).chain(&mut *input);
+                PendingInner::Staged(self.store.stage_streamed(&mut rest, ca))
+            }
+        }))
+    }
+
+    /// Hands a path and its NAR to the committer, in stream order.
+    fn add(&self, header: Header, staged: Pending) -> Result<(), StoreError> {
+        if let Err(mpsc::SendError(entry)) = self.entries.send(Entry { header, staged }) {
+            // The committer has stopped on an error, which it reports.
+            entry.staged.discard();
+            return Err(StoreError::BadExport("the import stopped".into()));
+        }
+        Ok(())
     }
 }
 
@@ -62,20 +134,73 @@ impl LocalStore {
     /// paths in stream order. On an error, the batches registered so far
     /// stay (each path complete and valid); nothing else is.
     pub fn import_paths(&self, input: &mut dyn BufRead) -> Result<Vec<StorePath>, StoreError> {
+        self.add_streamed(|feeder| {
+            let mut imported = Vec::new();
+            while read_more(input)? {
+                let staged = feeder.nar(input, CaHashing::None)?;
+                let meta = match read_meta(&self.config.store_dir, input) {
+                    Ok(meta) => meta,
+                    Err(e) => {
+                        staged.discard();
+                        return Err(e);
+                    }
+                };
+                imported.push(meta.path.clone());
+                feeder.add(Header::Exported(meta), staged)?;
+            }
+            Ok(imported)
+        })
+    }
+
+    /// Adds `count` paths, each announced by `next_info` and followed by its
+    /// NAR in `input` (the daemon protocol's AddMultipleToStore), in order,
+    /// as [`import_paths`](Self::import_paths) does; each NAR is checked
+    /// against its announced hash, size and content address. `next_info`
+    /// may refuse a path, which ends the stream with its error. Paths valid
+    /// already are skipped. Returns the paths added or found valid.
+    pub fn add_nar_stream(
+        &self,
+        count: u64,
+        input: &mut dyn BufRead,
+        next_info: &mut dyn FnMut(&mut dyn BufRead) -> Result<PathInfo, StoreError>,
+    ) -> Result<Vec<StorePath>, StoreError> {
+        self.add_streamed(|feeder| {
+            let mut paths = Vec::new();
+            for _ in 0..count {
+                let info = next_info(input)?;
+                paths.push(info.path.clone());
+                if self.is_valid_path(&info.path)? {
+                    skip_nar(input, &self.config.store_dir.print_path(&info.path))?;
+                    continue;
+                }
+                let ca = info.ca.as_ref().map_or(CaHashing::None, CaHashing::for_ca);
+                let staged = feeder.nar(input, ca)?;
+                feeder.add(Header::Announced(info), staged)?;
+            }
+            Ok(paths)
+        })
+    }
+
+    /// Runs `read` (which parses the stream and feeds the pipeline) beside
+    /// the restoring workers and the committer.
+    fn add_streamed(
+        &self,
+        read: impl FnOnce(&Feeder<'_>) -> Result<Vec<StorePath>, StoreError>,
+    ) -> Result<Vec<StorePath>, StoreError> {
         let failed = AtomicBool::new(false);
-        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(par::IO_WORKERS);
+        let (jobs, jobs_rx) = mpsc::sync_channel::<Job>(par::IO_WORKERS);
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
-        let (entries_tx, entries_rx) = mpsc::sync_channel::<Entry>(BATCH);
+        let (entries, entries_rx) = mpsc::sync_channel::<Entry>(BATCH);
         std::thread::scope(|scope| {
             for _ in 0..par::IO_WORKERS {
                 let jobs = jobs_rx.clone();
                 scope.spawn(move || {
                     loop {
                         let job = jobs.lock().map(|rx| rx.recv());
-                        let Ok(Ok(Job { nar, done })) = job else {
+                        let Ok(Ok(Job { nar, ca, done })) = job else {
                             return;
                         };
-                        let staged = self.stage_export_nar(&mut Cursor::new(nar));
+                        let staged = self.stage_streamed(&mut Cursor::new(nar), ca);
                         if let Err(mpsc::SendError(Ok(staged))) = done.send(staged) {
                             // Nobody waits any more: an error elsewhere.
                             let _ = fsutil::remove_tree(&staged.temp);
@@ -83,13 +208,19 @@ impl LocalStore {
                     }
                 });
             }
-            let committer = scope.spawn(|| self.commit_imports(entries_rx, &failed));
-            let read = self.read_imports(input, &jobs_tx, &entries_tx, &failed);
+            let committer = scope.spawn(|| self.commit_streamed(entries_rx, &failed));
+            let feeder = Feeder {
+                store: self,
+                jobs,
+                entries,
+                failed: &failed,
+            };
+            let read = read(&feeder);
             if read.is_err() {
                 failed.store(true, Ordering::Relaxed);
             }
-            drop(jobs_tx);
-            drop(entries_tx);
+            // Closing the channels ends the workers and the committer.
+            drop(feeder);
             let committed = committer.join().unwrap_or_else(|_| {
                 Err(StoreError::BadExport(
                     "the import committer panicked".into(),
@@ -98,89 +229,40 @@ impl LocalStore {
             // The committer's error is the cause when the reader only
             // stopped because of it.
             match (read, committed) {
-                (Ok(imported), Ok(())) => Ok(imported),
+                (Ok(paths), Ok(())) => Ok(paths),
                 (_, Err(e)) | (Err(e), _) => Err(e),
             }
         })
     }
 
-    /// Reads the stream, handing each path to the committer with its NAR
-    /// restored here or on a worker.
-    fn read_imports(
-        &self,
-        input: &mut dyn BufRead,
-        jobs: &SyncSender<Job>,
-        entries: &SyncSender<Entry>,
-        failed: &AtomicBool,
-    ) -> Result<Vec<StorePath>, StoreError> {
-        let mut imported = Vec::new();
-        while read_more(input)? {
-            if failed.load(Ordering::Relaxed) {
-                return Err(StoreError::BadExport("the import stopped".into()));
-            }
-            let staged = match skim(input) {
-                Skimmed::Whole(nar) => {
-                    let (done, result) = mpsc::sync_channel(1);
-                    if jobs.send(Job { nar, done }).is_err() {
-                        return Err(StoreError::BadExport(
-                            "the NAR restoring threads ended".into(),
-                        ));
-                    }
-                    Pending::OnWorker(result)
-                }
-                Skimmed::Part(part) => {
-                    let mut rest = Cursor::new(part).chain(&mut *input);
-                    Pending::Staged(self.stage_export_nar(&mut rest))
-                }
-            };
-            let meta = match read_meta(&self.config.store_dir, input) {
-                Ok(meta) => meta,
-                Err(e) => {
-                    if let Ok(staged) = staged.wait() {
-                        let _ = fsutil::remove_tree(&staged.temp);
-                    }
-                    return Err(e);
-                }
-            };
-            imported.push(meta.path.clone());
-            if let Err(mpsc::SendError(entry)) = entries.send(Entry { meta, staged }) {
-                // The committer has stopped on an error, which it reports.
-                if let Ok(staged) = entry.staged.wait() {
-                    let _ = fsutil::remove_tree(&staged.temp);
-                }
-                return Err(StoreError::BadExport("the import stopped".into()));
-            }
-        }
-        Ok(imported)
-    }
-
-    fn stage_export_nar(&self, nar: &mut dyn BufRead) -> Result<Staged, StoreError> {
-        self.stage_nar(nar, "(export stream)", CaHashing::None, Durability::Batch)
+    fn stage_streamed(&self, nar: &mut dyn BufRead, ca: CaHashing) -> Result<Staged, StoreError> {
+        self.stage_nar(nar, "(NAR stream)", ca, Durability::Batch)
     }
 
     /// Locks and registers the paths in stream order, a batch at a time.
     /// Once anything failed, removes what is left instead.
-    fn commit_imports(
+    fn commit_streamed(
         &self,
         entries: Receiver<Entry>,
         failed: &AtomicBool,
     ) -> Result<(), StoreError> {
         let mut ready: Vec<Ready> = Vec::new();
         let mut result = Ok(());
-        for Entry { meta, staged } in entries.iter() {
-            let staged = staged.wait();
-            if result.is_ok() && !failed.load(Ordering::Relaxed) {
-                result = staged.and_then(|staged| self.ready_import(meta, staged, &mut ready));
-                if result.is_ok() && ready.len() >= BATCH {
-                    result = self
-                        .commit(std::mem::take(&mut ready), Durability::Batch)
-                        .map(drop);
-                }
-                if result.is_err() {
-                    failed.store(true, Ordering::Relaxed);
-                }
-            } else if let Ok(staged) = staged {
-                let _ = fsutil::remove_tree(&staged.temp);
+        for Entry { header, staged } in entries.iter() {
+            if result.is_err() || failed.load(Ordering::Relaxed) {
+                staged.discard();
+                continue;
+            }
+            result = staged
+                .wait()
+                .and_then(|staged| self.ready_streamed(header, staged, &mut ready));
+            if result.is_ok() && ready.len() >= BATCH {
+                result = self
+                    .commit(std::mem::take(&mut ready), Durability::Batch)
+                    .map(drop);
+            }
+            if result.is_err() {
+                failed.store(true, Ordering::Relaxed);
             }
         }
         if result.is_ok() && !failed.load(Ordering::Relaxed) {
@@ -191,46 +273,68 @@ impl LocalStore {
     }
 
     /// Adds a restored path to `ready` under its lock, unless it is valid
-    /// already.
-    fn ready_import(
+    /// already; an announced one only if its NAR is the one announced.
+    fn ready_streamed(
         &self,
-        meta: ExportedMeta,
+        header: Header,
         staged: Staged,
         ready: &mut Vec<Ready>,
     ) -> Result<(), StoreError> {
-        let temp: PathBuf = staged.temp.clone();
         let outcome = (|| {
-            let mut info = PathInfo::new(meta.path, staged.nar_hash, staged.nar_size);
-            info.references = meta.references;
-            info.deriver = meta.deriver;
-            self.add_temp_root(&info.path)?;
+            self.add_temp_root(header.path())?;
+            let info = match header {
+                Header::Exported(meta) => {
+                    let mut info = PathInfo::new(meta.path, staged.nar_hash, staged.nar_size);
+                    info.references = meta.references;
+                    info.deriver = meta.deriver;
+                    info
+                }
+                Header::Announced(info) => {
+                    self.check_staged(&info, &staged)?;
+                    info
+                }
+            };
             let mut committed = Default::default();
             let lock =
                 self.lock_without_deadlock(&info.path, ready, Durability::Batch, &mut committed)?;
             if self.is_valid_path(&info.path)? {
                 return Ok(None);
             }
-            Ok(Some(Ready {
-                info,
-                temp: temp.clone(),
-                _lock: lock,
-            }))
+            Ok(Some((info, lock)))
         })();
         match outcome {
-            Ok(Some(r)) => {
-                ready.push(r);
+            Ok(Some((info, lock))) => {
+                ready.push(Ready {
+                    info,
+                    temp: staged.temp,
+                    _lock: lock,
+                });
                 Ok(())
             }
             Ok(None) => {
-                let _ = fsutil::remove_tree(&temp);
+                let _ = fsutil::remove_tree(&staged.temp);
                 Ok(())
             }
             Err(e) => {
-                let _ = fsutil::remove_tree(&temp);
+                let _ = fsutil::remove_tree(&staged.temp);
                 Err(e)
             }
         }
     }
+}
+
+/// Reads past one NAR, checking its grammar.
+pub(super) fn skip_nar(input: &mut dyn BufRead, label: &str) -> Result<(), StoreError> {
+    let mut reader = NarReader::embedded(input);
+    while reader
+        .next()
+        .map_err(|source| StoreError::BadNar {
+            path: label.into(),
+            source,
+        })?
+        .is_some()
+    {}
+    Ok(())
 }
 
 /// One NAR read off the stream: whole, or (past [`SKIM_LIMIT`]) its first

@@ -1,6 +1,8 @@
 //! A build hook for the scheduler's tests, speaking Nix's hook protocol:
 //! `test-hook MODE STORE_ROOT` answers every offer with MODE (`accept`,
-//! `decline`, `decline-permanently`, `postpone`, `fail`). Accepting, it
+//! `decline`, `decline-permanently`, `postpone`, `fail`), or with
+//! `postpone-once` postpones the first offer made in the store and accepts
+//! the next. Accepting, it
 //! "builds" each missing output by adding a file saying so to the store
 //! under STORE_ROOT, logging on fd 4; `fail` accepts and exits 100.
 
@@ -53,7 +55,16 @@ fn main() -> io::Result<()> {
         let drv = read_string(&mut stdin)?;
         let _features = read_strings(&mut stdin)?;
         writeln!(stderr, "test hook offered {drv}")?;
-        match mode.as_str() {
+        let marker = std::path::Path::new(&root).join("test-hook-postponed");
+        let mode = match mode.as_str() {
+            "postpone-once" if marker.exists() => "accept",
+            "postpone-once" => {
+                File::create(&marker)?;
+                "postpone"
+            }
+            other => other,
+        };
+        match mode {
             "accept" | "fail" => {
                 write!(stderr, "# accept\ntest-machine\n")?;
                 stderr.flush()?;

@@ -22,6 +22,10 @@ use tokio::task::JoinSet;
 use crate::events::{Event, EventSink, next_activity_id};
 use crate::result::{BuildResult, BuildStatus};
 
+/// How long a build the hook postponed waits before it is offered again
+/// when nothing of ours ends meanwhile (Nix polls every 5 s).
+const POSTPONED_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Which outputs of a derivation are wanted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wanted {
@@ -501,13 +505,31 @@ impl<B: Backend> Run<B> {
         let mut postponed: Vec<usize> = Vec::new();
         loop {
             self.start_ready(&mut ready);
-            let Some(joined) = self.tasks.join_next().await else {
-                if !postponed.is_empty() && !self.stop {
-                    // Nothing runs that could change the hook's mind: build here.
-                    self.hook_enabled = false;
-                    ready.extend(postponed.drain(..));
-                    continue;
+            let joined = if postponed.is_empty() || self.stop {
+                self.tasks.join_next().await
+            } else if self.tasks.is_empty() && self.options.max_jobs > 0 {
+                // Nothing runs here, and a local slot is free: build here
+                // rather than wait for the machines.
+                self.hook_enabled = false;
+                ready.extend(postponed.drain(..));
+                continue;
+            } else {
+                // The machines are busy, maybe with other processes' builds:
+                // ask the hook again now and then, as Nix does, and at once
+                // when one of ours ends.
+                tokio::select! {
+                    joined = self.tasks.join_next(), if !self.tasks.is_empty() => joined,
+                    () = tokio::time::sleep(POSTPONED_RETRY) => {
+                        for p in postponed.drain(..) {
+                            self.goals[p].state = State::Ready;
+                            self.goals[p].hook_asked = false;
+                            ready.push_back(p);
+                        }
+                        continue;
+                    }
                 }
+            };
+            let Some(joined) = joined else {
                 break;
             };
             let finished = match joined {

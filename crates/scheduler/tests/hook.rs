@@ -1,7 +1,7 @@
 //! The build-hook client against a test hook (`examples/test-hook.rs`):
 //! accepted builds are the hook's, declined and postponed ones are built
 //! here, a hook failure is the build's failure, and with `max-jobs = 0` a
-//! declined build cannot run at all.
+//! declined build cannot run at all while a postponed one is offered again.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -99,4 +99,10 @@ fn hook_decisions() {
     let (status, error, _, _) = run("decline", 0);
     assert_eq!(status, BuildStatus::MiscFailure);
     assert!(error.contains("unable to start any build"), "{error}");
+
+    // With no local slot, a postponed build waits for the machines (busy,
+    // maybe, with other processes' builds) and is offered again.
+    let (status, error, contents, _) = run("postpone-once", 0);
+    assert_eq!(status, BuildStatus::Built, "{error}");
+    assert_eq!(contents.as_deref(), Some("built by the hook\n"));
 }

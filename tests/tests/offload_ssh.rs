@@ -80,7 +80,7 @@ fn kiln_builds_a_wide_graph_on_kiln_and_nix_machines() {
     assert_eq!(
         builds,
         leaves + 1,
-        "every derivation was built remotely, once"
+        "every derivation was built remotely, once:\n{choices}"
     );
     assert!(
         choices.contains("considered:"),

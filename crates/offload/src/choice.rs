@@ -314,7 +314,10 @@ impl Chooser {
             .append(true)
             .open(self.dir.join("choices.log"))
         {
-            let _ = writeln!(f, "{:.3} {line}", now());
+            // One write: hooks append at once, and `writeln!` on a file
+            // writes each piece of the format separately, so lines from
+            // two processes could interleave.
+            let _ = f.write_all(format!("{:.3} {line}\n", now()).as_bytes());
         }
         let _ = writeln!(std::io::stderr(), "offload: {line}");
     }

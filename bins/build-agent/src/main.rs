@@ -153,15 +153,19 @@ fn init_logging(verbose: u8, systemd: bool) {
         3 => Level::DEBUG,
         _ => Level::TRACE,
     };
+    // `KILN_LOG` (an env filter) overrides the level `-v` gives.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(level.as_str().to_ascii_lowercase())
+    });
     if systemd {
         tracing_subscriber::fmt()
-            .with_max_level(level)
+            .with_env_filter(filter)
             .with_writer(std::io::stderr)
             .event_format(journal::JournalFormat)
             .init();
     } else {
         tracing_subscriber::fmt()
-            .with_max_level(level)
+            .with_env_filter(filter)
             .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_target(false)

@@ -17,6 +17,8 @@ use kiln_scheduler::local::{LocalBackend, Rebuild};
 use kiln_scheduler::logs::{log_dir_for_state_dir, read_log};
 use kiln_scheduler::result::exit_code;
 use kiln_scheduler::settings::Settings;
+
+use crate::progress::Bar;
 use kiln_store::local::LocalStore;
 use kiln_store::{AddOptions, Store, StoreUrl, compute_closure, topo_sort};
 
@@ -56,7 +58,10 @@ pub struct BuildArgs {
     /// Build valid outputs again and replace them.
     #[arg(long)]
     repair: bool,
-    /// How to log: `plain` (default) or `internal-json`.
+    /// How to log: `bar` (a status line; the default on a terminal),
+    /// `bar-with-logs` (the builds' logs above it), `raw` (plain lines;
+    /// the default elsewhere) or `internal-json`. The bar needs stderr to be
+    /// a terminal: elsewhere it gives plain lines.
     #[arg(long)]
     log_format: Option<String>,
     /// Do not show the builders' output.
@@ -111,7 +116,7 @@ fn settings(args: &BuildArgs) -> Result<Settings> {
         s.keep_going = true;
     }
     for name in &s.unknown {
-        eprintln!("warning: unknown setting '{name}'");
+        tracing::warn!("unknown setting '{name}'");
     }
     Ok(s)
 }
@@ -381,21 +386,34 @@ pub fn run(args: BuildArgs) -> Result<ExitCode> {
     let backend = LocalBackend::new(store.clone(), settings)?
         .rebuild(rebuild, targets.iter().map(|(p, _)| p.clone()))
         .dry_run(args.dry_run);
-    let events: Arc<dyn EventSink> = match args.log_format.as_deref() {
-        Some("internal-json") => Arc::new(InternalJson::new(std::io::stderr(), store_dir.clone())),
-        None | Some("plain") | Some("raw") | Some("bar") => Arc::new(PlainLines::new(
-            std::io::stderr(),
-            store_dir.clone(),
-            !args.no_build_output,
-        )),
-        Some(other) => bail!("unknown log format '{other}' (expected plain or internal-json)"),
+    let terminal = std::io::stderr().is_terminal() && !args.dry_run;
+    let bar = match args.log_format.as_deref() {
+        None | Some("bar") if terminal => Some(Arc::new(Bar::new(false))),
+        Some("bar-with-logs") if terminal => Some(Arc::new(Bar::new(!args.no_build_output))),
+        _ => None,
     };
+    let events: Arc<dyn EventSink> =
+        match (args.log_format.as_deref(), &bar) {
+            (_, Some(bar)) => bar.clone(),
+            (Some("internal-json"), _) => {
+                Arc::new(InternalJson::new(std::io::stderr(), store_dir.clone()))
+            }
+            (None | Some("plain" | "raw" | "bar" | "bar-with-logs"), _) => Arc::new(
+                PlainLines::new(std::io::stderr(), store_dir.clone(), !args.no_build_output),
+            ),
+            (Some(other), _) => bail!(
+                "unknown log format '{other}' (expected bar, bar-with-logs, raw or internal-json)"
+            ),
+        };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let report = runtime.block_on(goals::run(Arc::new(backend), targets, options, events));
     drop(runtime);
+    if let Some(bar) = &bar {
+        bar.finish();
+    }
 
     if args.dry_run {
         if !report.would_build.is_empty() {
@@ -487,7 +505,8 @@ pub fn run(args: BuildArgs) -> Result<ExitCode> {
             .values()
             .chain(report.targets.iter().map(|(_, r)| r)),
     );
-    if code != 0 && std::io::stderr().is_terminal() {
+    // The bar's summary says it already.
+    if code != 0 && std::io::stderr().is_terminal() && bar.is_none() {
         let failed = report
             .results
             .values()

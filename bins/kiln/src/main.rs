@@ -10,6 +10,7 @@ mod cache_cmd;
 mod derivation_cmd;
 mod hash_cmd;
 mod nar_cmd;
+mod progress;
 mod store_cmd;
 
 /// Kiln: a Nix-compatible, sandboxed, reproducible build engine.
@@ -37,6 +38,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Quiet unless something is wrong; `KILN_LOG=debug` (an env filter) for more.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(progress::StderrThroughBar)
+        .event_format(progress::NixStyle)
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Nar(args) => nar_cmd::run(args),

@@ -49,6 +49,17 @@ struct Common {
 }
 
 fn main() -> ExitCode {
+    // Diagnostics go to stderr, which is also the hook protocol's channel:
+    // the scheduler shows lines not starting with `# ` as the hook's log.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .init();
     let first = std::env::args().nth(1).unwrap_or_default();
     let is_cli = matches!(
         first.as_str(),

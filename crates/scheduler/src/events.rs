@@ -37,6 +37,13 @@ pub enum Event<'a> {
         running: usize,
         failed: usize,
     },
+    /// A path was fetched from the binary cache `from`; `nar_size` bytes
+    /// unpacked. (A `Message` says so to people.)
+    Copied {
+        path: &'a StorePath,
+        from: &'a str,
+        nar_size: u64,
+    },
     /// A message for people.
     Message { text: &'a str },
 }
@@ -179,6 +186,8 @@ impl<W: Write + Send> EventSink for InternalJson<W> {
             } => self.emit(json!({"action": "result", "id": self.builds_activity,
                 "type": RES_PROGRESS, "fields": [done, expected, running, failed]})),
             Event::Message { text } => self.emit(json!({"action": "msg", "level": 1, "msg": text})),
+            // Said by the `Message` that comes with it.
+            Event::Copied { .. } => {}
         }
     }
 }

@@ -75,9 +75,9 @@ pub struct Loaded<D> {
 /// Outputs fetched from binary caches instead of built.
 #[derive(Debug, Clone, Default)]
 pub struct Substitution {
-    /// Each path fetched (the outputs and what they refer to) and the URL
-    /// of the cache it came from.
-    pub fetched: Vec<(StorePath, String)>,
+    /// Each path fetched (the outputs and what they refer to), the URL
+    /// of the cache it came from, and its NAR size.
+    pub fetched: Vec<(StorePath, String, u64)>,
     /// Only found out (dry run): nothing was fetched.
     pub dry_run: bool,
 }
@@ -166,6 +166,15 @@ pub trait Backend: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Takes the output locks of `job` without waiting, before it is
+    /// offered to the build hook (which registers the outputs under them):
+    /// `Locked`, `Contended` when another process holds one, or `Done` when
+    /// the outputs turned valid meanwhile. Only called when
+    /// [`Backend::has_hook`]; the default waits for the locks.
+    fn lock_outputs(&self, job: &Job<Self::Drv>) -> Attempt<Self::Lock> {
+        self.wait_for_locks(job)
+    }
+
     /// Whether a build hook is configured.
     fn has_hook(&self) -> bool {
         false
@@ -236,7 +245,12 @@ struct Goal<D, L> {
 enum Finished<B: Backend> {
     Loaded(Vec<(usize, Result<Loaded<B::Drv>, BuildResult>)>),
     Build(usize, Attempt<B::Lock>),
-    Hook(usize, HookReply<B::Remote>),
+    /// The hook's reply, with the output locks taken before asking; or,
+    /// when they could not be taken, what locking came to.
+    Hook(
+        usize,
+        Result<(HookReply<B::Remote>, B::Lock), Attempt<B::Lock>>,
+    ),
 }
 
 /// Realises `targets` (`.drv` path and wanted outputs) with `backend`.
@@ -429,17 +443,22 @@ impl<B: Backend> Run<B> {
                     let status = match loaded.substituted {
                         Some(s) if s.dry_run => {
                             self.would_substitute
-                                .extend(s.fetched.into_iter().map(|(p, _)| p));
+                                .extend(s.fetched.into_iter().map(|(p, _, _)| p));
                             BuildStatus::Substituted
                         }
                         Some(s) => {
                             let store_dir = self.backend.store_dir();
-                            for (path, from) in &s.fetched {
+                            for (path, from, nar_size) in &s.fetched {
                                 let text = format!(
                                     "copied path '{}' from '{from}'",
                                     store_dir.display(path)
                                 );
                                 self.events.event(Event::Message { text: &text });
+                                self.events.event(Event::Copied {
+                                    path,
+                                    from,
+                                    nar_size: *nar_size,
+                                });
                             }
                             BuildStatus::Substituted
                         }
@@ -545,18 +564,42 @@ impl<B: Backend> Run<B> {
             };
             match finished {
                 Finished::Loaded(_) => {}
-                Finished::Hook(i, reply) => {
+                Finished::Hook(i, offered) => {
                     self.running_total -= 1;
-                    match reply {
-                        HookReply::Accept(remote) => self.start_remote(i, remote),
-                        HookReply::Decline => ready.push_front(i),
-                        HookReply::DeclinePermanently => {
-                            self.hook_enabled = false;
+                    match offered {
+                        Ok((HookReply::Accept(remote), lock)) => self.start_remote(i, remote, lock),
+                        Ok((HookReply::Decline, lock)) => {
+                            self.goals[i].lock = Some(lock);
                             ready.push_front(i);
                         }
-                        HookReply::Postpone => {
+                        Ok((HookReply::DeclinePermanently, lock)) => {
+                            self.hook_enabled = false;
+                            self.goals[i].lock = Some(lock);
+                            ready.push_front(i);
+                        }
+                        Ok((HookReply::Postpone, lock)) => {
+                            // As Nix: a postponed goal does not keep its locks.
+                            tokio::task::spawn_blocking(move || drop(lock));
                             self.goals[i].state = State::Postponed;
                             postponed.push(i);
+                        }
+                        Err(Attempt::Contended) => {
+                            // Not asked after all: ask once the locks are ours.
+                            self.goals[i].hook_asked = false;
+                            self.wait_locks(i);
+                        }
+                        Err(Attempt::Locked(lock)) => {
+                            self.goals[i].hook_asked = false;
+                            self.goals[i].lock = Some(lock);
+                            ready.push_front(i);
+                        }
+                        Err(Attempt::Done(result)) => {
+                            self.finish(i, result, &mut ready);
+                            for p in postponed.drain(..) {
+                                self.goals[p].state = State::Ready;
+                                self.goals[p].hook_asked = false;
+                                ready.push_back(p);
+                            }
                         }
                     }
                 }
@@ -612,14 +655,24 @@ impl<B: Backend> Run<B> {
             if self.goals[i].id == 0 {
                 self.goals[i].id = next_activity_id();
             }
-            if self.hook_enabled && !self.goals[i].hook_asked && self.goals[i].lock.is_none() {
+            if self.hook_enabled && !self.goals[i].hook_asked {
                 self.goals[i].hook_asked = true;
                 self.goals[i].state = State::Running;
                 self.running_total += 1;
                 let backend = self.backend.clone();
                 let job = self.job(i);
+                let lock = self.goals[i].lock.take();
+                // The outputs are locked before the hook is asked, as Nix
+                // does, so two processes never hand the same build out.
                 self.tasks.spawn_blocking(move || {
-                    Finished::Hook(i, backend.offer_to_hook(&job, slot_free))
+                    let lock = match lock {
+                        Some(l) => l,
+                        None => match backend.lock_outputs(&job) {
+                            Attempt::Locked(l) => l,
+                            other => return Finished::Hook(i, Err(other)),
+                        },
+                    };
+                    Finished::Hook(i, Ok((backend.offer_to_hook(&job, slot_free), lock)))
                 });
                 continue;
             }
@@ -656,19 +709,19 @@ impl<B: Backend> Run<B> {
         }
     }
 
-    fn start_remote(&mut self, i: usize, remote: B::Remote) {
+    fn start_remote(&mut self, i: usize, remote: B::Remote, lock: B::Lock) {
         self.goals[i].state = State::Running;
         self.goals[i].remote = true;
         self.running_total += 1;
         let backend = self.backend.clone();
         let job = self.job(i);
         let events = self.events.clone();
-        // Remote builds take no local slot.
+        // Remote builds take no local slot. The output locks are held
+        // until the hook has registered the outputs and exited.
         self.tasks.spawn_blocking(move || {
-            Finished::Build(
-                i,
-                Attempt::Done(backend.build_remote(&job, remote, &*events)),
-            )
+            let result = backend.build_remote(&job, remote, &*events);
+            drop(lock);
+            Finished::Build(i, Attempt::Done(result))
         });
     }
 

@@ -215,7 +215,7 @@ impl LocalBackend {
                 Ok(None) => return None,
                 Err(e) => {
                     // Untrusted or unreadable: Nix warns and builds.
-                    eprintln!("warning: {e}");
+                    tracing::warn!("{e}");
                     return None;
                 }
             }
@@ -226,11 +226,11 @@ impl LocalBackend {
             if view.is_valid_path(&p).unwrap_or(false) {
                 continue;
             }
-            let from = match subst.query_substitutable(&p) {
-                Ok(Some((cache, _))) => cache.url(),
+            let (from, nar_size) = match subst.query_substitutable(&p) {
+                Ok(Some((cache, info))) => (cache.url(), info.nar_size),
                 _ => return None,
             };
-            fetched.push((p, from));
+            fetched.push((p, from, nar_size));
         }
         if self.dry_run {
             return Some(Substitution {
@@ -244,8 +244,8 @@ impl LocalBackend {
                 dry_run: false,
             }),
             Err(e) => {
-                eprintln!(
-                    "warning: substituting {} failed, building instead: {e}",
+                tracing::warn!(
+                    "substituting {} failed, building instead: {e}",
                     print_set(self.store.store_dir(), &missing)
                 );
                 None
@@ -979,14 +979,24 @@ impl Backend for LocalBackend {
         cancel: &Cancel,
         events: &dyn EventSink,
     ) -> Attempt<OutputLocks> {
+        // Given locks were taken with validity checked under them.
         let locks = match lock {
             Some(l) => l,
-            None => match self.try_lock(&job.drv) {
-                Ok(Some(l)) => l,
-                Ok(None) => return Attempt::Contended,
-                Err(e) => return Attempt::Done(misc(e)),
+            None => match self.lock_outputs(job) {
+                Attempt::Locked(l) => l,
+                other => return other,
             },
         };
+        Attempt::Done(self.build_locked(job, locks, cancel, events))
+    }
+
+    fn lock_outputs(&self, job: &Job<LocalDrv>) -> Attempt<OutputLocks> {
+        let locks = match self.try_lock(&job.drv) {
+            Ok(Some(l)) => l,
+            Ok(None) => return Attempt::Contended,
+            Err(e) => return Attempt::Done(misc(e)),
+        };
+        // Someone may have beaten us to it.
         if !self.rebuilding(&job.drv_path) {
             match self.wanted_outputs(&job.drv.outputs, &job.wanted) {
                 Ok(Some(outputs)) => {
@@ -996,7 +1006,7 @@ impl Backend for LocalBackend {
                 Err(e) => return Attempt::Done(misc(e)),
             }
         }
-        Attempt::Done(self.build_locked(job, locks, cancel, events))
+        Attempt::Locked(locks)
     }
 
     fn wait_for_locks(&self, job: &Job<LocalDrv>) -> Attempt<OutputLocks> {

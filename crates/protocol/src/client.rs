@@ -972,21 +972,8 @@ impl Store for DaemonStore {
                 // the connection is not reused (see `with`).
                 nars(info, &mut hashing)?;
                 let (_, hash, size) = hashing.finish();
-                let path = || sd.print_path(&info.path);
-                if hash != info.nar_hash {
-                    mismatch = Some(StoreError::NarHashMismatch {
-                        path: path(),
-                        expected: info.nar_hash,
-                        actual: hash,
-                    });
-                } else if info.nar_size != 0 && size != info.nar_size {
-                    mismatch = Some(StoreError::NarSizeMismatch {
-                        path: path(),
-                        expected: info.nar_size,
-                        actual: size,
-                    });
-                }
-                if mismatch.is_some() {
+                if let Err(e) = info.check_nar(&sd, hash, size) {
+                    mismatch = Some(e);
                     break;
                 }
             }

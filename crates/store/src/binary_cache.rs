@@ -421,20 +421,7 @@ impl BinaryCacheStore {
             )
             .map_err(|e| self.backend.write_error("a NAR spool", e))?;
         let (nar_hash, nar_size) = self.pump_nar(&label, nar, &mut encoder)?;
-        if nar_hash != info.nar_hash {
-            return Err(StoreError::NarHashMismatch {
-                path: label,
-                expected: info.nar_hash,
-                actual: nar_hash,
-            });
-        }
-        if info.nar_size != 0 && nar_size != info.nar_size {
-            return Err(StoreError::NarSizeMismatch {
-                path: label,
-                expected: info.nar_size,
-                actual: nar_size,
-            });
-        }
+        info.check_nar(&self.store_dir, nar_hash, nar_size)?;
         let hashing = encoder
             .finish()
             .map_err(|e| self.backend.write_error("a NAR spool", e))?;

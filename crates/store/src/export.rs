@@ -240,6 +240,20 @@ impl BufRead for CopyConsumed<'_> {
     }
 }
 
+/// Reads past one NAR, checking its grammar; `label` names it in errors.
+pub(crate) fn skip_nar(input: &mut dyn BufRead, label: &str) -> Result<(), StoreError> {
+    let mut reader = NarReader::embedded(input);
+    while reader
+        .next()
+        .map_err(|source| StoreError::BadNar {
+            path: label.into(),
+            source,
+        })?
+        .is_some()
+    {}
+    Ok(())
+}
+
 /// Imports an export stream into any store, spooling each NAR to a
 /// temporary file until its metadata arrives. Returns the paths in stream
 /// order. (The local store has a faster, batched
@@ -255,16 +269,7 @@ pub fn import_paths(
         let mut hashing = HashingWriter::new(HashAlgo::Sha256, io::BufWriter::new(spool));
         {
             let mut tee = CopyConsumed::new(&mut *input, &mut hashing);
-            let mut reader = NarReader::embedded(&mut tee);
-            while reader
-                .next()
-                .map_err(|source| StoreError::BadNar {
-                    path: "(export stream)".into(),
-                    source,
-                })?
-                .is_some()
-            {}
-            drop(reader);
+            skip_nar(&mut tee, "(export stream)")?;
             if let Some(e) = tee.error {
                 return Err(StoreError::Stream {
                     action: "spool a NAR",

@@ -33,6 +33,31 @@ pub struct PathInfo {
 }
 
 impl PathInfo {
+    /// Whether a NAR read for this path is the one announced: its sha256
+    /// first, then its size when one was given (0 is "unknown").
+    pub fn check_nar(
+        &self,
+        store_dir: &StoreDir,
+        nar_hash: Hash,
+        nar_size: u64,
+    ) -> Result<(), crate::StoreError> {
+        if nar_hash != self.nar_hash {
+            return Err(crate::StoreError::NarHashMismatch {
+                path: store_dir.print_path(&self.path),
+                expected: self.nar_hash,
+                actual: nar_hash,
+            });
+        }
+        if self.nar_size != 0 && nar_size != self.nar_size {
+            return Err(crate::StoreError::NarSizeMismatch {
+                path: store_dir.print_path(&self.path),
+                expected: self.nar_size,
+                actual: nar_size,
+            });
+        }
+        Ok(())
+    }
+
     /// A path with just the mandatory facts; everything else empty.
     pub fn new(path: StorePath, nar_hash: Hash, nar_size: u64) -> PathInfo {
         PathInfo {

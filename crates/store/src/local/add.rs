@@ -402,7 +402,7 @@ impl LocalStore {
         options: AddOptions,
     ) -> Result<(), StoreError> {
         let label = self.config.store_dir.print_path(&info.path);
-        let skip = |nar: &mut dyn BufRead| import::skip_nar(nar, &label);
+        let skip = |nar: &mut dyn BufRead| crate::export::skip_nar(nar, &label);
         self.add_temp_root(&info.path)?;
         if !options.repair && self.is_valid_path(&info.path)? {
             return skip(nar);
@@ -538,20 +538,7 @@ impl LocalStore {
     /// was announced with.
     pub(crate) fn check_staged(&self, info: &PathInfo, staged: &Staged) -> Result<(), StoreError> {
         let label = || self.config.store_dir.print_path(&info.path);
-        if staged.nar_hash != info.nar_hash {
-            return Err(StoreError::NarHashMismatch {
-                path: label(),
-                expected: info.nar_hash,
-                actual: staged.nar_hash,
-            });
-        }
-        if info.nar_size != 0 && info.nar_size != staged.nar_size {
-            return Err(StoreError::NarSizeMismatch {
-                path: label(),
-                expected: info.nar_size,
-                actual: staged.nar_size,
-            });
-        }
+        info.check_nar(&self.config.store_dir, staged.nar_hash, staged.nar_size)?;
         if let Some(ca) = &info.ca {
             let actual = staged.ca_hash.unwrap_or(staged.nar_hash);
             let computed_ca = match ca {

@@ -18,7 +18,7 @@ use kiln_formats::nar::NarReader;
 use kiln_formats::store_path::StorePath;
 
 use super::{BATCH, CaHashing, Durability, Ready, Staged};
-use crate::export::{CopyConsumed, ExportedMeta, read_meta, read_more};
+use crate::export::{CopyConsumed, ExportedMeta, read_meta, read_more, skip_nar};
 use crate::local::{LocalStore, fsutil, par};
 use crate::{PathInfo, Store as _, StoreError};
 
@@ -321,20 +321,6 @@ impl LocalStore {
             }
         }
     }
-}
-
-/// Reads past one NAR, checking its grammar.
-pub(super) fn skip_nar(input: &mut dyn BufRead, label: &str) -> Result<(), StoreError> {
-    let mut reader = NarReader::embedded(input);
-    while reader
-        .next()
-        .map_err(|source| StoreError::BadNar {
-            path: label.into(),
-            source,
-        })?
-        .is_some()
-    {}
-    Ok(())
 }
 
 /// One NAR read off the stream: whole, or (past [`SKIM_LIMIT`]) its first

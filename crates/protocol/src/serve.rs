@@ -61,8 +61,11 @@ pub fn serve<R: Read, W: Write>(
     input: R,
     output: W,
 ) -> Result<(), ServeError> {
-    let mut r = BufReader::new(input);
-    let mut w = BufWriter::new(output);
+    // NARs pass through these: large buffers keep the syscalls per
+    // megabyte few (the import pipeline and NAR dumps read and write in
+    // 64 KiB pieces or more).
+    let mut r = BufReader::with_capacity(256 << 10, input);
+    let mut w = BufWriter::with_capacity(256 << 10, output);
     let store = daemon.store().as_ref();
     let sd = store.store_dir().clone();
     let magic = wire::read_u64(&mut r)?;

@@ -55,13 +55,18 @@ fn run(mode: &str, max_jobs: usize) -> (BuildStatus, String, Option<String>, Vec
         root.display().to_string(),
     ];
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    // A hook or scheduler that hangs fails this test instead of the run.
     let report = runtime
-        .block_on(kiln_scheduler::build(
-            store.clone(),
-            settings,
-            vec![(drv.clone(), Wanted::All)],
-            Arc::new(Quiet),
-        ))
+        .block_on(async {
+            let build = kiln_scheduler::build(
+                store.clone(),
+                settings,
+                vec![(drv.clone(), Wanted::All)],
+                Arc::new(Quiet),
+            );
+            tokio::time::timeout(std::time::Duration::from_secs(120), build).await
+        })
+        .unwrap_or_else(|_| panic!("the build with a hook in mode {mode} hung for 2 minutes"))
         .unwrap();
     let result = &report.targets[0].1;
     let contents = result

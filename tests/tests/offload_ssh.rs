@@ -439,3 +439,71 @@ fn a_bad_machines_file_names_line_and_field() {
         "{err}"
     );
 }
+
+/// A closure of 60 paths (one past the 4 MiB that are copied through
+/// memory) goes to each kind of machine and comes back whole, through
+/// the functions offload-hook copies a build's inputs and outputs with:
+/// over ssh:// (serve protocol) and ssh-ng:// (daemon protocol, where
+/// the NARs back come over one connection taken in turns by several
+/// writers) to Kiln's and Nix's programs.
+#[test]
+fn closures_go_to_every_kind_of_machine_and_come_back_whole() {
+    use kiln_offload::machines::parse_builders;
+    use kiln_offload::remote::{copy_from, copy_to};
+    use kiln_offload::ssh::{LogSink, SshTarget};
+    use kiln_store::Store;
+    use kiln_store::local::LocalStore;
+
+    let mut farm = Farm::new();
+    for (kind, scheme) in [
+        (Kind::Kiln, "ssh"),
+        (Kind::Kiln, "ssh-ng"),
+        (Kind::Nix, "ssh"),
+        (Kind::Nix, "ssh-ng"),
+    ] {
+        farm.add_with(kind, 1, 1, scheme, "");
+    }
+    let src = LocalStore::open_root(farm.dir.path().join("src")).unwrap();
+    let mut prev: Option<kiln_formats::store_path::StorePath> = None;
+    for i in 0..60usize {
+        let size = if i == 30 { 5 << 20 } else { 1000 + i * 997 };
+        let mut data = Vec::with_capacity(size + 100);
+        let refs: BTreeSet<_> = prev.iter().cloned().collect();
+        if let Some(p) = &prev {
+            data.extend_from_slice(src.store_dir().print_path(p).as_bytes());
+        }
+        data.extend((0..size).map(|j| (j * 31 + i) as u8));
+        prev = Some(src.add_text(&format!("c{i}"), &data, &refs).unwrap().path);
+    }
+    let top: BTreeSet<_> = prev.into_iter().collect();
+    let closure = src.query_all_valid_paths().unwrap();
+
+    for (n, machine) in farm.machines.iter().enumerate() {
+        let line = &machine.line;
+        let m = &parse_builders(line, "test", "x86_64-linux").unwrap()[0];
+        let target = SshTarget::new(m, &farm.ssh_dir()).unwrap();
+        let log = LogSink::new(std::io::sink());
+        let sent = copy_to(&target, &src, &top, log.clone())
+            .unwrap_or_else(|f| panic!("copy to {line}: {f:?}"));
+        assert_eq!(sent.sent_paths, closure.len(), "{line}");
+        let back = LocalStore::open_root(farm.dir.path().join(format!("back{n}"))).unwrap();
+        copy_from(&target, &back, &top, log)
+            .unwrap_or_else(|f| panic!("copy back from {line}: {f:?}"));
+        assert_eq!(back.query_all_valid_paths().unwrap(), closure, "{line}");
+        for p in &closure {
+            let (a, b) = (
+                src.query_path_info(p).unwrap(),
+                back.query_path_info(p).unwrap(),
+            );
+            let (a, b) = (a.unwrap(), b.unwrap());
+            assert_eq!(
+                (a.nar_hash, a.references),
+                (b.nar_hash, b.references),
+                "{line}"
+            );
+        }
+        let report = back.verify(true, None).unwrap();
+        assert!(report.is_clean(), "{line}: {report:?}");
+        target.exit_master();
+    }
+}

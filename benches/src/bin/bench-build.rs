@@ -137,6 +137,15 @@ fn main() {
         let kiln_root = tempfile::tempdir().unwrap();
         let store = format!("local?root={}", kiln_root.path().display());
         let kiln_time = time_kiln(&kiln, &store, &sandbox, &nix.physical(&drv));
+        if std::env::var_os("BENCH_KILN_ONLY").is_some() {
+            println!(
+                "  {:<24} kiln {:8.2} s, cpu {:.2} s",
+                case.name,
+                kiln_time.wall.as_secs_f64(),
+                kiln_time.cpu.as_secs_f64()
+            );
+            continue;
+        }
         let nix_time = time_nix(&nix, &drv);
         let per = |d: Duration| d.as_secs_f64() * 1e3 / case.count as f64;
         println!(

@@ -9,6 +9,8 @@
 //!    `fsync-metadata = false`. `BENCH_DATA=system` fills the closure with
 //!    real files instead of incompressible noise; `BENCH_KILN_ONLY=1`
 //!    stops after Kiln's two copies (for profiling them).
+//!    The same over `ssh-ng://` (the daemon protocol): Kiln's client and
+//!    `store-daemon --stdio` vs `nix copy` and `nix-daemon --stdio`.
 //! 2. A wide graph (1,000 independent derivations) with `max-jobs = 0` on three
 //!    remotes: Kiln's scheduler with `offload-hook` vs Nix 2.8's daemon
 //!    with its own `build-remote`, same machines file (the remotes run
@@ -88,6 +90,20 @@ fn start_remote(base: &Path, n: usize, kind: &str, client_pub: &Path, daemon: &P
     });
     std::fs::write(&prog, script).unwrap();
     sh(Command::new("chmod").arg("755").arg(&prog));
+    if kind != "kiln" {
+        // For ssh-ng://: Nix's daemon on stdio, over the same store.
+        let daemon = dir.join("bin/nix-daemon");
+        std::fs::write(
+            &daemon,
+            format!(
+                "#!/bin/sh\nexport NIX_CONF_DIR={}\nexec {} \"$@\"\n",
+                dir.join("etc").display(),
+                nix().program("nix-daemon").display()
+            ),
+        )
+        .unwrap();
+        sh(Command::new("chmod").arg("755").arg(&daemon));
+    }
     let addr = format!("127.0.0.{}", 50 + n);
     std::fs::write(
         dir.join("sshd_config"),
@@ -308,7 +324,29 @@ fn main() {
     drop(back_z);
     target_z.exit_master();
     drop(r_zstd);
+
+    // The same over ssh-ng:// (the daemon protocol to `store-daemon --stdio`).
+    let r_ng = start_remote(base, 6, "kiln", &key_pub, &daemon);
+    let m = &parse_builders(
+        &line(&r_ng, &key, "bin/store-daemon", 1).replacen("ssh://", "ssh-ng://", 1),
+        "bench",
+        "x86_64-linux",
+    )
+    .unwrap()[0];
+    let target_ng = SshTarget::new(m, &ssh_dir).unwrap();
+    let t = Instant::now();
+    kiln_offload::remote::copy_to(&target_ng, &src, &paths, quiet.clone()).unwrap();
+    let ng_to = t.elapsed();
+    let back_ng = LocalStore::open_root(base.join("back-ng")).unwrap();
+    let t = Instant::now();
+    kiln_offload::remote::copy_from(&target_ng, &back_ng, &paths, quiet.clone()).unwrap();
+    let ng_from = t.elapsed();
+    assert_eq!(back_ng.query_all_valid_paths().unwrap().len(), count);
+    drop(back_ng);
+    target_ng.exit_master();
+    drop(r_ng);
     drop(src);
+    let r_nix_ng = start_remote(base, 7, "nix", &key_pub, &daemon);
 
     let nix_uri = format!(
         "ssh://root@{}?remote-program={}",
@@ -316,7 +354,14 @@ fn main() {
         r_nix.dir.join("bin/nix-store").display()
     );
     let known = base.join("known_hosts");
-    std::fs::write(&known, format!("{} {}\n", r_nix.addr, r_nix.host_key)).unwrap();
+    std::fs::write(
+        &known,
+        format!(
+            "{} {}\n{} {}\n",
+            r_nix.addr, r_nix.host_key, r_nix_ng.addr, r_nix_ng.host_key
+        ),
+    )
+    .unwrap();
     let sshopts = format!(
         "-i {} -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes",
         key.display(),
@@ -359,6 +404,33 @@ fn main() {
         &top_s,
     ]));
     let nix_from = t.elapsed();
+    let nix_ng_uri = format!(
+        "ssh-ng://root@{}?remote-program={}",
+        r_nix_ng.addr,
+        r_nix_ng.dir.join("bin/nix-daemon").display()
+    );
+    let t = Instant::now();
+    sh(&mut nix_cmd(&[
+        "copy",
+        "--no-check-sigs",
+        "--store",
+        &format!("local?root={}", src_root.display()),
+        "--to",
+        &nix_ng_uri,
+        &top_s,
+    ]));
+    let nix_ng_to = t.elapsed();
+    let t = Instant::now();
+    sh(&mut nix_cmd(&[
+        "copy",
+        "--no-check-sigs",
+        "--store",
+        &format!("local?root={}", base.join("back-nix-ng").display()),
+        "--from",
+        &nix_ng_uri,
+        &top_s,
+    ]));
+    let nix_ng_from = t.elapsed();
     println!(
         "copy to a fresh remote:   kiln {:>6.2}s   nix copy --to   {:>6.2}s   ({:.1}x)  [kiln sent {} paths, {} MB]",
         kiln_to.as_secs_f64(),
@@ -381,13 +453,33 @@ fn main() {
         nix_from.as_secs_f64() / zstd_from.as_secs_f64()
     );
     println!(
+        "ssh-ng:// (daemon protocol): to kiln {:>6.2}s nix {:>6.2}s ({:.1}x)   back kiln {:>6.2}s nix {:>6.2}s ({:.1}x)",
+        ng_to.as_secs_f64(),
+        nix_ng_to.as_secs_f64(),
+        nix_ng_to.as_secs_f64() / ng_to.as_secs_f64(),
+        ng_from.as_secs_f64(),
+        nix_ng_from.as_secs_f64(),
+        nix_ng_from.as_secs_f64() / ng_from.as_secs_f64()
+    );
+    println!(
         "  (Kiln's remote and local store fsync what they add (one syncfs per batch); Nix's run with fsync-metadata = false)"
     );
     drop(r_nix);
-    for dir in ["r0", "back-kiln", "r5", "back-zstd", "r1"] {
+    drop(r_nix_ng);
+    for dir in [
+        "r0",
+        "back-kiln",
+        "r5",
+        "back-zstd",
+        "r6",
+        "back-ng",
+        "r1",
+        "back-nix",
+        "r7",
+        "back-nix-ng",
+    ] {
         let _ = std::fs::remove_dir_all(base.join(dir));
     }
-    let _ = std::fs::remove_dir_all(base.join("back-nix"));
     let _ = std::fs::remove_dir_all(&src_root);
 
     // 2. Wide graph on three remotes running nix-store --serve.

@@ -597,8 +597,9 @@ fn fetch_from_daemon(
     let from_remote = |info: &kiln_store::PathInfo, out: &mut dyn std::io::Write| {
         remote.nar_from_path(&info.path, out)
     };
-    // One connection: one NAR at a time.
-    store.add_nars(&ordered, &from_remote, AddOptions::default(), 1)?;
+    // The connection carries one NAR at a time, but with several workers
+    // the next NAR comes over it while the last one is written to disk.
+    store.add_nars(&ordered, &from_remote, AddOptions::default(), 0)?;
     Ok(())
 }
 

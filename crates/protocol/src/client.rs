@@ -3,7 +3,8 @@
 //!
 //! Connections are pooled: each call takes an idle connection (or opens
 //! one), so the store can be shared between threads and calls from many
-//! threads run concurrently, one connection each.
+//! threads run concurrently, one connection each. A store over one
+//! connection made elsewhere (`ssh-ng://`) lends it to one call at a time.
 //!
 //! Besides the [`Store`] operations, [`DaemonStore::build_paths_with_results`]
 //! asks the daemon to build (Nix's `BuildPathsWithResults`, or `BuildPaths`
@@ -14,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use kiln_formats::hash::{HashAlgo, HashingWriter};
 use kiln_formats::store_path::{StoreDir, StorePath, StorePathSet};
@@ -34,7 +35,19 @@ pub const DEFAULT_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
 pub struct DaemonStore {
     socket: PathBuf,
     store_dir: StoreDir,
-    idle: Mutex<Vec<Connection>>,
+    pool: Mutex<Pool>,
+    /// A connection was put back (or dropped), for callers waiting on a
+    /// store that cannot open more ([`DaemonStore::over_connection`]).
+    returned: Condvar,
+    /// Whether more connections can be opened to `socket`.
+    can_connect: bool,
+}
+
+#[derive(Debug, Default)]
+struct Pool {
+    idle: Vec<Connection>,
+    /// Connections taken and not yet put back or dropped.
+    lent: usize,
 }
 
 /// One handshaken connection.
@@ -545,18 +558,26 @@ impl DaemonStore {
         DaemonStore {
             socket: socket.into(),
             store_dir: StoreDir::default(),
-            idle: Mutex::new(Vec::new()),
+            pool: Mutex::default(),
+            returned: Condvar::new(),
+            can_connect: true,
         }
     }
 
     /// A store on one connection made elsewhere (`ssh-ng://`: a daemon
     /// over SSH); `name` stands for the socket in messages. Nothing can
-    /// reconnect: once that connection broke, calls fail.
+    /// reconnect: once that connection broke, calls fail. Calls from
+    /// several threads take turns on it.
     pub fn over_connection(conn: Connection, name: impl Into<PathBuf>) -> DaemonStore {
         DaemonStore {
             socket: name.into(),
             store_dir: StoreDir::default(),
-            idle: Mutex::new(vec![conn]),
+            pool: Mutex::new(Pool {
+                idle: vec![conn],
+                lent: 0,
+            }),
+            returned: Condvar::new(),
+            can_connect: false,
         }
     }
 
@@ -578,25 +599,58 @@ impl DaemonStore {
     /// Opens a connection now, to check the daemon is there; it is kept
     /// for later calls. Returns the daemon's version string, if it sent one.
     pub fn ping(&self) -> Result<Option<String>, StoreError> {
+        if !self.can_connect {
+            return Ok(self.with(|c| Ok(c.daemon_version.clone()))?);
+        }
         let conn = Connection::open(&self.socket)?;
         let version = conn.daemon_version.clone();
-        self.put(conn);
+        self.pool().idle.push(conn);
         Ok(version)
     }
 
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An idle connection, or a new one; on a store of one connection,
+    /// waits for it to be put back.
     fn take(&self) -> Result<Connection, StoreError> {
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        match idle {
-            Some(c) => Ok(c),
-            None => Connection::open(&self.socket),
+        let mut pool = self.pool();
+        loop {
+            if let Some(c) = pool.idle.pop() {
+                pool.lent += 1;
+                return Ok(c);
+            }
+            if self.can_connect {
+                drop(pool);
+                let conn = Connection::open(&self.socket)?;
+                self.pool().lent += 1;
+                return Ok(conn);
+            }
+            if pool.lent == 0 {
+                return Err(StoreError::Stream {
+                    action: "reach the daemon",
+                    source: io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        format!(
+                            "the connection to '{}' broke earlier",
+                            self.socket.display()
+                        ),
+                    ),
+                });
+            }
+            pool = self.returned.wait(pool).unwrap_or_else(|p| p.into_inner());
         }
     }
 
-    fn put(&self, conn: Connection) {
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(conn);
+    /// Ends the loan of a connection from [`take`](Self::take): back to
+    /// the pool when it can be used again, dropped otherwise.
+    fn give_back(&self, conn: Option<Connection>) {
+        let mut pool = self.pool();
+        pool.lent -= 1;
+        pool.idle.extend(conn);
+        drop(pool);
+        self.returned.notify_all();
     }
 
     /// Runs `f` on a connection; a connection that failed at the transport
@@ -614,9 +668,7 @@ impl DaemonStore {
             }
             Err(_) => false,
         };
-        if reusable {
-            self.put(conn);
-        }
+        self.give_back(reusable.then_some(conn));
         result
     }
 

@@ -9,6 +9,7 @@
 //! always builds in its sandbox); Kiln imports the same `.drv` files into a
 //! store of its own first (untimed, with `--dry-run`), so both time only
 //! the builds. A seed in every derivation makes each run build afresh.
+//! `BENCH_KILN_ONLY=1` runs only Kiln's builds (for profiling them).
 
 use std::path::Path;
 use std::process::Command;

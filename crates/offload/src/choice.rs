@@ -12,7 +12,7 @@
 //!   until which it is skipped (doubling with each failure);
 //! - `choices.log`: every choice and its reason, one line each.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::MetadataExt as _;
@@ -289,6 +289,35 @@ impl Chooser {
         Ok(l)
     }
 
+    /// Reads the load of every machine that could take a build of
+    /// `system` with `features` and has no fresh reading, all at once:
+    /// each may need a new SSH connection (a key exchange), and one after
+    /// the other the first build waited for every machine in turn.
+    /// Answers by index into `machines`.
+    fn probe_loads(
+        &self,
+        machines: &[Machine],
+        system: &str,
+        features: &BTreeSet<String>,
+        exclude: &BTreeSet<String>,
+    ) -> HashMap<usize, Result<LoadInfo, crate::ssh::SshError>> {
+        let stale = machines.iter().enumerate().filter(|(_, m)| {
+            m.can_build(system, features)
+                && !exclude.contains(&m.uri)
+                && self.down(m).is_none_or(|(left, _)| left.is_zero())
+                && self.cached_load(m, true).is_none()
+        });
+        std::thread::scope(|scope| {
+            let probes: Vec<_> = stale
+                .map(|(i, m)| (i, scope.spawn(move || self.load(m))))
+                .collect();
+            probes
+                .into_iter()
+                .map(|(i, probe)| (i, probe.join().expect("a load probe panicked")))
+                .collect()
+        })
+    }
+
     /// The last load reading of `m`; only a fresh one if `fresh`.
     pub fn cached_load(&self, m: &Machine, fresh: bool) -> Option<LoadInfo> {
         let text = std::fs::read_to_string(self.dir.join("load").join(m.state_name())).ok()?;
@@ -349,6 +378,7 @@ impl Chooser {
         let main = self.dir.join("main-lock");
         let lock = Self::open_lock(&main)?;
         flock(&lock, LockKind::Exclusive, true).map_err(io("lock", &main))?;
+        let mut probed = self.probe_loads(machines, system, features, exclude);
         let mut notes = Vec::new();
         let mut any_match = false;
         let mut best: Option<(f64, usize, SlotLock, String)> = None;
@@ -387,7 +417,7 @@ impl Chooser {
                 notes.push(format!("{}: busy ({used}/{} slots)", m.uri, m.max_jobs));
                 continue;
             };
-            let load = match self.load(m) {
+            let load = match probed.remove(&i).unwrap_or_else(|| self.load(m)) {
                 Ok(l) => {
                     self.mark_up(m);
                     l
@@ -561,6 +591,61 @@ mod tests {
         assert!(matches!(ch, Choice::Decline { .. }), "{ch:?}");
         c.mark_down(&ms[0], "again");
         assert_eq!(c.down(&ms[0]).unwrap().1, 2);
+    }
+
+    /// The machines' loads are read at once: each probe (a stand-in for
+    /// ssh) answers only once all three have started, and gives up after
+    /// 10 s. One after the other, the first would give up and its machine
+    /// be marked down.
+    #[test]
+    fn loads_are_probed_at_once() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let (d, c) = chooser();
+        let started = d.path().join("started");
+        std::fs::create_dir(&started).unwrap();
+        let ssh = d.path().join("fake-ssh");
+        std::fs::write(
+            &ssh,
+            format!(
+                "#!/bin/sh\nmktemp -p {s} >/dev/null\nfor i in $(seq 100); do\n  \
+                 [ $(ls {s} | wc -l) -ge 3 ] && {{ printf '0.50 0.4 0.3 1/99 9\\n4\\nFS blocks used available capacity on\\n/dev/x 9 1 99999999 1pc /\\n'; exit 0; }}\n  \
+                 sleep 0.1\ndone\nexit 1\n",
+                s = started.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // SAFETY: no other test of this crate runs ssh or reads KILN_SSH.
+        unsafe { std::env::set_var("KILN_SSH", &ssh) };
+        let ms = crate::machines::parse_builders(
+            "ssh://a x86_64-linux\nssh://b x86_64-linux\nssh://c x86_64-linux",
+            "t",
+            "x86_64-linux",
+        )
+        .unwrap();
+        let ch = c
+            .choose(
+                &ms,
+                "d",
+                "x86_64-linux",
+                &BTreeSet::new(),
+                &BTreeSet::new(),
+                false,
+            )
+            .unwrap();
+        let Choice::Chosen { reason, .. } = ch else {
+            panic!("{ch:?}");
+        };
+        assert!(!reason.contains("unreachable"), "{reason}");
+        for m in &ms {
+            assert!(c.down(m).is_none(), "{} marked down: {reason}", m.uri);
+            assert_eq!(
+                c.cached_load(m, true).map(|l| l.cores),
+                Some(4),
+                "{}",
+                m.uri
+            );
+        }
     }
 }
 

@@ -71,38 +71,32 @@ fn start_remote(base: &Path, n: usize, kind: &str, client_pub: &Path, daemon: &P
         ),
     )
     .unwrap();
-    let script = match kind {
-        "kiln" => format!(
-            "#!/bin/sh\nexec {} --store 'local?root={}' --option sandbox-paths '/bin /usr /lib /lib64?' \"$@\"\n",
-            daemon.display(),
-            dir.join("root").display()
-        ),
-        _ => format!(
-            "#!/bin/sh\nexport NIX_CONF_DIR={}\nexec {} \"$@\"\n",
-            dir.join("etc").display(),
-            nix().program("nix-store").display()
-        ),
+    let wrap = |name: &str, script: String| {
+        let prog = dir.join("bin").join(name);
+        std::fs::write(&prog, script).unwrap();
+        sh(Command::new("chmod").arg("755").arg(&prog));
     };
-    let prog = dir.join(if kind == "kiln" {
-        "bin/store-daemon"
-    } else {
-        "bin/nix-store"
-    });
-    std::fs::write(&prog, script).unwrap();
-    sh(Command::new("chmod").arg("755").arg(&prog));
-    if kind != "kiln" {
-        // For ssh-ng://: Nix's daemon on stdio, over the same store.
-        let daemon = dir.join("bin/nix-daemon");
-        std::fs::write(
-            &daemon,
+    if kind == "kiln" {
+        wrap(
+            "store-daemon",
             format!(
-                "#!/bin/sh\nexport NIX_CONF_DIR={}\nexec {} \"$@\"\n",
-                dir.join("etc").display(),
-                nix().program("nix-daemon").display()
+                "#!/bin/sh\nexec {} --store 'local?root={}' --option sandbox-paths '/bin /usr /lib /lib64?' \"$@\"\n",
+                daemon.display(),
+                dir.join("root").display()
             ),
-        )
-        .unwrap();
-        sh(Command::new("chmod").arg("755").arg(&daemon));
+        );
+    } else {
+        // nix-store for ssh://, nix-daemon for ssh-ng://, on the same store.
+        for program in ["nix-store", "nix-daemon"] {
+            wrap(
+                program,
+                format!(
+                    "#!/bin/sh\nexport NIX_CONF_DIR={}\nexec {} \"$@\"\n",
+                    dir.join("etc").display(),
+                    nix().program(program).display()
+                ),
+            );
+        }
     }
     let addr = format!("127.0.0.{}", 50 + n);
     std::fs::write(
@@ -168,6 +162,38 @@ fn line_with(r: &Remote, key: &Path, program: &str, jobs: u32, params: &str) -> 
         key.display(),
         b64(&r.host_key)
     )
+}
+
+fn target_for(line: &str, ssh_dir: &Path) -> SshTarget {
+    let m = &parse_builders(line, "bench", "x86_64-linux").unwrap()[0];
+    SshTarget::new(m, ssh_dir).unwrap()
+}
+
+/// Kiln's copy of the closure of `paths` to `target`, then back into a
+/// fresh store at `back`: the two times and what the first sent. Nothing
+/// is deleted until every copy is done (each needs ~2× the closure on
+/// disk): on ext4 without a journal, allocating inodes soon after
+/// thousands were freed is slow (`recently_deleted`), which would slow
+/// whichever copy came next.
+fn kiln_round_trip(
+    target: &SshTarget,
+    src: &LocalStore,
+    paths: &BTreeSet<kiln_formats::store_path::StorePath>,
+    back: &Path,
+) -> (Duration, Duration, kiln_offload::remote::Stats) {
+    let quiet = LogSink::new(std::io::sink());
+    let t = Instant::now();
+    let stats = kiln_offload::remote::copy_to(target, src, paths, quiet.clone()).unwrap();
+    let to = t.elapsed();
+    let back = LocalStore::open_root(back).unwrap();
+    let t = Instant::now();
+    kiln_offload::remote::copy_from(target, &back, paths, quiet).unwrap();
+    let from = t.elapsed();
+    assert_eq!(
+        back.query_all_valid_paths().unwrap(),
+        src.query_all_valid_paths().unwrap()
+    );
+    (to, from, stats)
 }
 
 /// The files under `dir` (sorted, depth first), for content like a real
@@ -269,24 +295,10 @@ fn main() {
     let r_kiln = start_remote(base, 0, "kiln", &key_pub, &daemon);
     let r_nix = start_remote(base, 1, "nix", &key_pub, &daemon);
     let src = LocalStore::open_root(&src_root).unwrap();
-    let m = &parse_builders(
-        &line(&r_kiln, &key, "bin/store-daemon", 1),
-        "bench",
-        "x86_64-linux",
-    )
-    .unwrap()[0];
-    let target = SshTarget::new(m, &ssh_dir).unwrap();
+    let target = target_for(&line(&r_kiln, &key, "bin/store-daemon", 1), &ssh_dir);
     let paths: BTreeSet<_> = [top.clone()].into();
-    let quiet = LogSink::new(std::io::sink());
-    let t = Instant::now();
-    let stats = kiln_offload::remote::copy_to(&target, &src, &paths, quiet.clone()).unwrap();
-    let kiln_to = t.elapsed();
-    let back_root = base.join("back-kiln");
-    let back = LocalStore::open_root(&back_root).unwrap();
-    let t = Instant::now();
-    kiln_offload::remote::copy_from(&target, &back, &paths, quiet.clone()).unwrap();
-    let kiln_from = t.elapsed();
-    assert_eq!(back.query_all_valid_paths().unwrap().len(), count);
+    let (kiln_to, kiln_from, stats) =
+        kiln_round_trip(&target, &src, &paths, &base.join("back-kiln"));
     if std::env::var_os("BENCH_KILN_ONLY").is_some() {
         println!(
             "kiln: to {:.2}s, back {:.2}s (BENCH_KILN_ONLY: nothing else measured)",
@@ -296,53 +308,26 @@ fn main() {
         target.exit_master();
         return;
     }
-    // Nothing is deleted until every copy is done (each needs ~2× the
-    // closure on disk): on ext4 without a journal, allocating inodes soon
-    // after thousands were freed is slow (`recently_deleted`), which would
-    // slow whichever copy came next.
-    drop(back);
     target.exit_master();
     drop(r_kiln);
 
     // The same through a zstd stream (what Kiln remotes off loopback get).
     let r_zstd = start_remote(base, 5, "kiln", &key_pub, &daemon);
-    let m = &parse_builders(
+    let target_z = target_for(
         &line_with(&r_zstd, &key, "bin/store-daemon", 1, "&compress=zstd"),
-        "bench",
-        "x86_64-linux",
-    )
-    .unwrap()[0];
-    let target_z = SshTarget::new(m, &ssh_dir).unwrap();
-    let t = Instant::now();
-    kiln_offload::remote::copy_to(&target_z, &src, &paths, quiet.clone()).unwrap();
-    let zstd_to = t.elapsed();
-    let back_z = LocalStore::open_root(base.join("back-zstd")).unwrap();
-    let t = Instant::now();
-    kiln_offload::remote::copy_from(&target_z, &back_z, &paths, quiet.clone()).unwrap();
-    let zstd_from = t.elapsed();
-    assert_eq!(back_z.query_all_valid_paths().unwrap().len(), count);
-    drop(back_z);
+        &ssh_dir,
+    );
+    let (zstd_to, zstd_from, _) = kiln_round_trip(&target_z, &src, &paths, &base.join("back-zstd"));
     target_z.exit_master();
     drop(r_zstd);
 
     // The same over ssh-ng:// (the daemon protocol to `store-daemon --stdio`).
     let r_ng = start_remote(base, 6, "kiln", &key_pub, &daemon);
-    let m = &parse_builders(
+    let target_ng = target_for(
         &line(&r_ng, &key, "bin/store-daemon", 1).replacen("ssh://", "ssh-ng://", 1),
-        "bench",
-        "x86_64-linux",
-    )
-    .unwrap()[0];
-    let target_ng = SshTarget::new(m, &ssh_dir).unwrap();
-    let t = Instant::now();
-    kiln_offload::remote::copy_to(&target_ng, &src, &paths, quiet.clone()).unwrap();
-    let ng_to = t.elapsed();
-    let back_ng = LocalStore::open_root(base.join("back-ng")).unwrap();
-    let t = Instant::now();
-    kiln_offload::remote::copy_from(&target_ng, &back_ng, &paths, quiet.clone()).unwrap();
-    let ng_from = t.elapsed();
-    assert_eq!(back_ng.query_all_valid_paths().unwrap().len(), count);
-    drop(back_ng);
+        &ssh_dir,
+    );
+    let (ng_to, ng_from, _) = kiln_round_trip(&target_ng, &src, &paths, &base.join("back-ng"));
     target_ng.exit_master();
     drop(r_ng);
     drop(src);
@@ -382,55 +367,31 @@ fn main() {
     )
     .unwrap();
     let top_s = format!("/nix/store/{}", top.base_name());
-    let t = Instant::now();
-    sh(&mut nix_cmd(&[
-        "copy",
-        "--no-check-sigs",
-        "--store",
-        &format!("local?root={}", src_root.display()),
-        "--to",
-        &nix_uri,
-        &top_s,
-    ]));
-    let nix_to = t.elapsed();
-    let t = Instant::now();
-    sh(&mut nix_cmd(&[
-        "copy",
-        "--no-check-sigs",
-        "--store",
-        &format!("local?root={}", base.join("back-nix").display()),
-        "--from",
-        &nix_uri,
-        &top_s,
-    ]));
-    let nix_from = t.elapsed();
+    // `nix copy` of the closure to `uri` from the source store, then back
+    // into a fresh store: the two times.
+    let nix_round_trip = |uri: &str, back: &str| {
+        let copy = |store: &Path, direction: &str| {
+            let t = Instant::now();
+            sh(&mut nix_cmd(&[
+                "copy",
+                "--no-check-sigs",
+                "--store",
+                &format!("local?root={}", store.display()),
+                direction,
+                uri,
+                &top_s,
+            ]));
+            t.elapsed()
+        };
+        (copy(&src_root, "--to"), copy(&base.join(back), "--from"))
+    };
+    let (nix_to, nix_from) = nix_round_trip(&nix_uri, "back-nix");
     let nix_ng_uri = format!(
         "ssh-ng://root@{}?remote-program={}",
         r_nix_ng.addr,
         r_nix_ng.dir.join("bin/nix-daemon").display()
     );
-    let t = Instant::now();
-    sh(&mut nix_cmd(&[
-        "copy",
-        "--no-check-sigs",
-        "--store",
-        &format!("local?root={}", src_root.display()),
-        "--to",
-        &nix_ng_uri,
-        &top_s,
-    ]));
-    let nix_ng_to = t.elapsed();
-    let t = Instant::now();
-    sh(&mut nix_cmd(&[
-        "copy",
-        "--no-check-sigs",
-        "--store",
-        &format!("local?root={}", base.join("back-nix-ng").display()),
-        "--from",
-        &nix_ng_uri,
-        &top_s,
-    ]));
-    let nix_ng_from = t.elapsed();
+    let (nix_ng_to, nix_ng_from) = nix_round_trip(&nix_ng_uri, "back-nix-ng");
     println!(
         "copy to a fresh remote:   kiln {:>6.2}s   nix copy --to   {:>6.2}s   ({:.1}x)  [kiln sent {} paths, {} MB]",
         kiln_to.as_secs_f64(),

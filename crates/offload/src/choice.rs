@@ -289,6 +289,20 @@ impl Chooser {
         Ok(l)
     }
 
+    /// Why `m`, which could build, is not even considered: it already
+    /// failed this build, or it is marked down.
+    fn passed_over(&self, m: &Machine, exclude: &BTreeSet<String>) -> Option<String> {
+        if exclude.contains(&m.uri) {
+            return Some(format!("{}: already failed this build", m.uri));
+        }
+        let (left, n) = self.down(m).filter(|(d, _)| !d.is_zero())?;
+        Some(format!(
+            "{}: down for {:.0}s more ({n} failures)",
+            m.uri,
+            left.as_secs_f64()
+        ))
+    }
+
     /// Reads the load of every machine that could take a build of
     /// `system` with `features` and has no fresh reading, all at once:
     /// each may need a new SSH connection (a key exchange), and one after
@@ -303,8 +317,7 @@ impl Chooser {
     ) -> HashMap<usize, Result<LoadInfo, crate::ssh::SshError>> {
         let stale = machines.iter().enumerate().filter(|(_, m)| {
             m.can_build(system, features)
-                && !exclude.contains(&m.uri)
-                && self.down(m).is_none_or(|(left, _)| left.is_zero())
+                && self.passed_over(m, exclude).is_none()
                 && self.cached_load(m, true).is_none()
         });
         std::thread::scope(|scope| {
@@ -392,16 +405,8 @@ impl Chooser {
                 continue;
             }
             any_match = true;
-            if exclude.contains(&m.uri) {
-                notes.push(format!("{}: already failed this build", m.uri));
-                continue;
-            }
-            if let Some((left, n)) = self.down(m).filter(|(d, _)| !d.is_zero()) {
-                notes.push(format!(
-                    "{}: down for {:.0}s more ({n} failures)",
-                    m.uri,
-                    left.as_secs_f64()
-                ));
+            if let Some(why) = self.passed_over(m, exclude) {
+                notes.push(why);
                 continue;
             }
             let mut free = None;
@@ -536,6 +541,19 @@ mod tests {
         (d, c)
     }
 
+    /// `c.choose` for a build of x86_64-linux with no features or exclusions.
+    fn choose(c: &Chooser, ms: &[Machine], local_ok: bool) -> Choice {
+        c.choose(
+            ms,
+            "d",
+            "x86_64-linux",
+            &BTreeSet::new(),
+            &BTreeSet::new(),
+            local_ok,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn slots_are_exclusive_across_openers() {
         let (_d, c) = chooser();
@@ -552,42 +570,15 @@ mod tests {
         let (_d, c) = chooser();
         let ms =
             crate::machines::parse_builders("ssh://a aarch64-linux", "t", "x86_64-linux").unwrap();
-        let ch = c
-            .choose(
-                &ms,
-                "d",
-                "x86_64-linux",
-                &BTreeSet::new(),
-                &BTreeSet::new(),
-                false,
-            )
-            .unwrap();
+        let ch = choose(&c, &ms, false);
         assert!(matches!(ch, Choice::Decline { .. }), "{ch:?}");
         let ms =
             crate::machines::parse_builders("ssh://a x86_64-linux", "t", "x86_64-linux").unwrap();
         c.mark_down(&ms[0], "test");
         assert!(c.down(&ms[0]).unwrap().0 > Duration::from_secs(5));
-        let ch = c
-            .choose(
-                &ms,
-                "d",
-                "x86_64-linux",
-                &BTreeSet::new(),
-                &BTreeSet::new(),
-                false,
-            )
-            .unwrap();
+        let ch = choose(&c, &ms, false);
         assert!(matches!(ch, Choice::Postpone { .. }), "{ch:?}");
-        let ch = c
-            .choose(
-                &ms,
-                "d",
-                "x86_64-linux",
-                &BTreeSet::new(),
-                &BTreeSet::new(),
-                true,
-            )
-            .unwrap();
+        let ch = choose(&c, &ms, true);
         assert!(matches!(ch, Choice::Decline { .. }), "{ch:?}");
         c.mark_down(&ms[0], "again");
         assert_eq!(c.down(&ms[0]).unwrap().1, 2);
@@ -623,16 +614,7 @@ mod tests {
             "x86_64-linux",
         )
         .unwrap();
-        let ch = c
-            .choose(
-                &ms,
-                "d",
-                "x86_64-linux",
-                &BTreeSet::new(),
-                &BTreeSet::new(),
-                false,
-            )
-            .unwrap();
+        let ch = choose(&c, &ms, false);
         let Choice::Chosen { reason, .. } = ch else {
             panic!("{ch:?}");
         };

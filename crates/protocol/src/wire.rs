@@ -417,6 +417,22 @@ impl<R: Read + ?Sized, W: Write + ?Sized> NarCopier<'_, R, W> {
     }
 }
 
+/// The pipe buffer [`widen_pipe`] asks for: the default 64 KiB makes a
+/// NAR stream through SSH cost a context switch per 64 KiB on each side.
+pub const PIPE_BUFFER: i32 = 1 << 20;
+
+/// Grows the kernel buffer of the pipe `fd` is an end of to
+/// [`PIPE_BUFFER`], so a writer runs ahead of its reader by a megabyte.
+/// Best effort: not a pipe, or over the system's limit
+/// (`/proc/sys/fs/pipe-max-size`), leaves it as it is.
+pub fn widen_pipe(fd: std::os::fd::BorrowedFd<'_>) {
+    use std::os::fd::AsRawFd;
+    let _ = nix::fcntl::fcntl(
+        fd.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BUFFER),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,20 +500,4 @@ mod tests {
         assert_eq!(r, b"trailing");
         assert!(copy_nar(&mut &nar[..nar.len() - 8], &mut Vec::new()).is_err());
     }
-}
-
-/// The pipe buffer [`widen_pipe`] asks for: the default 64 KiB makes a
-/// NAR stream through SSH cost a context switch per 64 KiB on each side.
-pub const PIPE_BUFFER: i32 = 1 << 20;
-
-/// Grows the kernel buffer of the pipe `fd` is an end of to
-/// [`PIPE_BUFFER`], so a writer runs ahead of its reader by a megabyte.
-/// Best effort: not a pipe, or over the system's limit
-/// (`/proc/sys/fs/pipe-max-size`), leaves it as it is.
-pub fn widen_pipe(fd: std::os::fd::BorrowedFd<'_>) {
-    use std::os::fd::AsRawFd;
-    let _ = nix::fcntl::fcntl(
-        fd.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BUFFER),
-    );
 }

@@ -9,7 +9,8 @@
 //! always builds in its sandbox); Kiln imports the same `.drv` files into a
 //! store of its own first (untimed, with `--dry-run`), so both time only
 //! the builds. A seed in every derivation makes each run build afresh.
-//! `BENCH_KILN_ONLY=1` runs only Kiln's builds (for profiling them).
+//! `BENCH_KILN_ONLY=1` runs only Kiln's builds (for profiling them), and
+//! `BENCH_CASE=wide` or `BENCH_CASE=deep` only one of the graphs.
 
 use std::path::Path;
 use std::process::Command;
@@ -129,7 +130,11 @@ fn main() {
         },
     ];
     println!("build: trivial sandboxed derivations, Kiln vs nix-build (Nix 2.8), same run");
+    let only = std::env::var("BENCH_CASE").ok();
     for case in cases {
+        if only.as_deref().is_some_and(|o| !case.name.starts_with(o)) {
+            continue;
+        }
         let nix = NixStore::new();
         let sandbox = sandbox_paths(&nix);
         let file = nix.root().parent().unwrap().join("graph.nix");

@@ -13,14 +13,21 @@
 //! to elsewhere (CVE-2025-46415, CVE-2025-52993) only ever gets the symlink itself
 //! removed or re-owned. Permissions are reset before deletion and when a failed
 //! build's directory is kept (CVE-2025-52992).
+//!
+//! A finished build's directory can be [recycled](BuildDir::recycle) instead of
+//! removed: its contents go, but the `<prefix>-…` directory and its
+//! subdirectories stay for the next build of this process. Each build then
+//! frees and allocates no inodes of its own, which matters on file systems
+//! where allocating an inode costs more the more were freed recently (ext4
+//! without a journal scans past every inode freed in the last half minute).
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// What went wrong with a build directory, and where.
 #[derive(Debug, thiserror::Error)]
@@ -53,9 +60,52 @@ pub struct BuildDirs {
 struct Top {
     path: PathBuf,
     fd: OwnedFd,
+    /// Emptied build directories of this process, ready for the next build.
+    idle: Mutex<Vec<Idle>>,
 }
 
+/// An emptied `<prefix>-<pid>-<n>` directory.
+#[derive(Debug)]
+struct Idle {
+    prefix: String,
+    name: CString,
+    outer: OwnedFd,
+}
+
+/// How many emptied build directories a process keeps: more than the builds
+/// that usually run at once, few enough that keeping them costs nothing.
+const MAX_IDLE: usize = 32;
+
 static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Top {
+    /// Removes `<top>/<name>`, whose descriptor is `outer`, and all below it.
+    fn remove(&self, name: &CStr, outer: OwnedFd) -> io::Result<()> {
+        remove_contents(outer.as_raw_fd())?;
+        drop(outer);
+        // SAFETY: valid fd and C string.
+        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// An emptied directory made with `prefix`, if one is idle.
+    fn take_idle(&self, prefix: &str) -> Option<Idle> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let i = idle.iter().rposition(|d| d.prefix == prefix)?;
+        Some(idle.swap_remove(i))
+    }
+}
+
+impl Drop for Top {
+    fn drop(&mut self) {
+        let idle = std::mem::take(self.idle.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for d in idle {
+            let _ = self.remove(&d.name, d.outer);
+        }
+    }
+}
 
 impl BuildDirs {
     /// Opens `top`, creating it (and missing parents) if needed. It must be owned by
@@ -102,6 +152,7 @@ impl BuildDirs {
             inner: Arc::new(Top {
                 path: top.to_owned(),
                 fd,
+                idle: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -111,14 +162,31 @@ impl BuildDirs {
         &self.inner.path
     }
 
-    /// Creates a fresh build directory whose `build` subdirectory belongs to
-    /// `owner` (host uid, gid), typically the build user's mapped ids.
+    /// Creates an empty build directory whose `build` subdirectory belongs to
+    /// `owner` (host uid, gid), typically the build user's mapped ids. It is a
+    /// recycled one when one is idle.
     pub fn create(
         &self,
         prefix: &str,
         owner: Option<(u32, u32)>,
     ) -> Result<BuildDir, BuildDirError> {
         let top = &self.inner;
+        while let Some(idle) = top.take_idle(prefix) {
+            match reuse(&idle, owner) {
+                Ok(()) => {
+                    let path = top.path.join(OsStr::from_bytes(idle.name.as_bytes()));
+                    return Ok(BuildDir {
+                        top: top.clone(),
+                        prefix: idle.prefix,
+                        name: idle.name,
+                        outer: Some(idle.outer),
+                        path: path.join("build"),
+                    });
+                }
+                // Changed under us: not reused, and removed if possible.
+                Err(_) => drop(top.remove(&idle.name, idle.outer)),
+            }
+        }
         loop {
             let name = format!(
                 "{prefix}-{}-{}",
@@ -168,6 +236,7 @@ impl BuildDirs {
             }
             return Ok(BuildDir {
                 top: self.inner.clone(),
+                prefix: prefix.to_owned(),
                 name: cname,
                 outer: Some(outer),
                 path: path.join("build"),
@@ -182,6 +251,7 @@ impl BuildDirs {
 #[derive(Debug)]
 pub struct BuildDir {
     top: Arc<Top>,
+    prefix: String,
     name: CString,
     outer: Option<OwnedFd>,
     path: PathBuf,
@@ -191,6 +261,35 @@ impl BuildDir {
     /// The host path to bind at `/build`.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A directory beside `build` (inside the private parent), created if it is
+    /// missing, with mode 0755 and owned by `owner`: for what a build needs
+    /// beside its `/build`, such as the scratch store its outputs are written
+    /// to. It survives recycling, emptied.
+    pub fn sibling(&self, name: &str, owner: Option<(u32, u32)>) -> Result<PathBuf, BuildDirError> {
+        let outer = self.outer.as_ref().expect("present until removed");
+        let path = self.path.with_file_name(name);
+        let err = |source| BuildDirError::Create {
+            path: path.clone(),
+            source,
+        };
+        let cname = cstring(OsStr::new(name));
+        // SAFETY: valid fd and C string.
+        if unsafe { libc::mkdirat(outer.as_raw_fd(), cname.as_ptr(), 0o755) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(err(e));
+            }
+        }
+        let dir = open_fd(
+            outer.as_raw_fd(),
+            &cname,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        )
+        .map_err(err)?;
+        set_owner_and_mode(dir.as_raw_fd(), owner, 0o755).map_err(err)?;
+        Ok(path)
     }
 
     /// Resets every entry below the directory: owner set to `owner` (without
@@ -217,29 +316,99 @@ impl BuildDir {
         self.remove_inner()
     }
 
-    fn remove_inner(&mut self) -> Result<(), BuildDirError> {
+    /// Empties the tree, never following a symlink the builder planted, and
+    /// keeps it for a later [`BuildDirs::create`] of this process; removes it
+    /// when enough are idle already.
+    pub fn recycle(mut self) -> Result<(), BuildDirError> {
         let Some(outer) = self.outer.take() else {
             return Ok(());
         };
+        let top = self.top.clone();
         let err = |source| BuildDirError::Remove {
             path: self.path.clone(),
             source,
         };
-        remove_contents(outer.as_raw_fd()).map_err(err)?;
-        drop(outer);
-        // SAFETY: valid fd and C string.
-        if unsafe {
-            libc::unlinkat(
-                self.top.fd.as_raw_fd(),
-                self.name.as_ptr(),
-                libc::AT_REMOVEDIR,
-            )
-        } != 0
-        {
-            return Err(err(io::Error::last_os_error()));
+        let mut idle = top.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() >= MAX_IDLE {
+            drop(idle);
+            return top.remove(&self.name, outer).map_err(err);
         }
+        drop(idle);
+        if let Err(e) = empty_subdirs(outer.as_raw_fd()) {
+            let _ = top.remove(&self.name, outer);
+            return Err(err(e));
+        }
+        idle = top.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.push(Idle {
+            prefix: std::mem::take(&mut self.prefix),
+            name: self.name.clone(),
+            outer,
+        });
         Ok(())
     }
+
+    fn remove_inner(&mut self) -> Result<(), BuildDirError> {
+        let Some(outer) = self.outer.take() else {
+            return Ok(());
+        };
+        self.top
+            .remove(&self.name, outer)
+            .map_err(|source| BuildDirError::Remove {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// Readies an idle directory for its next build: `build` (checked to be the
+/// directory it was) made 0700 and `owner`'s.
+fn reuse(idle: &Idle, owner: Option<(u32, u32)>) -> io::Result<()> {
+    let build = open_fd(
+        idle.outer.as_raw_fd(),
+        c"build",
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+    )?;
+    set_owner_and_mode(build.as_raw_fd(), owner, 0o700)
+}
+
+fn set_owner_and_mode(fd: RawFd, owner: Option<(u32, u32)>, mode: libc::mode_t) -> io::Result<()> {
+    if let Some((uid, gid)) = owner {
+        // SAFETY: valid fd.
+        if unsafe { libc::fchown(fd, uid, gid) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: valid fd.
+    if unsafe { libc::fchmod(fd, mode) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Empties every directory directly below `fd` and removes everything else
+/// there: what is left is `fd` with its (empty) subdirectories.
+fn empty_subdirs(fd: RawFd) -> io::Result<()> {
+    for name in entries(fd)? {
+        let st = match lstat_at(fd, &name) {
+            Ok(st) => st,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            if let Some(sub) = open_subdir(fd, &name)? {
+                remove_contents(sub.as_raw_fd())?;
+                continue;
+            }
+        }
+        // SAFETY: valid fd and C string; unlinking a symlink removes only the link.
+        if unsafe { libc::unlinkat(fd, name.as_ptr(), 0) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Drop for BuildDir {

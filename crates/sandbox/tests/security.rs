@@ -628,6 +628,113 @@ fn cve_2025_46415_52993_symlinks_planted_in_the_build_dir_do_not_redirect_cleanu
     both(symlink_cleanup);
 }
 
+/// A recycled build directory comes back empty, private and re-owned, with
+/// its siblings emptied, and recycling follows none of the builder's symlinks.
+fn recycle(caller: Caller) -> Result<(), String> {
+    let tmp = tempdir_for(caller);
+    let victim = tmp.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("precious"), "keep me\n").unwrap();
+    let mut build = Build::new(&tmp.path().join("builds"));
+    let scratch = build
+        .dir
+        .as_ref()
+        .unwrap()
+        .sibling("store", build.owner)
+        .map_err(|e| e.to_string())?;
+    let v = victim.to_str().unwrap();
+    let (status, out) = run(build.spec(&[
+        "symlink",
+        v,
+        "/build/dirlink",
+        "mkdir",
+        "/build/sub",
+        "symlink",
+        v,
+        "/build/sub/deeper",
+        "write",
+        "/build/sub/file",
+        "chmod-plain",
+        "/build/sub",
+        "0000",
+        "chmod-plain",
+        "/build",
+        "0777",
+    ]));
+    ensure!(status.success(), "{out}");
+    std::fs::write(scratch.join("leftover"), "x").unwrap();
+    std::os::unix::fs::symlink(&victim, scratch.join("link")).unwrap();
+    let dir = build.dir.take().unwrap();
+    let first = dir.path().to_owned();
+    dir.recycle().map_err(|e| e.to_string())?;
+    ensure!(
+        std::fs::read_dir(&first)
+            .map_err(|e| e.to_string())?
+            .next()
+            .is_none(),
+        "recycled build dir not empty"
+    );
+    ensure!(
+        std::fs::read_dir(&scratch)
+            .map_err(|e| e.to_string())?
+            .next()
+            .is_none(),
+        "recycled sibling not empty"
+    );
+    ensure!(
+        std::fs::read_to_string(victim.join("precious"))
+            .ok()
+            .as_deref()
+            == Some("keep me\n"),
+        "victim harmed"
+    );
+    // The next build gets the same directory, private again and owned by its
+    // own user; another prefix never gets it.
+    let other = build
+        .dirs
+        .create("other", build.owner)
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        other.path() != first,
+        "a recycled directory crossed prefixes"
+    );
+    let again = build
+        .dirs
+        .create("test", Some((0, 0)).filter(|_| caller == Caller::Root))
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        again.path() == first,
+        "not reused: {}",
+        again.path().display()
+    );
+    let m = std::fs::metadata(&first).unwrap();
+    ensure!(m.mode() & 0o7777 == 0o700, "mode {:o}", m.mode());
+    if caller == Caller::Root {
+        ensure!(
+            (m.uid(), m.gid()) == (0, 0),
+            "owner {}:{}",
+            m.uid(),
+            m.gid()
+        );
+    }
+    // Idle directories go with the last handle on their parent.
+    again.recycle().map_err(|e| e.to_string())?;
+    drop(other);
+    let top = tmp.path().join("builds");
+    drop(build);
+    let left: Vec<_> = std::fs::read_dir(&top)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    Ok(())
+}
+
+#[test]
+fn recycled_build_dirs_are_emptied_without_following_symlinks_and_reowned() {
+    both(recycle);
+}
+
 // --- processes ---------------------------------------------------------------------
 
 fn daemons(caller: Caller) -> Result<(), String> {

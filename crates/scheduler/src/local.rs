@@ -165,7 +165,7 @@ impl LocalBackend {
             .name("build-dir-reaper".into())
             .spawn(move || {
                 for dir in dirs {
-                    if let Err(e) = dir.remove() {
+                    if let Err(e) = dir.recycle() {
                         tracing::warn!(error = %e, "cannot remove a build directory");
                     }
                 }
@@ -276,7 +276,8 @@ impl LocalBackend {
         }
     }
 
-    /// Removes a build directory in the background.
+    /// Empties a build directory in the background, for a later build to
+    /// reuse.
     fn remove_build_dir(&self, dir: kiln_sandbox::BuildDir) {
         let reaper = self.reaper.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(Err(std::sync::mpsc::SendError(dir))) = reaper.as_ref().map(|r| r.send(dir)) {
@@ -544,27 +545,19 @@ impl LocalBackend {
             Ok(d) => d,
             Err(e) => return misc(e),
         };
-        let outer = build_dir
-            .path()
-            .parent()
-            .expect("build directories have a parent")
-            .to_path_buf();
         // The scratch store the builder writes its outputs in, and the work
         // directory of the overlay that keeps the inputs' mount points off
         // the disk (see `SandboxSpec::bind_rw_layered`).
-        let store_work = outer.join("store-work");
-        let built_in = if sandboxed {
-            let scratch = outer.join("store");
-            for dir in [&scratch, &store_work] {
-                let made = std::fs::create_dir(dir)
-                    .and_then(|()| std::os::unix::fs::chown(dir, Some(owner.0), Some(owner.1)));
-                if let Err(e) = made {
-                    return misc(format!("cannot create '{}': {e}", dir.display()));
-                }
+        let (built_in, store_work) = if sandboxed {
+            let dirs = build_dir
+                .sibling("store", Some(owner))
+                .and_then(|s| Ok((s, build_dir.sibling("store-work", Some(owner))?)));
+            match dirs {
+                Ok(d) => d,
+                Err(e) => return misc(e),
             }
-            scratch
         } else {
-            self.store.real_store_dir().to_path_buf()
+            (self.store.real_store_dir().to_path_buf(), PathBuf::new())
         };
         let build_top = if sandboxed {
             BUILD_TOP.to_owned()

@@ -232,9 +232,12 @@ const MS_NOEXEC: u64 = libc::MS_NOEXEC;
 pub(crate) const OVERLAY_SUFFIX_MAX: usize = 80;
 const MOUNT_DATA_MAX: usize = 4096;
 
-/// `lowerdir=` of an overlay's options, with the separators it knows escaped.
+/// An overlay's options up to its `lowerdir=`, with the separators it knows
+/// escaped. `volatile`: unmounting it does not sync the upper layer's file
+/// system, which would otherwise write back and flush the whole disk at the
+/// end of every sandbox (see [`SandboxSpec::bind_rw_layered`]).
 fn overlay_options(lower: &CStr) -> Option<CString> {
-    let mut opts = b"userxattr,lowerdir=".to_vec();
+    let mut opts = b"userxattr,volatile,lowerdir=".to_vec();
     for &c in lower.to_bytes() {
         if matches!(c, b',' | b':' | b'\\') {
             opts.push(b'\\');

@@ -198,7 +198,14 @@ impl SandboxSpec {
     /// `source` receives only what the program writes, and creating and deleting a
     /// mount point per nested bind on the host's disk is saved (a build's input
     /// closure under a writable store directory). `work` is an empty host
-    /// directory on the same file system as `source`, for the overlay's own use.
+    /// directory on the same file system as `source`, for the overlay's own use;
+    /// empty it before it serves another sandbox (the overlay leaves a marker
+    /// there that makes a second mount on it fail).
+    ///
+    /// The overlay is volatile: nothing written to `source` through it is
+    /// synced when the sandbox ends, so a caller that keeps files from it syncs
+    /// them itself (as a store does before registering a build's outputs). The
+    /// sync it skips would write back and flush the whole file system.
     ///
     /// Where an overlay cannot be mounted in a user namespace (before Linux 5.11,
     /// or a file system under `source` that overlayfs does not accept), this is a

@@ -244,6 +244,8 @@ fn layered_store(caller: Caller) -> Result<(), String> {
             "/nix/store/aaaa-input",
             "ls",
             "/nix/store",
+            "cat",
+            "/proc/self/mountinfo",
         ])
         .bind_rw_layered(&scratch, &work, "/nix/store")
         .bind_ro(&input, "/nix/store/aaaa-input")
@@ -265,6 +267,15 @@ fn layered_store(caller: Caller) -> Result<(), String> {
     ensure!(
         nth(&out, "ls ", 1) == "ls ok aaaa-input bbbb-file out outdir",
         "the outputs must appear beside the inputs\n{out}"
+    );
+    // Volatile: ending the sandbox must not sync (and flush) the host's disk.
+    let store_mount = out
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/nix/store"))
+        .unwrap_or("");
+    ensure!(
+        store_mount.contains(" overlay ") && store_mount.contains("volatile"),
+        "the store must be a volatile overlay: {store_mount:?}\n{out}"
     );
     let mut left: Vec<String> = std::fs::read_dir(&scratch)
         .unwrap()

@@ -82,8 +82,11 @@ pub struct Settings {
     pub unknown: BTreeSet<String>,
 }
 
+/// The CPUs this process may use, read once: the standard library reads the
+/// cgroup's CPU quota files on every call, and every build asks.
 fn nproc() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    static NPROC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *NPROC.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 fn default_system() -> String {

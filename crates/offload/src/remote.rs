@@ -192,11 +192,7 @@ pub fn copy_from(
         let mut stats = Stats::default();
         let t = Instant::now();
         let res = missing_closure(store, paths, |ask| {
-            let mut infos = Vec::new();
-            for p in ask {
-                infos.extend(remote.query_path_info(p)?);
-            }
-            Ok(infos)
+            remote.query_path_infos(&ask.iter().cloned().collect::<Vec<_>>())
         })
         .and_then(|infos| fetch_from_daemon(&remote, store, infos, &mut stats))
         .map_err(|e| kiln_formats::report::chain(&e));
@@ -542,10 +538,7 @@ fn build_on_daemon(
 
     let t = Instant::now();
     let missing = missing_outputs(job)?;
-    let mut infos = Vec::new();
-    for p in &missing {
-        infos.extend(remote.query_path_info(p)?);
-    }
+    let infos = remote.query_path_infos(&missing.iter().cloned().collect::<Vec<_>>())?;
     let map = match checked_outputs(target, job, send, &missing, infos) {
         Ok(m) => m,
         Err(f) => return Ok(Err(f)),

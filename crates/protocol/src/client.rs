@@ -552,6 +552,11 @@ fn build_mode_code(mode: BuildMode) -> u64 {
 /// The protocol version that brought `BuildPathsWithResults`.
 const BUILD_PATHS_WITH_RESULTS: u64 = 34;
 
+/// Requests [`DaemonStore::query_path_infos`] keeps on the connection at
+/// once: their answers (a few hundred bytes each) stay far below any
+/// transport's buffers.
+pub const QUERY_WINDOW: usize = 64;
+
 impl DaemonStore {
     /// A store served on `socket` (nothing is connected until first use).
     pub fn new(socket: impl Into<PathBuf>) -> DaemonStore {
@@ -579,6 +584,45 @@ impl DaemonStore {
             returned: Condvar::new(),
             can_connect: false,
         }
+    }
+
+    /// The infos of those of `paths` the daemon holds (in the order of
+    /// `paths`). The requests are pipelined: up to [`QUERY_WINDOW`] are on
+    /// the connection at once, so that many paths cost a few round trips
+    /// rather than one each (over `ssh-ng://`, a round trip is most of a
+    /// query's cost). The window keeps the unread answers well below what
+    /// the transport buffers, so neither side ever waits on the other.
+    pub fn query_path_infos(&self, paths: &[StorePath]) -> Result<Vec<PathInfo>, StoreError> {
+        let sd = self.store_dir.clone();
+        self.with(|c| {
+            let mut infos = Vec::with_capacity(paths.len());
+            let mut sent = 0;
+            for (answered, path) in paths.iter().enumerate() {
+                // Topped up when half the window is answered.
+                let ahead = paths.len().min(answered + QUERY_WINDOW);
+                if sent < ahead && sent - answered <= QUERY_WINDOW / 2 {
+                    for p in &paths[sent..ahead] {
+                        wire::write_u64(&mut c.w, Op::QueryPathInfo as u64)
+                            .and_then(|()| worker::write_path(&mut c.w, &sd, p))
+                            .map_err(stream_err("send a request to the daemon"))?;
+                    }
+                    c.w.flush()
+                        .map_err(stream_err("send a request to the daemon"))?;
+                    sent = ahead;
+                }
+                c.process_log(None)?;
+                let v = c.version;
+                let valid =
+                    minor(v) < 17 || wire::read_bool(&mut c.r).map_err(|e| decode_err(e.into()))?;
+                if valid {
+                    infos.push(
+                        worker::read_path_info_unkeyed(&mut c.r, &sd, path.clone(), v)
+                            .map_err(decode_err)?,
+                    );
+                }
+            }
+            Ok(infos)
+        })
     }
 
     /// [`Connection::build_derivation`] after sending `options`.

@@ -62,6 +62,40 @@ fn shared_store_behaviour_through_the_daemon() {
     kiln_store::testing::run_behaviour_tests(&store, scratch.path());
 }
 
+#[test]
+fn pipelined_path_info_queries_answer_as_single_ones() {
+    let served = serve();
+    let store = DaemonStore::new(&served.socket);
+    let none = kiln_formats::store_path::StorePathSet::new();
+    // More paths than the window holds, valid and missing ones interleaved,
+    // each with references so the answers differ in length.
+    let mut paths = Vec::new();
+    let mut last = none.clone();
+    for i in 0..(3 * kiln_protocol::client::QUERY_WINDOW + 7) {
+        let info = store
+            .add_text(&format!("p{i}"), format!("path {i}\n").as_bytes(), &last)
+            .unwrap();
+        let missing = kiln_formats::store_path::StorePath::from_base_name(&format!(
+            "{}-gone-{i}",
+            &info.path.base_name()[..32].replace(|c: char| c != '0', "1")
+        ))
+        .unwrap();
+        last = [info.path.clone()].into_iter().collect();
+        paths.push(info.path);
+        paths.push(missing);
+    }
+    let batch = store.query_path_infos(&paths).unwrap();
+    let single: Vec<_> = paths
+        .iter()
+        .filter_map(|p| store.query_path_info(p).unwrap())
+        .collect();
+    assert_eq!(batch.len(), paths.len() / 2);
+    assert_eq!(batch, single);
+    // The connection is in step afterwards.
+    assert!(store.is_valid_path(&paths[0]).unwrap());
+    assert!(store.query_path_infos(&[]).unwrap().is_empty());
+}
+
 fn handshake(stream: &mut UnixStream) {
     wire::write_u64(stream, worker::WORKER_MAGIC_1).unwrap();
     wire::write_u64(stream, (1 << 8) | 34).unwrap();

@@ -307,8 +307,10 @@ pub(crate) fn make_plan(
         }
     }
     // A writable bind asked to be layered gets an overlay when it is a
-    // directory on the root; the binds directly below it (not below another
-    // bind under it) have their mount points on the root tmpfs, its lower layer.
+    // directory on the root with binds below it; those directly below it
+    // (not below another bind under it) have their mount points on the root
+    // tmpfs, its lower layer. With nothing below it there are no mount
+    // points to keep off the disk, and a plain bind saves the overlay.
     let mut layers: Vec<(PathBuf, CString, PathBuf)> = Vec::new();
     if overlay {
         for l in &late {
@@ -316,6 +318,12 @@ pub(crate) fn make_plan(
                 continue;
             };
             if !l.bind.writable || l.nested || !l.is_dir {
+                continue;
+            }
+            if !late
+                .iter()
+                .any(|m| m.nested && m.rel != l.rel && m.rel.starts_with(&l.rel))
+            {
                 continue;
             }
             if let Some(options) = overlay_options(&b.host(&l.rel)?) {

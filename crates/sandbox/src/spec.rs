@@ -207,6 +207,9 @@ impl SandboxSpec {
     /// them itself (as a store does before registering a build's outputs). The
     /// sync it skips would write back and flush the whole file system.
     ///
+    /// With no binds below `target`, there is nothing to keep out of `source`:
+    /// this is then a plain writable bind.
+    ///
     /// Where an overlay cannot be mounted in a user namespace (before Linux 5.11,
     /// or a file system under `source` that overlayfs does not accept), this is a
     /// plain writable bind and the mount points are made in `source`.

@@ -292,6 +292,26 @@ fn layered_store(caller: Caller) -> Result<(), String> {
             && std::fs::read_to_string(&file_input).unwrap() == "a file\n",
         "an input was modified"
     );
+    // Without inputs there are no mount points to keep off the disk: the
+    // store is then the host directory itself, bound, without an overlay.
+    let spec = build
+        .spec(&["write", "/nix/store/alone", "cat", "/proc/self/mountinfo"])
+        .bind_rw_layered(&scratch, &work, "/nix/store");
+    let (status, out) = run(spec);
+    ensure!(status.success(), "{status:?}\n{out}");
+    expect(&out, "write", "ok 6")?;
+    let store_mount = out
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/nix/store"))
+        .unwrap_or("");
+    ensure!(
+        !store_mount.is_empty() && !store_mount.contains(" overlay "),
+        "a store without inputs needs no overlay: {store_mount:?}\n{out}"
+    );
+    ensure!(
+        scratch.join("alone").exists(),
+        "the output must land in the host directory"
+    );
     Ok(())
 }
 

@@ -371,7 +371,11 @@ fn reuse(idle: &Idle, owner: Option<(u32, u32)>) -> io::Result<()> {
     set_owner_and_mode(build.as_raw_fd(), owner, 0o700)
 }
 
+/// Gives a reused directory the owner and mode a new one would have, and
+/// none of the extended attributes (ACLs included) an earlier builder may
+/// have set on it, which the next build would otherwise see.
 fn set_owner_and_mode(fd: RawFd, owner: Option<(u32, u32)>, mode: libc::mode_t) -> io::Result<()> {
+    clear_xattrs(fd)?;
     if let Some((uid, gid)) = owner {
         // SAFETY: valid fd.
         if unsafe { libc::fchown(fd, uid, gid) } != 0 {
@@ -381,6 +385,38 @@ fn set_owner_and_mode(fd: RawFd, owner: Option<(u32, u32)>, mode: libc::mode_t) 
     // SAFETY: valid fd.
     if unsafe { libc::fchmod(fd, mode) } != 0 {
         return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes the extended attributes of the file open as `fd` that a builder
+/// can set: `user.*` and POSIX ACLs. (`security.*` and `trusted.*` need
+/// privileges no builder has, and labels there belong to the system.)
+fn clear_xattrs(fd: RawFd) -> io::Result<()> {
+    let mut names = vec![0u8; 1024];
+    let len = loop {
+        // SAFETY: a valid fd and a buffer of the given length.
+        let n = unsafe { libc::flistxattr(fd, names.as_mut_ptr().cast(), names.len()) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ERANGE) => names.resize(names.len() * 4, 0),
+            Some(libc::ENOTSUP) => return Ok(()),
+            _ => return Err(e),
+        }
+    };
+    let builders = |n: &&[u8]| n.starts_with(b"user.") || n.starts_with(b"system.posix_acl_");
+    for name in names[..len].split(|&b| b == 0).filter(builders) {
+        let name = CString::new(name).expect("split at NULs");
+        // SAFETY: a valid fd and C string.
+        if unsafe { libc::fremovexattr(fd, name.as_ptr()) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENODATA) {
+                return Err(e);
+            }
+        }
     }
     Ok(())
 }

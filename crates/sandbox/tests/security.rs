@@ -697,6 +697,11 @@ fn recycle(caller: Caller) -> Result<(), String> {
     std::os::unix::fs::symlink(&victim, scratch.join("link")).unwrap();
     let dir = build.dir.take().unwrap();
     let first = dir.path().to_owned();
+    // What a builder may leave on the directories themselves: attributes
+    // the next build would see.
+    for d in [&first, &scratch] {
+        set_user_xattr(d)?;
+    }
     dir.recycle().map_err(|e| e.to_string())?;
     ensure!(
         std::fs::read_dir(&first)
@@ -738,6 +743,15 @@ fn recycle(caller: Caller) -> Result<(), String> {
         "not reused: {}",
         again.path().display()
     );
+    let scratch_again = again.sibling("store", None).map_err(|e| e.to_string())?;
+    for d in [&first, &scratch_again] {
+        ensure!(
+            xattr_names(d).is_empty(),
+            "{} kept attributes: {:?}",
+            d.display(),
+            String::from_utf8_lossy(&xattr_names(d))
+        );
+    }
     let m = std::fs::metadata(&first).unwrap();
     ensure!(m.mode() & 0o7777 == 0o700, "mode {:o}", m.mode());
     if caller == Caller::Root {
@@ -759,6 +773,41 @@ fn recycle(caller: Caller) -> Result<(), String> {
         .collect();
     ensure!(left.is_empty(), "left behind: {left:?}");
     Ok(())
+}
+
+fn set_user_xattr(path: &Path) -> Result<(), String> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: C strings and a value buffer of the given length.
+    let rc = unsafe {
+        libc::setxattr(
+            c.as_ptr(),
+            c"user.kiln-test".as_ptr(),
+            b"x".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    ensure!(
+        rc == 0,
+        "setxattr {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+/// The attribute names a builder could have set (`security.*` labels are
+/// the system's own).
+fn xattr_names(path: &Path) -> Vec<u8> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: a C string and a buffer of the given length.
+    let n = unsafe { libc::listxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    buf.truncate(n.max(0) as usize);
+    buf.split(|&b| b == 0)
+        .filter(|n| n.starts_with(b"user.") || n.starts_with(b"system."))
+        .flat_map(|n| n.iter().copied().chain([b' ']))
+        .collect()
 }
 
 #[test]

@@ -275,19 +275,37 @@ impl BuildDir {
             source,
         };
         let cname = cstring(OsStr::new(name));
+        let open = || {
+            open_fd(
+                outer.as_raw_fd(),
+                &cname,
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            )
+        };
+        let mut fresh = true;
         // SAFETY: valid fd and C string.
         if unsafe { libc::mkdirat(outer.as_raw_fd(), cname.as_ptr(), 0o755) } != 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EEXIST) {
                 return Err(err(e));
             }
+            fresh = false;
         }
-        let dir = open_fd(
-            outer.as_raw_fd(),
-            &cname,
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-        )
-        .map_err(err)?;
+        let mut dir = open().map_err(err)?;
+        if !fresh && !flags_as_fresh(dir.as_raw_fd(), outer.as_raw_fd()).map_err(err)? {
+            // Made again rather than trusted (it was emptied when recycled).
+            drop(dir);
+            // SAFETY: valid fd and C string.
+            let removed =
+                unsafe { libc::unlinkat(outer.as_raw_fd(), cname.as_ptr(), libc::AT_REMOVEDIR) };
+            // SAFETY: valid fd and C string.
+            if removed != 0
+                || unsafe { libc::mkdirat(outer.as_raw_fd(), cname.as_ptr(), 0o755) } != 0
+            {
+                return Err(err(io::Error::last_os_error()));
+            }
+            dir = open().map_err(err)?;
+        }
         set_owner_and_mode(dir.as_raw_fd(), owner, 0o755).map_err(err)?;
         Ok(path)
     }
@@ -368,7 +386,38 @@ fn reuse(idle: &Idle, owner: Option<(u32, u32)>) -> io::Result<()> {
         c"build",
         libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
     )?;
+    if !flags_as_fresh(build.as_raw_fd(), idle.outer.as_raw_fd())? {
+        return Err(io::Error::other(
+            "a builder changed the directory's inode flags",
+        ));
+    }
     set_owner_and_mode(build.as_raw_fd(), owner, 0o700)
+}
+
+/// Inode flags that describe a directory's layout, not its behaviour: the
+/// file system sets them as a directory grows.
+const LAYOUT_FLAGS: libc::c_long = 0x1000 /* INDEX */ | 0x8_0000 /* EXTENTS */ | 0x1000_0000 /* INLINE_DATA */;
+
+/// Whether the directory open as `dir` has the inode flags of a fresh
+/// directory beside it, like `outer`'s own subdirectories get: its owner,
+/// a builder, may have set others (synchronous writes, case folding, an
+/// encryption policy, ...) that would change how the next build's files
+/// behave, and some of them cannot be unset.
+fn flags_as_fresh(dir: RawFd, outer: RawFd) -> io::Result<bool> {
+    let get = |fd: RawFd| -> io::Result<libc::c_long> {
+        let mut flags: libc::c_long = 0;
+        // SAFETY: a valid fd and a long for the kernel to fill.
+        if unsafe { libc::ioctl(fd, libc::FS_IOC_GETFLAGS, &mut flags) } != 0 {
+            let e = io::Error::last_os_error();
+            // File systems without inode flags (tmpfs before 6.0, ...).
+            return match e.raw_os_error() {
+                Some(libc::ENOTTY | libc::ENOTSUP | libc::EINVAL) => Ok(0),
+                _ => Err(e),
+            };
+        }
+        Ok(flags & !LAYOUT_FLAGS)
+    };
+    Ok(get(dir)? == get(outer)?)
 }
 
 /// Gives a reused directory the owner and mode a new one would have, and

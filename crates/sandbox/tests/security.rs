@@ -6,6 +6,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
@@ -813,6 +814,86 @@ fn xattr_names(path: &Path) -> Vec<u8> {
 #[test]
 fn recycled_build_dirs_are_emptied_without_following_symlinks_and_reowned() {
     both(recycle);
+}
+
+const FS_NOATIME_FL: libc::c_long = 0x80;
+
+fn inode_flags(path: &Path) -> libc::c_long {
+    let f = std::fs::File::open(path).unwrap();
+    let mut flags: libc::c_long = 0;
+    // SAFETY: a valid fd and a long for the kernel to fill.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
+    assert_eq!(
+        rc,
+        0,
+        "{}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    flags
+}
+
+fn set_inode_flags(path: &Path, flags: libc::c_long) {
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: a valid fd and a long for the kernel to read.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) };
+    assert_eq!(
+        rc,
+        0,
+        "{}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Inode flags a builder set on its directories (its own: `chattr +A`
+/// needs no privilege) do not reach the next build: such a directory is
+/// made afresh instead of reused.
+fn recycle_flags(caller: Caller) -> Result<(), String> {
+    let tmp = tempdir_for(caller);
+    let mut build = Build::new(&tmp.path().join("builds"));
+    let dir = build.dir.take().unwrap();
+    let scratch = dir
+        .sibling("store", build.owner)
+        .map_err(|e| e.to_string())?;
+    let first = dir.path().to_owned();
+    for d in [&first, &scratch] {
+        set_inode_flags(d, inode_flags(d) | FS_NOATIME_FL);
+    }
+    dir.recycle().map_err(|e| e.to_string())?;
+    let again = build
+        .dirs
+        .create("test", build.owner)
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        inode_flags(again.path()) & FS_NOATIME_FL == 0,
+        "a build dir kept a builder's inode flags"
+    );
+    // The sibling of a reused directory is checked the same way.
+    let third_scratch = again
+        .sibling("store", build.owner)
+        .map_err(|e| e.to_string())?;
+    set_inode_flags(&third_scratch, inode_flags(&third_scratch) | FS_NOATIME_FL);
+    let path = again.path().to_owned();
+    again.recycle().map_err(|e| e.to_string())?;
+    let fourth = build
+        .dirs
+        .create("test", build.owner)
+        .map_err(|e| e.to_string())?;
+    ensure!(fourth.path() == path, "a clean directory was not reused");
+    let scratch = fourth
+        .sibling("store", build.owner)
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        inode_flags(&scratch) & FS_NOATIME_FL == 0,
+        "a scratch store kept a builder's inode flags"
+    );
+    Ok(())
+}
+
+#[test]
+fn recycled_build_dirs_keep_no_inode_flags_a_builder_set() {
+    both(recycle_flags);
 }
 
 // --- processes ---------------------------------------------------------------------

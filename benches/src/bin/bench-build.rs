@@ -131,6 +131,10 @@ fn main() {
     ];
     println!("build: trivial sandboxed derivations, Kiln vs nix-build (Nix 2.8), same run");
     let only = std::env::var("BENCH_CASE").ok();
+    // Stores are deleted only once every case ran: on ext4 without a
+    // journal, inodes freed in the last half minute slow every allocation,
+    // which would charge one case's cleanup to the next case's first tool.
+    let mut keep = Vec::new();
     for case in cases {
         if only.as_deref().is_some_and(|o| !case.name.starts_with(o)) {
             continue;
@@ -143,7 +147,13 @@ fn main() {
         let kiln_root = tempfile::tempdir().unwrap();
         let store = format!("local?root={}", kiln_root.path().display());
         let kiln_time = time_kiln(&kiln, &store, &sandbox, &nix.physical(&drv));
-        if std::env::var_os("BENCH_KILN_ONLY").is_some() {
+        let nix_time = if std::env::var_os("BENCH_KILN_ONLY").is_some() {
+            None
+        } else {
+            Some(time_nix(&nix, &drv))
+        };
+        keep.push((nix, kiln_root));
+        let Some(nix_time) = nix_time else {
             println!(
                 "  {:<24} kiln {:8.2} s, cpu {:.2} s",
                 case.name,
@@ -151,8 +161,7 @@ fn main() {
                 kiln_time.cpu.as_secs_f64()
             );
             continue;
-        }
-        let nix_time = time_nix(&nix, &drv);
+        };
         let per = |d: Duration| d.as_secs_f64() * 1e3 / case.count as f64;
         println!(
             "  {:<24} kiln {:8.2} s ({:6.2} ms/drv)   nix-build {:8.2} s ({:6.2} ms/drv)   kiln is {:.1}x faster",

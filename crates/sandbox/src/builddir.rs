@@ -346,18 +346,15 @@ impl BuildDir {
             path: self.path.clone(),
             source,
         };
-        let mut idle = top.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() >= MAX_IDLE {
-            drop(idle);
+        let idle = || top.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle().len() >= MAX_IDLE {
             return top.remove(&self.name, outer).map_err(err);
         }
-        drop(idle);
         if let Err(e) = empty_subdirs(outer.as_raw_fd()) {
             let _ = top.remove(&self.name, outer);
             return Err(err(e));
         }
-        idle = top.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.push(Idle {
+        idle().push(Idle {
             prefix: std::mem::take(&mut self.prefix),
             name: self.name.clone(),
             outer,

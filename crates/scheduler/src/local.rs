@@ -166,7 +166,7 @@ impl LocalBackend {
             .spawn(move || {
                 for dir in dirs {
                     if let Err(e) = dir.recycle() {
-                        tracing::warn!(error = %e, "cannot remove a build directory");
+                        tracing::warn!(error = %e, "cannot empty a build directory for reuse");
                     }
                 }
             })

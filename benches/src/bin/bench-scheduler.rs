@@ -11,8 +11,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kiln_scheduler::events::Quiet;
-use kiln_scheduler::goals::{self, RunOptions, Wanted};
 use kiln_scheduler::result::BuildStatus;
 use kiln_scheduler::synthetic::SyntheticGraph;
 
@@ -40,22 +38,8 @@ fn main() {
     let mut per_drv = Vec::new();
     for round in 1..=ROUNDS {
         let graph = Arc::new(SyntheticGraph::new(N));
-        let targets = graph
-            .paths()
-            .iter()
-            .map(|p| (p.clone(), Wanted::All))
-            .collect();
         let started = Instant::now();
-        let report = runtime.block_on(goals::run(
-            graph.clone(),
-            targets,
-            RunOptions {
-                max_jobs: 2,
-                keep_going: false,
-                dry_run: false,
-            },
-            Arc::new(Quiet),
-        ));
+        let report = runtime.block_on(graph.build_all(2));
         let elapsed = started.elapsed();
         assert!(
             report.results.len() == N

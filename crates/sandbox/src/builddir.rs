@@ -81,7 +81,7 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 impl Top {
     /// Removes `<top>/<name>`, whose descriptor is `outer`, and all below it.
     fn remove(&self, name: &CStr, outer: OwnedFd) -> io::Result<()> {
-        remove_contents(outer.as_raw_fd())?;
+        clear(outer.as_raw_fd(), Keep::Nothing)?;
         drop(outer);
         // SAFETY: valid fd and C string.
         if unsafe { libc::unlinkat(self.fd.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
@@ -350,7 +350,7 @@ impl BuildDir {
         if idle().len() >= MAX_IDLE {
             return top.remove(&self.name, outer).map_err(err);
         }
-        if let Err(e) = empty_subdirs(outer.as_raw_fd()) {
+        if let Err(e) = clear(outer.as_raw_fd(), Keep::Subdirs) {
             let _ = top.remove(&self.name, outer);
             return Err(err(e));
         }
@@ -467,32 +467,6 @@ fn clear_xattrs(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Empties every directory directly below `fd` and removes everything else
-/// there: what is left is `fd` with its (empty) subdirectories.
-fn empty_subdirs(fd: RawFd) -> io::Result<()> {
-    for name in entries(fd)? {
-        let st = match lstat_at(fd, &name) {
-            Ok(st) => st,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-            Err(e) => return Err(e),
-        };
-        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-            if let Some(sub) = open_subdir(fd, &name)? {
-                remove_contents(sub.as_raw_fd())?;
-                continue;
-            }
-        }
-        // SAFETY: valid fd and C string; unlinking a symlink removes only the link.
-        if unsafe { libc::unlinkat(fd, name.as_ptr(), 0) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ENOENT) {
-                return Err(e);
-            }
-        }
-    }
-    Ok(())
-}
-
 impl Drop for BuildDir {
     fn drop(&mut self) {
         let _ = self.remove_inner();
@@ -585,7 +559,17 @@ fn open_subdir(dirfd: RawFd, name: &CStr) -> io::Result<Option<OwnedFd>> {
     .map(Some)
 }
 
-fn remove_contents(fd: RawFd) -> io::Result<()> {
+/// What [`clear`] leaves of a directory's contents.
+#[derive(Clone, Copy, PartialEq)]
+enum Keep {
+    Nothing,
+    /// The directories directly below it, emptied (a build directory kept
+    /// for reuse).
+    Subdirs,
+}
+
+/// Removes what is below `fd` (but `keep`), never following a symlink.
+fn clear(fd: RawFd, keep: Keep) -> io::Result<()> {
     for name in entries(fd)? {
         let st = match lstat_at(fd, &name) {
             Ok(st) => st,
@@ -594,8 +578,11 @@ fn remove_contents(fd: RawFd) -> io::Result<()> {
         };
         if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
             if let Some(sub) = open_subdir(fd, &name)? {
-                remove_contents(sub.as_raw_fd())?;
+                clear(sub.as_raw_fd(), Keep::Nothing)?;
                 drop(sub);
+                if keep == Keep::Subdirs {
+                    continue;
+                }
                 // SAFETY: valid fd and C string.
                 if unsafe { libc::unlinkat(fd, name.as_ptr(), libc::AT_REMOVEDIR) } == 0 {
                     continue;

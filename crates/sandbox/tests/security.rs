@@ -704,20 +704,8 @@ fn recycle(caller: Caller) -> Result<(), String> {
         set_user_xattr(d)?;
     }
     dir.recycle().map_err(|e| e.to_string())?;
-    ensure!(
-        std::fs::read_dir(&first)
-            .map_err(|e| e.to_string())?
-            .next()
-            .is_none(),
-        "recycled build dir not empty"
-    );
-    ensure!(
-        std::fs::read_dir(&scratch)
-            .map_err(|e| e.to_string())?
-            .next()
-            .is_none(),
-        "recycled sibling not empty"
-    );
+    ensure!(is_empty_dir(&first)?, "recycled build dir not empty");
+    ensure!(is_empty_dir(&scratch)?, "recycled sibling not empty");
     ensure!(
         std::fs::read_to_string(victim.join("precious"))
             .ok()
@@ -774,6 +762,13 @@ fn recycle(caller: Caller) -> Result<(), String> {
         .collect();
     ensure!(left.is_empty(), "left behind: {left:?}");
     Ok(())
+}
+
+fn is_empty_dir(path: &Path) -> Result<bool, String> {
+    Ok(std::fs::read_dir(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .next()
+        .is_none())
 }
 
 fn set_user_xattr(path: &Path) -> Result<(), String> {

@@ -1,16 +1,17 @@
 //! A synthetic derivation graph with an in-process builder that does
 //! nothing, for measuring the scheduler's own cost (the scale test and
-//! `cargo xtask bench build`). Node `i` depends on `i - 1` and up to three
+//! `cargo xtask bench scheduler`). Node `i` depends on `i - 1` and up to three
 //! pseudo-random earlier nodes; the builder records that each node is built
 //! exactly once and only after its inputs.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use kiln_formats::store_path::{StoreDir, StorePath};
 
-use crate::events::EventSink;
-use crate::goals::{Attempt, Backend, Cancel, Job, Loaded, Wanted};
+use crate::events::{EventSink, Quiet};
+use crate::goals::{self, Attempt, Backend, Cancel, Job, Loaded, RunOptions, RunReport, Wanted};
 use crate::result::{BuildResult, BuildStatus};
 
 /// The graph and what its builder saw.
@@ -63,6 +64,22 @@ impl SyntheticGraph {
             order_violations: AtomicUsize::new(0),
             paths,
         }
+    }
+
+    /// Builds every node, each one a target (as when a CI evaluation asks
+    /// for all its jobs), `max_jobs` at a time, with no events reported.
+    pub async fn build_all(self: Arc<Self>, max_jobs: usize) -> RunReport {
+        let targets = self
+            .paths()
+            .iter()
+            .map(|p| (p.clone(), Wanted::All))
+            .collect();
+        let options = RunOptions {
+            max_jobs,
+            keep_going: false,
+            dry_run: false,
+        };
+        goals::run(self, targets, options, Arc::new(Quiet)).await
     }
 
     /// The `.drv` path of every node.

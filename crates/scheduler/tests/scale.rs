@@ -7,8 +7,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kiln_scheduler::events::Quiet;
-use kiln_scheduler::goals::{self, RunOptions, Wanted};
 use kiln_scheduler::result::BuildStatus;
 use kiln_scheduler::synthetic::SyntheticGraph;
 
@@ -28,28 +26,13 @@ fn peak_rss_bytes() -> u64 {
 #[test]
 fn hundred_thousand_derivations() {
     let graph = Arc::new(SyntheticGraph::new(N));
-    // Every node is a target, as when a CI evaluation asks for all jobs.
-    let targets = graph
-        .paths()
-        .iter()
-        .map(|p| (p.clone(), Wanted::All))
-        .collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     let started = Instant::now();
-    let report = runtime.block_on(goals::run(
-        graph.clone(),
-        targets,
-        RunOptions {
-            max_jobs: 2,
-            keep_going: false,
-            dry_run: false,
-        },
-        Arc::new(Quiet),
-    ));
+    let report = runtime.block_on(graph.clone().build_all(2));
     let elapsed = started.elapsed();
     let per_drv = elapsed / N as u32;
     let peak = peak_rss_bytes();

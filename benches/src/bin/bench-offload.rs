@@ -8,7 +8,8 @@
 //!    they add durable (one syncfs per batch); Nix's run with
 //!    `fsync-metadata = false`. `BENCH_DATA=system` fills the closure with
 //!    real files instead of incompressible noise; `BENCH_KILN_ONLY=1`
-//!    stops after Kiln's two copies (for profiling them).
+//!    stops after Kiln's two copies (for profiling them), and
+//!    `BENCH_CASE=copy` after all the copies.
 //!    The same over `ssh-ng://` (the daemon protocol): Kiln's client and
 //!    `store-daemon --stdio` vs `nix copy` and `nix-daemon --stdio`.
 //! 2. A wide graph (1,000 independent derivations) with `max-jobs = 0` on three
@@ -442,6 +443,9 @@ fn main() {
         let _ = std::fs::remove_dir_all(base.join(dir));
     }
     let _ = std::fs::remove_dir_all(&src_root);
+    if std::env::var("BENCH_CASE").is_ok_and(|c| c == "copy") {
+        return;
+    }
 
     // 2. Wide graph on three remotes running nix-store --serve.
     let remotes: Vec<Remote> = (2..5)

@@ -21,6 +21,7 @@
 //! where allocating an inode costs more the more were freed recently (ext4
 //! without a journal scans past every inode freed in the last half minute).
 
+use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -70,6 +71,15 @@ struct Idle {
     prefix: String,
     name: CString,
     outer: OwnedFd,
+    points: Option<MountPoints>,
+}
+
+/// The empty mount points kept in one sibling directory (see
+/// [`BuildDir::sibling_with_mount_points`]): name → whether a directory.
+#[derive(Debug)]
+struct MountPoints {
+    dir: CString,
+    names: HashMap<CString, bool>,
 }
 
 /// How many emptied build directories a process keeps: more than the builds
@@ -181,6 +191,7 @@ impl BuildDirs {
                         name: idle.name,
                         outer: Some(idle.outer),
                         path: path.join("build"),
+                        points: idle.points,
                     });
                 }
                 // Changed under us: not reused, and removed if possible.
@@ -240,6 +251,7 @@ impl BuildDirs {
                 name: cname,
                 outer: Some(outer),
                 path: path.join("build"),
+                points: None,
             });
         }
     }
@@ -255,6 +267,7 @@ pub struct BuildDir {
     name: CString,
     outer: Option<OwnedFd>,
     path: PathBuf,
+    points: Option<MountPoints>,
 }
 
 impl BuildDir {
@@ -268,6 +281,15 @@ impl BuildDir {
     /// beside its `/build`, such as the scratch store its outputs are written
     /// to. It survives recycling, emptied.
     pub fn sibling(&self, name: &str, owner: Option<(u32, u32)>) -> Result<PathBuf, BuildDirError> {
+        self.open_sibling(name, owner).map(|(path, _, _)| path)
+    }
+
+    /// [`BuildDir::sibling`], and the directory open, and whether it is new.
+    fn open_sibling(
+        &self,
+        name: &str,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(PathBuf, OwnedFd, bool), BuildDirError> {
         let outer = self.outer.as_ref().expect("present until removed");
         let path = self.path.with_file_name(name);
         let err = |source| BuildDirError::Create {
@@ -305,8 +327,61 @@ impl BuildDir {
                 return Err(err(io::Error::last_os_error()));
             }
             dir = open().map_err(err)?;
+            fresh = true;
         }
         set_owner_and_mode(dir.as_raw_fd(), owner, 0o755).map_err(err)?;
+        Ok((path, dir, fresh))
+    }
+
+    /// A sibling directory (see [`BuildDir::sibling`]) holding, empty, the
+    /// mount points named in `points` (`true` for a directory, `false` for a
+    /// file), made by the caller's user, and nothing else: for binds below
+    /// it in a sandbox (a build's input closure below its scratch store),
+    /// which then uses them as they are.
+    ///
+    /// They survive recycling: the next build of this directory makes only
+    /// the ones it lacks and removes only the ones it does not want, instead
+    /// of creating and freeing an inode per input. When recycled, a mount
+    /// point is kept only if it is still the empty directory (or file) made
+    /// here, of the caller's user: a builder can only have removed or
+    /// replaced it while nothing was bound over it, and its replacements go.
+    pub fn sibling_with_mount_points(
+        &mut self,
+        name: &str,
+        owner: Option<(u32, u32)>,
+        points: impl IntoIterator<Item = (CString, bool)>,
+    ) -> Result<PathBuf, BuildDirError> {
+        let (path, dir, fresh) = self.open_sibling(name, owner)?;
+        let cname = cstring(OsStr::new(name));
+        let mut have = match self.points.take() {
+            Some(p) if p.dir == cname && !fresh => p.names,
+            _ => HashMap::new(),
+        };
+        let wanted: HashMap<CString, bool> = points.into_iter().collect();
+        let result = (|| {
+            for (point, is_dir) in &have {
+                if wanted.get(point) != Some(is_dir) {
+                    remove_entry(dir.as_raw_fd(), point)?;
+                }
+            }
+            have.retain(|point, is_dir| wanted.get(point) == Some(is_dir));
+            for (point, &is_dir) in &wanted {
+                if !have.contains_key(point) {
+                    make_mount_point(dir.as_raw_fd(), point, is_dir)?;
+                    have.insert(point.clone(), is_dir);
+                }
+            }
+            Ok(())
+        })();
+        // What is recorded is what exists, even after a failure.
+        self.points = Some(MountPoints {
+            dir: cname,
+            names: have,
+        });
+        result.map_err(|source| BuildDirError::Create {
+            path: path.clone(),
+            source,
+        })?;
         Ok(path)
     }
 
@@ -350,7 +425,16 @@ impl BuildDir {
         if idle().len() >= MAX_IDLE {
             return top.remove(&self.name, outer).map_err(err);
         }
-        if let Err(e) = clear(outer.as_raw_fd(), Keep::Subdirs) {
+        let mut points = self.points.take();
+        let cleared = match &mut points {
+            Some(p) => prune(outer.as_raw_fd(), p),
+            None => Ok(()),
+        }
+        .and_then(|()| {
+            let skip = points.as_ref().map(|p| p.dir.as_c_str());
+            clear(outer.as_raw_fd(), Keep::Subdirs { skip })
+        });
+        if let Err(e) = cleared {
             let _ = top.remove(&self.name, outer);
             return Err(err(e));
         }
@@ -358,6 +442,7 @@ impl BuildDir {
             prefix: std::mem::take(&mut self.prefix),
             name: self.name.clone(),
             outer,
+            points,
         });
         Ok(())
     }
@@ -561,11 +646,11 @@ fn open_subdir(dirfd: RawFd, name: &CStr) -> io::Result<Option<OwnedFd>> {
 
 /// What [`clear`] leaves of a directory's contents.
 #[derive(Clone, Copy, PartialEq)]
-enum Keep {
+enum Keep<'a> {
     Nothing,
     /// The directories directly below it, emptied (a build directory kept
-    /// for reuse).
-    Subdirs,
+    /// for reuse), but `skip`, left as it is (pruned already).
+    Subdirs { skip: Option<&'a CStr> },
 }
 
 /// Removes what is below `fd` (but `keep`), never following a symlink.
@@ -577,10 +662,15 @@ fn clear(fd: RawFd, keep: Keep) -> io::Result<()> {
             Err(e) => return Err(e),
         };
         if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            if let Keep::Subdirs { skip: Some(skip) } = keep {
+                if name.as_c_str() == skip {
+                    continue;
+                }
+            }
             if let Some(sub) = open_subdir(fd, &name)? {
                 clear(sub.as_raw_fd(), Keep::Nothing)?;
                 drop(sub);
-                if keep == Keep::Subdirs {
+                if matches!(keep, Keep::Subdirs { .. }) {
                     continue;
                 }
                 // SAFETY: valid fd and C string.
@@ -601,6 +691,111 @@ fn clear(fd: RawFd, keep: Keep) -> io::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Removes the entry `name` below `fd`, a whole tree if a directory, never
+/// following a symlink; a missing one is not an error.
+fn remove_entry(fd: RawFd, name: &CStr) -> io::Result<()> {
+    if let Some(sub) = open_subdir(fd, name)? {
+        clear(sub.as_raw_fd(), Keep::Nothing)?;
+        drop(sub);
+        // SAFETY: valid fd and C string.
+        if unsafe { libc::unlinkat(fd, name.as_ptr(), libc::AT_REMOVEDIR) } == 0 {
+            return Ok(());
+        }
+    } else {
+        // SAFETY: valid fd and C string; unlinking a symlink removes only the link.
+        if unsafe { libc::unlinkat(fd, name.as_ptr(), 0) } == 0 {
+            return Ok(());
+        }
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+/// Mode of a mount point made by [`make_mount_point`], directory or file.
+const POINT_DIR_MODE: libc::mode_t = 0o755;
+const POINT_FILE_MODE: libc::mode_t = 0o444;
+
+/// Makes an empty directory or file `name` below `fd`, replacing whatever
+/// was there.
+fn make_mount_point(fd: RawFd, name: &CStr, is_dir: bool) -> io::Result<()> {
+    let make = || -> io::Result<()> {
+        if is_dir {
+            // SAFETY: valid fd and C string.
+            if unsafe { libc::mkdirat(fd, name.as_ptr(), POINT_DIR_MODE) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: valid fd and C string; mkdir's mode was filtered by the umask.
+            if unsafe { libc::fchmodat(fd, name.as_ptr(), POINT_DIR_MODE, 0) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            return Ok(());
+        }
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: valid fd and C string.
+        let file = unsafe { libc::openat(fd, name.as_ptr(), flags, POINT_FILE_MODE) };
+        if file < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor, closed once.
+        let file = unsafe { OwnedFd::from_raw_fd(file) };
+        // SAFETY: valid fd.
+        if unsafe { libc::fchmod(file.as_raw_fd(), POINT_FILE_MODE) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    match make() {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            remove_entry(fd, name)?;
+            make()
+        }
+        done => done,
+    }
+}
+
+/// Empties the sibling directory holding `points`, below `outer`, but for
+/// the mount points that are still as [`make_mount_point`] made them;
+/// forgets the others.
+fn prune(outer: RawFd, points: &mut MountPoints) -> io::Result<()> {
+    let Some(dir) = open_subdir(outer, &points.dir)? else {
+        points.names.clear();
+        return Ok(());
+    };
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mut seen = HashMap::with_capacity(points.names.len());
+    for name in entries(dir.as_raw_fd())? {
+        let st = match lstat_at(dir.as_raw_fd(), &name) {
+            Ok(st) => st,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        let as_made = |is_dir: bool| {
+            let (kind, mode) = if is_dir {
+                (libc::S_IFDIR, POINT_DIR_MODE)
+            } else {
+                (libc::S_IFREG, POINT_FILE_MODE)
+            };
+            st.st_uid == me
+                && st.st_mode & libc::S_IFMT == kind
+                && st.st_mode & 0o7777 == mode
+                && if is_dir { st.st_nlink == 2 } else { st.st_size == 0 }
+        };
+        match points.names.remove(&name) {
+            Some(is_dir) if as_made(is_dir) => {
+                seen.insert(name, is_dir);
+            }
+            _ => remove_entry(dir.as_raw_fd(), &name)?,
+        }
+    }
+    points.names = seen;
     Ok(())
 }
 

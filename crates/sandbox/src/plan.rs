@@ -149,6 +149,9 @@ struct Late<'a> {
     nested: bool,
     /// Index into the overlays of the one whose lower layer holds the mount point.
     layer: Option<usize>,
+    /// Where the mount point is on the host, when it is inside the source of
+    /// the writable bind directly enclosing it: the caller may have made it.
+    host_point: Option<PathBuf>,
 }
 
 struct Builder<'a> {
@@ -301,6 +304,7 @@ pub(crate) fn make_plan(
                 is_dir: meta.is_dir(),
                 nested,
                 layer: None,
+                host_point: None,
             });
         } else {
             early.push((bind, rel, meta.is_dir()));
@@ -355,6 +359,10 @@ pub(crate) fn make_plan(
             // Directly on the innermost enclosing bind (or on /dev, /tmp, /proc).
             if let Some(&parent) = enclosing.last() {
                 late[i].layer = layers.iter().position(|(w, _, _)| *w == late[parent].rel);
+                if late[parent].bind.writable {
+                    let below = late[i].rel.strip_prefix(&late[parent].rel).unwrap_or(&late[i].rel);
+                    late[i].host_point = Some(late[parent].bind.source.join(below));
+                }
             }
             if late[i].bind.writable {
                 if let Some(&root) = enclosing.first() {
@@ -495,7 +503,19 @@ pub(crate) fn make_plan(
     b.mount_here("tmp", c"tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")?;
 
     for l in &late {
-        if l.nested && l.layer.is_none() {
+        // A mount point already in a writable bind's source (a recycled build
+        // directory's, see `BuildDir::sibling_with_mount_points`) is used as
+        // it is: nothing to create, nothing to free afterwards.
+        let made = l.host_point.as_ref().is_some_and(|p| {
+            std::fs::symlink_metadata(p).is_ok_and(|m| {
+                if l.is_dir {
+                    m.is_dir()
+                } else {
+                    m.is_file()
+                }
+            })
+        });
+        if l.nested && l.layer.is_none() && !made {
             b.mount_point(&l.rel, l.is_dir)?;
         }
         if let Some((_, options, work)) = layers.iter().find(|(w, _, _)| *w == l.rel) {

@@ -1058,3 +1058,97 @@ fn host_views(caller: Caller) -> Result<(), String> {
 fn host_processes_ipc_and_hostname_are_invisible_and_privileges_gone() {
     both(host_views);
 }
+
+/// Mount points kept in a recycled sibling: a sandbox binds onto them as
+/// they are; the next build gets exactly the ones it asks for; whatever a
+/// builder put in their place is removed (never followed), not reused.
+fn mount_points(caller: Caller) -> Result<(), String> {
+    use std::ffi::CString;
+    let tmp = tempdir_for(caller);
+    let victim = tmp.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("precious"), "keep me\n").unwrap();
+    let input_dir = tmp.path().join("input-dir");
+    std::fs::create_dir(&input_dir).unwrap();
+    std::fs::write(input_dir.join("f"), "from the input\n").unwrap();
+    let input_file = tmp.path().join("input-file");
+    std::fs::write(&input_file, "a file input\n").unwrap();
+    let point = |name: &str, is_dir: bool| (CString::new(name).unwrap(), is_dir);
+    let mut build = Build::new(&tmp.path().join("builds"));
+    let owner = build.owner;
+    let scratch = build
+        .dir
+        .as_mut()
+        .unwrap()
+        .sibling_with_mount_points(
+            "store",
+            owner,
+            [point("a", true), point("b", false), point("c", true)],
+        )
+        .map_err(|e| e.to_string())?;
+    let ino = |name: &str| std::fs::symlink_metadata(scratch.join(name)).map(|m| m.ino());
+    let (a, b) = (ino("a").map_err(|e| e.to_string())?, ino("b").map_err(|e| e.to_string())?);
+    let spec = build
+        .spec(&["cat", "/nix/store/a/f", "cat", "/nix/store/b", "ls", "/nix/store"])
+        .bind_rw(&scratch, "/nix/store")
+        .bind_ro(&input_dir, "/nix/store/a")
+        .bind_ro(&input_file, "/nix/store/b");
+    let (status, out) = run(spec);
+    ensure!(status.success(), "{out}");
+    ensure!(
+        out.contains("from the input") && out.contains("a file input"),
+        "inputs not bound: {out}"
+    );
+    ensure!(ino("a").ok() == Some(a) && ino("b").ok() == Some(b), "mount points remade");
+    // What a builder could do to the ones nothing covered: replace them.
+    std::fs::remove_dir(scratch.join("c")).unwrap();
+    std::os::unix::fs::symlink(&victim, scratch.join("c")).unwrap();
+    std::fs::remove_file(scratch.join("b")).unwrap();
+    std::fs::create_dir(scratch.join("b")).unwrap();
+    std::fs::write(scratch.join("junk"), "x").unwrap();
+    let dir = build.dir.take().unwrap();
+    dir.recycle().map_err(|e| e.to_string())?;
+    let mut again = build.dirs.create("test", owner).map_err(|e| e.to_string())?;
+    let scratch = again
+        .sibling_with_mount_points(
+            "store",
+            owner,
+            [point("a", true), point("b", false), point("c", true), point("d", false)],
+        )
+        .map_err(|e| e.to_string())?;
+    let mut names: Vec<_> = std::fs::read_dir(&scratch)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    ensure!(names == ["a", "b", "c", "d"], "entries {names:?}");
+    ensure!(ino("a").ok() == Some(a), "an untouched mount point was not reused");
+    for (name, dir) in [("a", true), ("b", false), ("c", true), ("d", false)] {
+        let m = std::fs::symlink_metadata(scratch.join(name)).unwrap();
+        ensure!(
+            m.is_dir() == dir && (dir || m.is_file() && m.len() == 0),
+            "{name} is not an empty {}",
+            if dir { "directory" } else { "file" }
+        );
+    }
+    ensure!(is_empty_dir(&scratch.join("c"))?, "c is not empty");
+    ensure!(
+        std::fs::read_to_string(victim.join("precious")).ok().as_deref() == Some("keep me\n"),
+        "victim harmed"
+    );
+    // Not wanted any more: removed.
+    let scratch = again
+        .sibling_with_mount_points("store", owner, [point("b", false)])
+        .map_err(|e| e.to_string())?;
+    let names: Vec<_> = std::fs::read_dir(&scratch)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    ensure!(names == ["b"], "entries {names:?}");
+    Ok(())
+}
+
+#[test]
+fn recycled_mount_points_are_reused_and_never_trusted_blindly() {
+    both(mount_points);
+}

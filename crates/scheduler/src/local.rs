@@ -541,23 +541,26 @@ impl LocalBackend {
             Some(r) => (r.host_id(1000), r.host_id(100)),
             None => unsafe { (libc::geteuid(), libc::getegid()) },
         };
-        let build_dir = match self.build_dirs.create("kiln", Some(owner)) {
+        let mut build_dir = match self.build_dirs.create("kiln", Some(owner)) {
             Ok(d) => d,
             Err(e) => return misc(e),
         };
-        // The scratch store the builder writes its outputs in, and the work
-        // directory of the overlay that keeps the inputs' mount points off
-        // the disk (see `SandboxSpec::bind_rw_layered`).
-        let (built_in, store_work) = if sandboxed {
-            let dirs = build_dir
-                .sibling("store", Some(owner))
-                .and_then(|s| Ok((s, build_dir.sibling("store-work", Some(owner))?)));
-            match dirs {
+        // The scratch store the builder writes its outputs in, with the
+        // mount points of its inputs, which stay there for the next build
+        // in this directory (a chain of builds shares most of its inputs).
+        let built_in = if sandboxed {
+            let points = input_paths.iter().map(|p| {
+                let is_dir = std::fs::metadata(self.store.real_path(p)).is_ok_and(|m| m.is_dir());
+                let name = std::ffi::CString::new(p.base_name().as_bytes())
+                    .expect("store path names have no NUL");
+                (name, is_dir)
+            });
+            match build_dir.sibling_with_mount_points("store", Some(owner), points) {
                 Ok(d) => d,
                 Err(e) => return misc(e),
             }
         } else {
-            (self.store.real_store_dir().to_path_buf(), PathBuf::new())
+            self.store.real_store_dir().to_path_buf()
         };
         let build_top = if sandboxed {
             BUILD_TOP.to_owned()
@@ -594,11 +597,9 @@ impl LocalBackend {
             spec = spec.env(os(k), os(v));
         }
         if sandboxed {
-            spec = spec.bind_rw(build_dir.path(), BUILD_TOP).bind_rw_layered(
-                &built_in,
-                &store_work,
-                store_dir.as_str(),
-            );
+            spec = spec
+                .bind_rw(build_dir.path(), BUILD_TOP)
+                .bind_rw(&built_in, store_dir.as_str());
             for p in input_paths {
                 spec = spec.bind_ro(self.store.real_path(p), store_dir.print_path(p));
             }

@@ -5,7 +5,7 @@
 //! and makes system calls, so it stays correct even when the caller is
 //! multi-threaded.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
@@ -502,18 +502,28 @@ pub(crate) fn make_plan(
     b.symlink("/proc/self/fd/2", "dev/stderr")?;
     b.mount_here("tmp", c"tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")?;
 
+    // A mount point already in a writable bind's source (a recycled build
+    // directory's, see `BuildDir::sibling_with_mount_points`) is used as it
+    // is: nothing to create, nothing to free afterwards. Each such directory
+    // is read once, rather than a `stat` per mount point.
+    let mut listed: HashMap<&Path, HashMap<std::ffi::OsString, std::fs::FileType>> =
+        HashMap::new();
     for l in &late {
-        // A mount point already in a writable bind's source (a recycled build
-        // directory's, see `BuildDir::sibling_with_mount_points`) is used as
-        // it is: nothing to create, nothing to free afterwards.
         let made = l.host_point.as_ref().is_some_and(|p| {
-            std::fs::symlink_metadata(p).is_ok_and(|m| {
-                if l.is_dir {
-                    m.is_dir()
-                } else {
-                    m.is_file()
-                }
-            })
+            let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {
+                return false;
+            };
+            let entries = listed.entry(dir).or_insert_with(|| {
+                std::fs::read_dir(dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| Some((e.file_name(), e.file_type().ok()?)))
+                    .collect()
+            });
+            entries
+                .get(name)
+                .is_some_and(|t| if l.is_dir { t.is_dir() } else { t.is_file() })
         });
         if l.nested && l.layer.is_none() && !made {
             b.mount_point(&l.rel, l.is_dir)?;

@@ -128,6 +128,9 @@ pub struct LocalBackend {
     /// query per path, which along a deep graph repeated the same hundreds
     /// of queries for every build.
     references: Mutex<HashMap<StorePath, Arc<[StorePath]>>>,
+    /// Whether each input met so far is a directory (fixed while it is
+    /// valid), for its mount point: one `stat` per input, not per build.
+    input_is_dir: Mutex<HashMap<StorePath, bool>>,
 }
 
 fn print_set(store_dir: &StoreDir, paths: &StorePathSet) -> String {
@@ -186,6 +189,7 @@ impl LocalBackend {
             rebuild_targets: HashSet::new(),
             hook,
             references: Mutex::new(HashMap::new()),
+            input_is_dir: Mutex::new(HashMap::new()),
         })
     }
 
@@ -549,12 +553,24 @@ impl LocalBackend {
         // mount points of its inputs, which stay there for the next build
         // in this directory (a chain of builds shares most of its inputs).
         let built_in = if sandboxed {
-            let points = input_paths.iter().map(|p| {
-                let is_dir = std::fs::metadata(self.store.real_path(p)).is_ok_and(|m| m.is_dir());
-                let name = std::ffi::CString::new(p.base_name().as_bytes())
-                    .expect("store path names have no NUL");
-                (name, is_dir)
-            });
+            let mut known = self.input_is_dir.lock().unwrap_or_else(|p| p.into_inner());
+            let points: Vec<_> = input_paths
+                .iter()
+                .map(|p| {
+                    let is_dir = match known.get(p) {
+                        Some(&is_dir) => is_dir,
+                        None => match std::fs::metadata(self.store.real_path(p)) {
+                            Ok(m) => *known.entry(p.clone()).or_insert(m.is_dir()),
+                            // The sandbox reports it missing.
+                            Err(_) => false,
+                        },
+                    };
+                    let name = std::ffi::CString::new(p.base_name().as_bytes())
+                        .expect("store path names have no NUL");
+                    (name, is_dir)
+                })
+                .collect();
+            drop(known);
             match build_dir.sibling_with_mount_points("store", Some(owner), points) {
                 Ok(d) => d,
                 Err(e) => return misc(e),

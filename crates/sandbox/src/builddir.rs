@@ -19,7 +19,7 @@
 //! subdirectories stay for the next build of this process. Each build then
 //! frees and allocates no inodes of its own, which matters on file systems
 //! where allocating an inode costs more the more were freed recently (ext4
-//! without a journal scans past every inode freed in the last half minute).
+//! without a journal scans past every inode freed in the last minute or more).
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
@@ -650,72 +650,59 @@ enum Keep<'a> {
     Nothing,
     /// The directories directly below it, emptied (a build directory kept
     /// for reuse), but `skip`, left as it is (pruned already).
-    Subdirs { skip: Option<&'a CStr> },
+    Subdirs {
+        skip: Option<&'a CStr>,
+    },
 }
 
 /// Removes what is below `fd` (but `keep`), never following a symlink.
 fn clear(fd: RawFd, keep: Keep) -> io::Result<()> {
     for name in entries(fd)? {
-        let st = match lstat_at(fd, &name) {
-            Ok(st) => st,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-            Err(e) => return Err(e),
-        };
-        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-            if let Keep::Subdirs { skip: Some(skip) } = keep {
-                if name.as_c_str() == skip {
-                    continue;
-                }
+        if let Keep::Subdirs { skip } = keep {
+            if skip == Some(name.as_c_str()) && is_dir_at(fd, &name)? {
+                continue;
             }
             if let Some(sub) = open_subdir(fd, &name)? {
                 clear(sub.as_raw_fd(), Keep::Nothing)?;
-                drop(sub);
-                if matches!(keep, Keep::Subdirs { .. }) {
-                    continue;
-                }
-                // SAFETY: valid fd and C string.
-                if unsafe { libc::unlinkat(fd, name.as_ptr(), libc::AT_REMOVEDIR) } == 0 {
-                    continue;
-                }
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::ENOTDIR) {
-                    return Err(e);
-                }
+                continue;
             }
         }
-        // SAFETY: valid fd and C string; unlinking a symlink removes only the link.
-        if unsafe { libc::unlinkat(fd, name.as_ptr(), 0) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ENOENT) {
-                return Err(e);
-            }
-        }
+        remove_entry(fd, &name)?;
     }
     Ok(())
+}
+
+fn is_dir_at(fd: RawFd, name: &CStr) -> io::Result<bool> {
+    match lstat_at(fd, name) {
+        Ok(st) => Ok(st.st_mode & libc::S_IFMT == libc::S_IFDIR),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Removes the entry `name` below `fd`, a whole tree if a directory, never
 /// following a symlink; a missing one is not an error.
 fn remove_entry(fd: RawFd, name: &CStr) -> io::Result<()> {
+    let ignore_missing = |r: libc::c_int| {
+        let e = io::Error::last_os_error();
+        if r == 0 || e.raw_os_error() == Some(libc::ENOENT) {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    };
     if let Some(sub) = open_subdir(fd, name)? {
         clear(sub.as_raw_fd(), Keep::Nothing)?;
         drop(sub);
         // SAFETY: valid fd and C string.
-        if unsafe { libc::unlinkat(fd, name.as_ptr(), libc::AT_REMOVEDIR) } == 0 {
-            return Ok(());
-        }
-    } else {
-        // SAFETY: valid fd and C string; unlinking a symlink removes only the link.
-        if unsafe { libc::unlinkat(fd, name.as_ptr(), 0) } == 0 {
-            return Ok(());
+        let r = unsafe { libc::unlinkat(fd, name.as_ptr(), libc::AT_REMOVEDIR) };
+        // Replaced by a file since it was opened: unlinked below.
+        if r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENOTDIR) {
+            return ignore_missing(r);
         }
     }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENOENT) {
-        Ok(())
-    } else {
-        Err(e)
-    }
+    // SAFETY: valid fd and C string; unlinking a symlink removes only the link.
+    ignore_missing(unsafe { libc::unlinkat(fd, name.as_ptr(), 0) })
 }
 
 /// Mode of a mount point made by [`make_mount_point`], directory or file.
@@ -737,7 +724,8 @@ fn make_mount_point(fd: RawFd, name: &CStr, is_dir: bool) -> io::Result<()> {
             }
             return Ok(());
         }
-        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        let flags =
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         // SAFETY: valid fd and C string.
         let file = unsafe { libc::openat(fd, name.as_ptr(), flags, POINT_FILE_MODE) };
         if file < 0 {
@@ -786,7 +774,11 @@ fn prune(outer: RawFd, points: &mut MountPoints) -> io::Result<()> {
             st.st_uid == me
                 && st.st_mode & libc::S_IFMT == kind
                 && st.st_mode & 0o7777 == mode
-                && if is_dir { st.st_nlink == 2 } else { st.st_size == 0 }
+                && if is_dir {
+                    st.st_nlink == 2
+                } else {
+                    st.st_size == 0
+                }
         };
         match points.names.remove(&name) {
             Some(is_dir) if as_made(is_dir) => {

@@ -360,7 +360,10 @@ pub(crate) fn make_plan(
             if let Some(&parent) = enclosing.last() {
                 late[i].layer = layers.iter().position(|(w, _, _)| *w == late[parent].rel);
                 if late[parent].bind.writable {
-                    let below = late[i].rel.strip_prefix(&late[parent].rel).unwrap_or(&late[i].rel);
+                    let below = late[i]
+                        .rel
+                        .strip_prefix(&late[parent].rel)
+                        .unwrap_or(&late[i].rel);
                     late[i].host_point = Some(late[parent].bind.source.join(below));
                 }
             }
@@ -506,8 +509,7 @@ pub(crate) fn make_plan(
     // directory's, see `BuildDir::sibling_with_mount_points`) is used as it
     // is: nothing to create, nothing to free afterwards. Each such directory
     // is read once, rather than a `stat` per mount point.
-    let mut listed: HashMap<&Path, HashMap<std::ffi::OsString, std::fs::FileType>> =
-        HashMap::new();
+    let mut listed: HashMap<&Path, HashMap<std::ffi::OsString, std::fs::FileType>> = HashMap::new();
     for l in &late {
         let made = l.host_point.as_ref().is_some_and(|p| {
             let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {

@@ -1087,9 +1087,19 @@ fn mount_points(caller: Caller) -> Result<(), String> {
         )
         .map_err(|e| e.to_string())?;
     let ino = |name: &str| std::fs::symlink_metadata(scratch.join(name)).map(|m| m.ino());
-    let (a, b) = (ino("a").map_err(|e| e.to_string())?, ino("b").map_err(|e| e.to_string())?);
+    let (a, b) = (
+        ino("a").map_err(|e| e.to_string())?,
+        ino("b").map_err(|e| e.to_string())?,
+    );
     let spec = build
-        .spec(&["cat", "/nix/store/a/f", "cat", "/nix/store/b", "ls", "/nix/store"])
+        .spec(&[
+            "cat",
+            "/nix/store/a/f",
+            "cat",
+            "/nix/store/b",
+            "ls",
+            "/nix/store",
+        ])
         .bind_rw(&scratch, "/nix/store")
         .bind_ro(&input_dir, "/nix/store/a")
         .bind_ro(&input_file, "/nix/store/b");
@@ -1099,7 +1109,10 @@ fn mount_points(caller: Caller) -> Result<(), String> {
         out.contains("from the input") && out.contains("a file input"),
         "inputs not bound: {out}"
     );
-    ensure!(ino("a").ok() == Some(a) && ino("b").ok() == Some(b), "mount points remade");
+    ensure!(
+        ino("a").ok() == Some(a) && ino("b").ok() == Some(b),
+        "mount points remade"
+    );
     // What a builder could do to the ones nothing covered: replace them.
     std::fs::remove_dir(scratch.join("c")).unwrap();
     std::os::unix::fs::symlink(&victim, scratch.join("c")).unwrap();
@@ -1108,12 +1121,20 @@ fn mount_points(caller: Caller) -> Result<(), String> {
     std::fs::write(scratch.join("junk"), "x").unwrap();
     let dir = build.dir.take().unwrap();
     dir.recycle().map_err(|e| e.to_string())?;
-    let mut again = build.dirs.create("test", owner).map_err(|e| e.to_string())?;
+    let mut again = build
+        .dirs
+        .create("test", owner)
+        .map_err(|e| e.to_string())?;
     let scratch = again
         .sibling_with_mount_points(
             "store",
             owner,
-            [point("a", true), point("b", false), point("c", true), point("d", false)],
+            [
+                point("a", true),
+                point("b", false),
+                point("c", true),
+                point("d", false),
+            ],
         )
         .map_err(|e| e.to_string())?;
     let mut names: Vec<_> = std::fs::read_dir(&scratch)
@@ -1122,7 +1143,10 @@ fn mount_points(caller: Caller) -> Result<(), String> {
         .collect();
     names.sort();
     ensure!(names == ["a", "b", "c", "d"], "entries {names:?}");
-    ensure!(ino("a").ok() == Some(a), "an untouched mount point was not reused");
+    ensure!(
+        ino("a").ok() == Some(a),
+        "an untouched mount point was not reused"
+    );
     for (name, dir) in [("a", true), ("b", false), ("c", true), ("d", false)] {
         let m = std::fs::symlink_metadata(scratch.join(name)).unwrap();
         ensure!(
@@ -1133,7 +1157,10 @@ fn mount_points(caller: Caller) -> Result<(), String> {
     }
     ensure!(is_empty_dir(&scratch.join("c"))?, "c is not empty");
     ensure!(
-        std::fs::read_to_string(victim.join("precious")).ok().as_deref() == Some("keep me\n"),
+        std::fs::read_to_string(victim.join("precious"))
+            .ok()
+            .as_deref()
+            == Some("keep me\n"),
         "victim harmed"
     );
     // Not wanted any more: removed.

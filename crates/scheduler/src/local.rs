@@ -332,6 +332,28 @@ impl LocalBackend {
         Ok(Some(out))
     }
 
+    /// The mount point each input needs below the scratch store: its name,
+    /// and whether it is a directory.
+    fn mount_points(&self, inputs: &StorePathSet) -> Vec<(std::ffi::CString, bool)> {
+        let mut known = self.input_is_dir.lock().unwrap_or_else(|p| p.into_inner());
+        inputs
+            .iter()
+            .map(|p| {
+                let is_dir = match known.get(p) {
+                    Some(&is_dir) => is_dir,
+                    None => match std::fs::metadata(self.store.real_path(p)) {
+                        Ok(m) => *known.entry(p.clone()).or_insert(m.is_dir()),
+                        // The sandbox reports it missing.
+                        Err(_) => false,
+                    },
+                };
+                let name = std::ffi::CString::new(p.base_name().as_bytes())
+                    .expect("store path names have no NUL");
+                (name, is_dir)
+            })
+            .collect()
+    }
+
     fn lock_paths(&self, drv: &LocalDrv) -> Vec<PathBuf> {
         let mut paths: Vec<&StorePath> = drv.outputs.values().collect();
         paths.sort();
@@ -553,24 +575,7 @@ impl LocalBackend {
         // mount points of its inputs, which stay there for the next build
         // in this directory (a chain of builds shares most of its inputs).
         let built_in = if sandboxed {
-            let mut known = self.input_is_dir.lock().unwrap_or_else(|p| p.into_inner());
-            let points: Vec<_> = input_paths
-                .iter()
-                .map(|p| {
-                    let is_dir = match known.get(p) {
-                        Some(&is_dir) => is_dir,
-                        None => match std::fs::metadata(self.store.real_path(p)) {
-                            Ok(m) => *known.entry(p.clone()).or_insert(m.is_dir()),
-                            // The sandbox reports it missing.
-                            Err(_) => false,
-                        },
-                    };
-                    let name = std::ffi::CString::new(p.base_name().as_bytes())
-                        .expect("store path names have no NUL");
-                    (name, is_dir)
-                })
-                .collect();
-            drop(known);
+            let points = self.mount_points(input_paths);
             match build_dir.sibling_with_mount_points("store", Some(owner), points) {
                 Ok(d) => d,
                 Err(e) => return misc(e),

@@ -43,7 +43,7 @@ mod tests;
 pub use list::{ListNode, list};
 pub use read::{Contents, Event, NarReader, Problem, ReadError, read_node};
 pub use restore::{RestoreError, restore};
-pub use write::{WriteError, dump_path, hash_path, write_node};
+pub use write::{WriteError, dump_path, dump_path_read, hash_path, write_node};
 
 /// Deepest nesting the reader accepts: no entry may have more path components.
 pub const MAX_DEPTH: usize = 64;

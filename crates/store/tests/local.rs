@@ -62,6 +62,162 @@ fn contents_are_canonical() {
     );
 }
 
+/// Large files are written around the page cache (`O_DIRECT`) by a
+/// writer thread: whatever their size against its blocks and alignment,
+/// they arrive whole, canonical and hashed as before, and (on a file
+/// system that takes `O_DIRECT`) most of their pages were never cached.
+#[test]
+fn large_files_arrive_whole_without_filling_the_page_cache() {
+    use kiln_formats::content_address::ContentAddress;
+    use kiln_formats::hash::Hash;
+    use std::os::unix::fs::PermissionsExt;
+
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open_root(dir.path().join("root")).unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut data = |len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    };
+    // Below, at and past the threshold; unaligned tails; more blocks than
+    // one writer holds, so blocks are reused.
+    const THRESHOLD: usize = 64 << 10;
+    let sizes = [
+        ("below", THRESHOLD - 1),
+        ("exact", THRESHOLD),
+        ("one-more", THRESHOLD + 1),
+        ("sub/aligned", 3 * MIB + 4096),
+        ("sub/unaligned", 3 * MIB + 4095),
+        ("many-blocks", 9 * MIB + 123),
+    ];
+    let mut contents = std::collections::BTreeMap::new();
+    for (name, len) in sizes {
+        let bytes = data(len);
+        std::fs::write(src.join(name), &bytes).unwrap();
+        contents.insert(name, bytes);
+    }
+    std::fs::set_permissions(src.join("exact"), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let info = store
+        .add_to_store(
+            "large",
+            &src,
+            FileIngestionMethod::Recursive,
+            HashAlgo::Sha256,
+            AddOptions::default(),
+        )
+        .unwrap();
+    let (nar_hash, nar_size) = kiln_formats::nar::hash_path(&src, HashAlgo::Sha256).unwrap();
+    assert_eq!((info.nar_hash, info.nar_size), (nar_hash, nar_size));
+    let real = store.real_path(&info.path);
+
+    // Before anything reads them: the large files' pages were not cached.
+    let biggest = real.join("many-blocks");
+    if !on_tmpfs(&biggest) {
+        let (resident, pages) = resident_pages(&biggest);
+        assert!(
+            resident * 4 < pages,
+            "{resident} of {pages} pages of a file written with O_DIRECT are cached"
+        );
+    }
+    for (name, bytes) in &contents {
+        let m = std::fs::symlink_metadata(real.join(name)).unwrap();
+        let mode = if *name == "exact" { 0o555 } else { 0o444 };
+        assert_eq!(m.mode() & 0o7777, mode, "mode of {name}");
+        assert_eq!(m.mtime(), 1, "mtime of {name}");
+        assert!(
+            std::fs::read(real.join(name)).unwrap() == *bytes,
+            "contents of {name}"
+        );
+    }
+
+    // A single large file added flat: its flat hash is computed on the way.
+    let big = src.join("many-blocks");
+    let flat = store
+        .add_to_store(
+            "flat",
+            &big,
+            FileIngestionMethod::Flat,
+            HashAlgo::Sha256,
+            AddOptions::default(),
+        )
+        .unwrap();
+    let expected = Hash::digest(HashAlgo::Sha256, &contents["many-blocks"]);
+    assert!(
+        matches!(&flat.ca, Some(ContentAddress::Fixed { hash, .. }) if *hash == expected),
+        "flat content address {:?}, expected {expected}",
+        flat.ca
+    );
+    assert!(std::fs::read(store.real_path(&flat.path)).unwrap() == contents["many-blocks"]);
+    assert!(store.verify(true, None).unwrap().problems.is_empty());
+
+    // A NAR cut off inside a large file: refused, and nothing is left.
+    let nar = kiln_formats::nar::dump_path(&src, Vec::new()).unwrap();
+    let other = LocalStore::open_root(dir.path().join("other")).unwrap();
+    let e = other.add_nar(&info, &mut &nar[..nar.len() / 2], AddOptions::default());
+    assert!(
+        matches!(e, Err(kiln_store::StoreError::BadNar { .. })),
+        "a NAR truncated inside a large file must be refused as malformed, got {e:?}"
+    );
+    assert!(!other.is_valid_path(&info.path).unwrap());
+    let left: Vec<_> = std::fs::read_dir(other.real_store_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| {
+            !n.to_string_lossy().starts_with('.') || n.to_string_lossy().starts_with(".kiln-tmp")
+        })
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // The store goes on working.
+    other
+        .add_nar(&info, &mut &nar[..], AddOptions::default())
+        .unwrap();
+    assert!(other.verify(true, None).unwrap().problems.is_empty());
+}
+
+fn on_tmpfs(path: &std::path::Path) -> bool {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path and a zeroed statfs to fill.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
+    st.f_type == libc::TMPFS_MAGIC
+}
+
+/// How many of the file's pages are in the page cache, of how many.
+fn resident_pages(path: &std::path::Path) -> (usize, usize) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    let page = 4096;
+    let pages = len.div_ceil(page);
+    // SAFETY: a read-only shared mapping of a file we hold open, unmapped
+    // below; mincore fills one byte per page.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(map, libc::MAP_FAILED);
+        let mut vec = vec![0u8; pages];
+        assert_eq!(libc::mincore(map, len, vec.as_mut_ptr()), 0);
+        libc::munmap(map, len);
+        (vec.iter().filter(|b| **b & 1 != 0).count(), pages)
+    }
+}
+
 mod gc_verify_optimise {
     use std::os::unix::fs::MetadataExt;
     use std::os::unix::fs::PermissionsExt;

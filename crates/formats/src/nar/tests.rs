@@ -102,6 +102,60 @@ fn dumps_a_tree_on_disk_like_its_description() {
     );
 }
 
+/// `dump_path_read` hands over the same bytes as `dump_path`, in reads of
+/// any size, with the hash and size computed on the helper thread.
+#[test]
+fn dump_path_read_gives_the_nar_and_its_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("t");
+    let big: Vec<u8> = (0..(5 << 20) + 3).map(|i| (i * 13 % 251) as u8).collect();
+    let tree = Node::directory([("big", Node::file(big)), ("tree", sample_tree())]);
+    materialise(&tree, &root);
+    let expected = tree.to_nar();
+    for step in [1, 4096, 1 << 20, usize::MAX] {
+        let (read, hashed) = dump_path_read(&root, HashAlgo::Sha256, |nar| {
+            let mut out = Vec::new();
+            loop {
+                let buf = nar.fill_buf().unwrap();
+                if buf.is_empty() {
+                    break out;
+                }
+                let n = buf.len().min(step);
+                out.extend_from_slice(&buf[..n]);
+                nar.consume(n);
+            }
+        });
+        assert!(read == expected, "reads of {step} bytes");
+        let (hash, size) = hashed.unwrap();
+        assert_eq!((hash, size), hash_path(&root, HashAlgo::Sha256).unwrap());
+        assert_eq!(size, expected.len() as u64);
+    }
+
+    // A reader that stops early stops the helper, which says so.
+    let (first, hashed) =
+        dump_path_read(&root, HashAlgo::Sha256, |nar| nar.fill_buf().unwrap().len());
+    assert!(first > 0);
+    assert!(matches!(hashed, Err(WriteError::Output(_))), "{hashed:?}");
+
+    // A tree that cannot be read ends the NAR early, and the error names it.
+    let (read, hashed) = dump_path_read(
+        Path::new("/nonexistent/kiln-test"),
+        HashAlgo::Sha256,
+        |nar| {
+            let mut out = Vec::new();
+            nar.read_to_end(&mut out).unwrap();
+            out
+        },
+    );
+    assert!(read.len() < 16, "{} bytes", read.len());
+    assert!(
+        hashed
+            .unwrap_err()
+            .to_string()
+            .contains("/nonexistent/kiln-test")
+    );
+}
+
 #[test]
 fn dumps_a_symlink_itself_not_its_target() {
     let dir = tempfile::tempdir().unwrap();

@@ -8,14 +8,14 @@
 //! whole costs little more than the hash alone.
 
 use std::fs::{self, File, FileType, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use super::{MAGIC, Node, padding};
-use crate::hash::{Hash, HashAlgo, HashingWriter};
+use crate::hash::{Hash, HashAlgo, Hasher, HashingWriter};
 
 /// Size of the chunks the NAR is assembled in.
 const CHUNK: usize = 1 << 20;
@@ -69,6 +69,61 @@ pub enum WriteError {
 /// `out` receives writes of up to 1 MiB, from the calling thread; the tree is
 /// read on a helper thread meanwhile.
 pub fn dump_path<W: Write>(path: &Path, mut out: W) -> Result<W, WriteError> {
+    let (written, read) = with_dumper(path, None, |chunks| {
+        for (chunk, len) in chunks.full.iter() {
+            out.write_all(&chunk[..len])?;
+            // The reader may have finished and gone: then the chunk is dropped.
+            let _ = chunks.empty.send(chunk);
+        }
+        Ok(())
+    });
+    match (written, read) {
+        (Err(e), _) => Err(WriteError::Output(e)),
+        (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(_)) => Ok(out),
+    }
+}
+
+/// Serialises the tree at `path` as a NAR on a helper thread, and lets
+/// `read` consume it on the calling thread, chunk by chunk, without a copy
+/// in between. The helper also hashes the NAR with `algo` as it goes, which
+/// leaves the calling thread free for whatever it does with the bytes.
+///
+/// Returns what `read` returned, and then the NAR's hash and size, or why
+/// the tree could not be read: then `read` saw the NAR end early, and this
+/// error explains it best. If `read` returns before the end, the helper
+/// stops; its result is then an [`WriteError::Output`].
+pub fn dump_path_read<T>(
+    path: &Path,
+    algo: HashAlgo,
+    read: impl FnOnce(&mut dyn BufRead) -> T,
+) -> (T, Result<(Hash, u64), WriteError>) {
+    let (value, dumped) = with_dumper(path, Some(Hasher::new(algo)), |chunks| {
+        read(&mut ChunkReader {
+            chunks,
+            current: None,
+            len: 0,
+            pos: 0,
+        })
+    });
+    let hashed = dumped.map(|h| h.expect("a hasher was given"));
+    (value, hashed)
+}
+
+/// The two ends of the helper thread's chunk channels, on the calling side.
+struct Chunks {
+    full: Receiver<(Vec<u8>, usize)>,
+    empty: SyncSender<Vec<u8>>,
+}
+
+/// Runs a helper thread that reads the tree at `path` into NAR chunks (and
+/// hashes them, given a hasher) while `consume` takes them on the calling
+/// thread. Returns what `consume` returned and how the helper ended.
+fn with_dumper<T>(
+    path: &Path,
+    hasher: Option<Hasher>,
+    consume: impl FnOnce(&Chunks) -> T,
+) -> (T, Result<Option<(Hash, u64)>, WriteError>) {
     let (full_sender, full) = sync_channel::<(Vec<u8>, usize)>(CHUNKS_IN_FLIGHT);
     let (empty_sender, empty) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 1);
     for _ in 0..CHUNKS_IN_FLIGHT {
@@ -82,6 +137,8 @@ pub fn dump_path<W: Write>(path: &Path, mut out: W) -> Result<W, WriteError> {
                 let sink = Pipe {
                     full: full_sender,
                     empty,
+                    hasher,
+                    size: 0,
                 };
                 let mut dumper = Dumper {
                     enc: Encoder::new(sink).map_err(WriteError::Output)?,
@@ -91,34 +148,77 @@ pub fn dump_path<W: Write>(path: &Path, mut out: W) -> Result<W, WriteError> {
                     .map_err(|source| dumper.read_error(source))?
                     .file_type();
                 dumper.dump(file_type)?;
-                dumper.enc.finish().map_err(WriteError::Output)?;
-                Ok(())
-            })
-            .map_err(|e| {
-                WriteError::Output(io::Error::other(format!("cannot start a thread: {e}")))
-            })?;
-        let mut output_error = None;
-        for (chunk, len) in full.iter() {
-            if let Err(e) = out.write_all(&chunk[..len]) {
-                output_error = Some(e);
-                break;
+                let pipe = dumper.enc.finish().map_err(WriteError::Output)?;
+                Ok(pipe.hasher.map(|h| (h.finish(), pipe.size)))
+            });
+        let reader = match reader {
+            Ok(reader) => reader,
+            Err(e) => {
+                let chunks = Chunks {
+                    full: sync_channel(0).1,
+                    empty: sync_channel(0).0,
+                };
+                let failed = format!("cannot start a thread: {e}");
+                return (
+                    consume(&chunks),
+                    Err(WriteError::Output(io::Error::other(failed))),
+                );
             }
-            // The reader may have finished and gone: then the chunk is dropped.
-            let _ = empty_sender.send(chunk);
-        }
+        };
+        let chunks = Chunks {
+            full,
+            empty: empty_sender,
+        };
+        let value = consume(&chunks);
         // Hang up so that a reader still running notices and stops.
-        drop(full);
-        drop(empty_sender);
+        drop(chunks);
         let read = match reader.join() {
             Ok(result) => result,
             Err(panic) => std::panic::resume_unwind(panic),
         };
-        match (output_error, read) {
-            (Some(e), _) => Err(WriteError::Output(e)),
-            (None, Err(e)) => Err(e),
-            (None, Ok(())) => Ok(out),
-        }
+        (value, read)
     })
+}
+
+/// The NAR coming from the helper thread, as a `BufRead` over its chunks;
+/// consumed chunks go back to the helper.
+struct ChunkReader<'c> {
+    chunks: &'c Chunks,
+    current: Option<Vec<u8>>,
+    len: usize,
+    pos: usize,
+}
+
+impl Read for ChunkReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = available.len().min(buf.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for ChunkReader<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.pos == self.len {
+            let Ok((chunk, len)) = self.chunks.full.recv() else {
+                // The end, or the helper failed: it reports why.
+                return Ok(&[]);
+            };
+            if let Some(used) = self.current.replace(chunk) {
+                // The helper may have finished and gone: then it is dropped.
+                let _ = self.chunks.empty.send(used);
+            }
+            (self.len, self.pos) = (len, 0);
+        }
+        let current = self.current.as_deref().unwrap_or_default();
+        Ok(&current[self.pos..self.len])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.len);
+    }
 }
 
 /// The NAR hash of the tree at `path` (what `nix-hash --type ALGO` and
@@ -176,14 +276,21 @@ impl<W: Write> Ship for Direct<W> {
     }
 }
 
-/// Hands chunks to the writing thread and takes back emptied ones.
+/// Hands chunks to the writing thread and takes back emptied ones; hashes
+/// them on the way, given a hasher.
 struct Pipe {
     full: SyncSender<(Vec<u8>, usize)>,
     empty: Receiver<Vec<u8>>,
+    hasher: Option<Hasher>,
+    size: u64,
 }
 
 impl Ship for Pipe {
     fn ship(&mut self, chunk: &mut Vec<u8>, len: usize) -> io::Result<()> {
+        if let Some(h) = &mut self.hasher {
+            h.update(&chunk[..len]);
+        }
+        self.size += len as u64;
         // Only fails when the writing side has stopped, whose own error is
         // the one reported.
         let stopped = |_| io::Error::other("the NAR's writer stopped");

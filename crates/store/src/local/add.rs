@@ -18,7 +18,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
 
 use kiln_formats::content_address::ContentAddress;
 use kiln_formats::hash::{Hash, HashAlgo, Hasher};
@@ -31,7 +30,10 @@ use super::{LocalStore, drv, par};
 use crate::store::text_path_info;
 use crate::{AddOptions, NarSource, PathInfo, Store, StoreError};
 
+mod direct;
 mod import;
+
+use direct::{DIRECT_MIN, DirectWriter};
 
 /// How new paths are made durable before they are registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +97,35 @@ pub(crate) struct Staged {
     pub ca_hash: Option<Hash>,
 }
 
+/// Who computes a restored NAR's sha256.
+#[derive(Debug, Clone, Copy)]
+enum NarHashing {
+    /// The restoring thread, as it reads the NAR.
+    Here,
+    /// The thread producing the NAR (a local tree being serialised), which
+    /// leaves the restoring thread to parse and write.
+    ByProducer,
+}
+
+/// A restored NAR before its sha256 is attached.
+#[derive(Debug)]
+struct Restored {
+    temp: PathBuf,
+    nar_size: u64,
+    ca_hash: Option<Hash>,
+}
+
+impl Restored {
+    fn staged(self, nar_hash: Hash) -> Staged {
+        Staged {
+            temp: self.temp,
+            nar_hash,
+            nar_size: self.nar_size,
+            ca_hash: self.ca_hash,
+        }
+    }
+}
+
 /// A staged path, checked and locked, ready to be renamed and registered.
 #[derive(Debug)]
 pub(crate) struct Ready {
@@ -109,7 +140,7 @@ pub(crate) struct Ready {
 /// longer stream.
 struct Meter<'a> {
     inner: &'a mut dyn BufRead,
-    sha256: Hasher,
+    sha256: Option<Hasher>,
     extra: Option<Hasher>,
     len: u64,
 }
@@ -133,8 +164,7 @@ impl BufRead for Meter<'_> {
             // The bytes are buffered already; this does not read.
             if let Ok(buf) = self.inner.fill_buf() {
                 let data = &buf[..n.min(buf.len())];
-                self.sha256.update(data);
-                if let Some(h) = &mut self.extra {
+                for h in [&mut self.sha256, &mut self.extra].into_iter().flatten() {
                     h.update(data);
                 }
             }
@@ -159,68 +189,6 @@ impl Write for FileSink<'_> {
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The receiving end of a NAR produced by another thread, as a `BufRead`.
-struct ChannelReader {
-    rx: mpsc::Receiver<Vec<u8>>,
-    current: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let available = self.fill_buf()?;
-        let n = available.len().min(buf.len());
-        buf[..n].copy_from_slice(&available[..n]);
-        self.consume(n);
-        Ok(n)
-    }
-}
-
-impl BufRead for ChannelReader {
-    fn fill_buf(&mut self) -> io::Result<&[u8]> {
-        while self.pos == self.current.len() {
-            match self.rx.recv() {
-                Ok(chunk) => {
-                    self.current = chunk;
-                    self.pos = 0;
-                }
-                Err(_) => return Ok(&[]),
-            }
-        }
-        Ok(&self.current[self.pos..])
-    }
-    fn consume(&mut self, n: usize) {
-        self.pos += n;
-    }
-}
-
-/// The sending end: gathers writes into chunks.
-struct ChannelWriter {
-    tx: mpsc::SyncSender<Vec<u8>>,
-    buf: Vec<u8>,
-}
-
-const CHUNK: usize = 1 << 20;
-
-impl Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= CHUNK {
-            self.flush()?;
-        }
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
-            self.tx.send(chunk).map_err(|_| {
-                io::Error::new(io::ErrorKind::BrokenPipe, "the restoring side stopped")
-            })?;
-        }
         Ok(())
     }
 }
@@ -250,10 +218,28 @@ impl LocalStore {
         ca: CaHashing,
         durability: Durability,
     ) -> Result<Staged, StoreError> {
+        let (restored, nar_hash) =
+            self.restore_nar(nar, label, ca, durability, NarHashing::Here)?;
+        Ok(restored.staged(nar_hash.expect("hashed here")))
+    }
+
+    /// [`LocalStore::stage_nar`], with the NAR's sha256 computed here or
+    /// by whoever produces the NAR.
+    fn restore_nar(
+        &self,
+        nar: &mut dyn BufRead,
+        label: &str,
+        ca: CaHashing,
+        durability: Durability,
+        hashing: NarHashing,
+    ) -> Result<(Restored, Option<Hash>), StoreError> {
         let temp = self.temp_path();
         let mut meter = Meter {
             inner: nar,
-            sha256: Hasher::new(HashAlgo::Sha256),
+            sha256: match hashing {
+                NarHashing::Here => Some(Hasher::new(HashAlgo::Sha256)),
+                NarHashing::ByProducer => None,
+            },
             extra: match ca {
                 CaHashing::Nar(algo) => Some(Hasher::new(algo)),
                 _ => None,
@@ -289,12 +275,12 @@ impl LocalStore {
             (_, _, Some(h)) => Some(h.finish()),
             _ => None,
         };
-        Ok(Staged {
+        let restored = Restored {
             temp,
-            nar_hash: meter.sha256.finish(),
             nar_size: meter.len,
             ca_hash,
-        })
+        };
+        Ok((restored, meter.sha256.map(Hasher::finish)))
     }
 
     /// Renames staged paths into place, makes them durable and registers
@@ -791,37 +777,31 @@ impl LocalStore {
             let executable = meta.permissions().mode() & 0o100 != 0;
             self.stage_small_file(source, executable, ca_hashing, durability)?
         } else {
-            let (tx, rx) = mpsc::sync_channel(4);
-            std::thread::scope(|scope| {
-                let producer = scope.spawn(move || {
-                    let mut w = nar::dump_path(
-                        source,
-                        ChannelWriter {
-                            tx,
-                            buf: Vec::with_capacity(CHUNK),
-                        },
-                    )?;
-                    w.flush().map_err(nar::WriteError::Output)
-                });
-                let mut reader = ChannelReader {
-                    rx,
-                    current: Vec::new(),
-                    pos: 0,
-                };
-                let staged = self.stage_nar(&mut reader, &label, ca_hashing, durability);
-                drop(reader);
-                let produced = producer.join().expect("NAR producer thread panicked");
-                match (staged, produced) {
-                    (Ok(s), Ok(())) => Ok(s),
-                    (Ok(s), Err(e)) => {
-                        let _ = fsutil::remove_tree(&s.temp);
-                        Err(e.into())
-                    }
-                    // The producer's error explains a truncated stream best.
-                    (Err(_), Err(e)) => Err(e.into()),
-                    (Err(e), Ok(())) => Err(e),
+            let (restored, dumped) = nar::dump_path_read(source, HashAlgo::Sha256, |nar| {
+                self.restore_nar(nar, &label, ca_hashing, durability, NarHashing::ByProducer)
+            });
+            match (restored, dumped) {
+                (Ok((r, _)), Ok((nar_hash, nar_size))) if nar_size == r.nar_size => {
+                    r.staged(nar_hash)
                 }
-            })?
+                (Ok((r, _)), Ok((_, nar_size))) => {
+                    let _ = fsutil::remove_tree(&r.temp);
+                    return Err(StoreError::BadSource {
+                        path: source.clone(),
+                        what: format!(
+                            "its NAR was {nar_size} bytes, but {} were restored",
+                            r.nar_size
+                        ),
+                    });
+                }
+                (Ok((r, _)), Err(e)) => {
+                    let _ = fsutil::remove_tree(&r.temp);
+                    return Err(e.into());
+                }
+                // Reading the tree failed: that explains a truncated NAR best.
+                (Err(_), Err(e)) => return Err(e.into()),
+                (Err(e), Ok(_)) => return Err(e),
+            }
         };
         let ca = ContentAddress::Fixed {
             method: item.method,
@@ -909,6 +889,8 @@ fn restore_canonical(
     };
     // Files are fsync'd in groups once written (see `Syncer`).
     let mut syncer = Syncer::default();
+    // Made at the first large file.
+    let mut direct: Option<DirectWriter> = None;
     while let Some(event) = reader.next().map_err(bad)? {
         let target = match event.path() {
             b"" => dest.to_path_buf(),
@@ -944,7 +926,7 @@ fn restore_canonical(
                 ..
             } => {
                 let mode = if executable { 0o555 } else { 0o444 };
-                let mut file = OpenOptions::new()
+                let file = OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(mode)
@@ -956,75 +938,165 @@ fn restore_canonical(
                 } else {
                     None
                 };
-                let mut sink = FileSink {
-                    file: &mut file,
-                    hasher,
-                };
-                contents
-                    .copy_to(&mut sink)
-                    .map_err(|e| match nar::ReadError::from_io(e) {
-                        Ok(source) => StoreError::BadNar {
-                            path: label.to_owned(),
-                            source,
-                        },
-                        Err(e) => StoreError::io("write", &target, e),
-                    })?;
-                file.set_permissions(fs::Permissions::from_mode(mode))
-                    .and_then(|()| set_canonical_times_fd(&file))
-                    .map_err(|e| StoreError::io("finish", &target, e))?;
-                if fsync_each {
-                    // SAFETY: an fd we own; the flag only starts writeback.
-                    unsafe {
-                        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+                let large = contents.remaining() >= DIRECT_MIN;
+                match if large {
+                    DirectWriter::try_direct(file)
+                } else {
+                    Err(file)
+                } {
+                    Ok(file) => {
+                        if direct.is_none() {
+                            let writer = DirectWriter::spawn()
+                                .map_err(|e| StoreError::io("write", &target, e))?;
+                            direct = Some(writer);
+                        }
+                        let writer = direct.as_mut().expect("made above");
+                        let mut sink = writer.open(file, &target, mode, hasher)?;
+                        contents
+                            .copy_to(&mut sink)
+                            .and_then(|_| sink.finish())
+                            .map_err(|e| write_error(e, label, &target))?;
+                        if fsync_each {
+                            syncer.submit_all(writer.finished()?);
+                        }
                     }
-                    syncer.submit(file, target);
+                    Err(mut file) => {
+                        let mut sink = FileSink {
+                            file: &mut file,
+                            hasher,
+                        };
+                        contents
+                            .copy_to(&mut sink)
+                            .map_err(|e| write_error(e, label, &target))?;
+                        file.set_permissions(fs::Permissions::from_mode(mode))
+                            .and_then(|()| set_canonical_times_fd(&file))
+                            .map_err(|e| StoreError::io("finish", &target, e))?;
+                        if fsync_each {
+                            // SAFETY: an fd we own; the flag only starts writeback.
+                            unsafe {
+                                libc::sync_file_range(
+                                    file.as_raw_fd(),
+                                    0,
+                                    0,
+                                    libc::SYNC_FILE_RANGE_WRITE,
+                                );
+                            }
+                            syncer.submit(file, target);
+                        }
+                    }
                 }
             }
         }
     }
+    if let Some(writer) = direct {
+        let finished = writer.close()?;
+        if fsync_each {
+            syncer.submit_all(finished);
+        }
+    }
     syncer.finish()
+}
+
+/// A failed copy of a file's contents: the NAR's fault, or the disk's.
+fn write_error(e: io::Error, label: &str, target: &Path) -> StoreError {
+    match nar::ReadError::from_io(e) {
+        Ok(source) => StoreError::BadNar {
+            path: label.to_owned(),
+            source,
+        },
+        Err(e) => StoreError::io("write", target, e),
+    }
 }
 
 /// fsyncs the files and directories handed to it, in groups: writeback of
 /// each file starts as soon as it is written (`sync_file_range`), and the
 /// fsyncs of a group are issued together on several threads, so the file
 /// system folds them into a few journal commits instead of one per file.
-/// Open handles are bounded by the group size.
+/// A group is synced in the background while the next one is written; open
+/// handles are bounded by two groups.
 #[derive(Debug, Default)]
 struct Syncer {
     pending: Vec<(File, PathBuf)>,
+    /// The group being synced, if any.
+    syncing: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
     result: Option<StoreError>,
 }
 
-/// fsyncs in flight at once, and files held open before a group is synced.
+/// fsyncs in flight at once, and files held open in a group.
 const SYNC_WORKERS: usize = 16;
-const SYNC_GROUP: usize = 512;
+const SYNC_GROUP: usize = 256;
 
 impl Syncer {
     fn submit(&mut self, file: File, path: PathBuf) {
         self.pending.push((file, path));
         if self.pending.len() >= SYNC_GROUP {
-            self.flush();
+            self.wait();
+            let group = std::mem::take(&mut self.pending);
+            let syncing = std::thread::Builder::new()
+                .name("kiln-fsync".into())
+                .spawn(move || sync_group(group));
+            match syncing {
+                Ok(handle) => self.syncing = Some(handle),
+                Err(e) => self.fail(StoreError::io("fsync", PathBuf::from("(a group)"), e)),
+            }
         }
     }
 
-    fn flush(&mut self) {
-        let group = std::mem::take(&mut self.pending);
-        let results = par::map_on(SYNC_WORKERS, group, |(file, path)| {
-            file.sync_all()
-                .map_err(|e| StoreError::io("fsync", &path, e))
-        });
-        if self.result.is_none() {
-            self.result = results.into_iter().find_map(Result::err);
+    fn submit_all(&mut self, files: Vec<(File, PathBuf)>) {
+        for (file, path) in files {
+            self.submit(file, path);
         }
+    }
+
+    /// Waits for the group being synced.
+    fn wait(&mut self) {
+        if let Some(handle) = self.syncing.take() {
+            let result = handle.join().unwrap_or_else(|_| {
+                Err(StoreError::io(
+                    "fsync",
+                    PathBuf::from("(a group)"),
+                    io::Error::other("the fsync thread panicked"),
+                ))
+            });
+            if let Err(e) = result {
+                self.fail(e);
+            }
+        }
+    }
+
+    fn fail(&mut self, e: StoreError) {
+        self.result.get_or_insert(e);
     }
 
     /// Waits for every fsync; the first failure, if any.
     fn finish(mut self) -> Result<(), StoreError> {
-        self.flush();
+        let last = std::mem::take(&mut self.pending);
+        let synced = sync_group(last);
+        self.wait();
+        if let Err(e) = synced {
+            self.fail(e);
+        }
         match self.result.take() {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
+}
+
+impl Drop for Syncer {
+    /// A restore that failed still waits for its group, so no fsync runs
+    /// on files after they are removed.
+    fn drop(&mut self) {
+        self.wait();
+    }
+}
+
+/// fsyncs `group` on several threads; the first failure, if any.
+fn sync_group(group: Vec<(File, PathBuf)>) -> Result<(), StoreError> {
+    par::map_on(SYNC_WORKERS, group, |(file, path)| {
+        file.sync_all()
+            .map_err(|e| StoreError::io("fsync", &path, e))
+    })
+    .into_iter()
+    .collect()
 }

@@ -956,8 +956,11 @@ fn restore_canonical(
                             .copy_to(&mut sink)
                             .and_then(|_| sink.finish())
                             .map_err(|e| write_error(e, label, &target))?;
+                        // Finished files are collected as they come, so
+                        // that few stay open.
+                        let finished = writer.finished()?;
                         if fsync_each {
-                            syncer.submit_all(writer.finished()?);
+                            syncer.submit_all(finished);
                         }
                     }
                     Err(mut file) => {

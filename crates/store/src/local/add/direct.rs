@@ -39,6 +39,12 @@ const ALIGN: usize = 4096;
 const BLOCK: usize = 1 << 20;
 /// Blocks per writer: the memory one restore may hold (8 MiB).
 const BLOCKS: usize = 8;
+/// Blocks kept for later writers once one is done (16 MiB), so that
+/// restoring many NARs one after another does not allocate and fault in
+/// fresh blocks for each.
+const POOLED: usize = 16;
+
+static POOL: std::sync::Mutex<Vec<Block>> = std::sync::Mutex::new(Vec::new());
 
 /// A [`BLOCK`]-sized buffer aligned to [`ALIGN`].
 struct Block {
@@ -180,7 +186,8 @@ impl DirectWriter {
         }
         if self.allocated < BLOCKS {
             self.allocated += 1;
-            return Ok(Block::new());
+            let pooled = POOL.lock().ok().and_then(|mut pool| pool.pop());
+            return Ok(pooled.unwrap_or_else(Block::new));
         }
         self.spare.recv().map_err(|_| stopped())
     }
@@ -194,6 +201,11 @@ impl Drop for DirectWriter {
         drop(self.jobs.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+        // The writer has handed every block back.
+        if let Ok(mut pool) = POOL.lock() {
+            let room = POOLED.saturating_sub(pool.len());
+            pool.extend(self.spare.try_iter().take(room));
         }
     }
 }

@@ -4,7 +4,8 @@
 //! and print in base16, nixbase32, base64 and SRI), [`store_path`] (store
 //! directories as a parameter, path validation and computation), [`nar`]
 //! (archives: write, read, restore), [`narinfo`] and [`signature`] (ed25519 in
-//! Nix's `name:base64` form); [`report`] prints an error chain for people.
+//! Nix's `name:base64` form); [`report`] prints an error chain for people;
+//! [`bufread`] has a small helper for readers.
 //!
 //! ```
 //! use kiln_formats::hash::{Hash, HashAlgo};
@@ -21,6 +22,7 @@
 //! Invariant: this crate does no I/O except on the readers, writers and paths
 //! it is given.
 
+pub mod bufread;
 pub mod content_address;
 pub mod hash;
 pub mod nar;

@@ -210,11 +210,7 @@ impl<'a> CopyConsumed<'a> {
 
 impl Read for CopyConsumed<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let available = self.fill_buf()?;
-        let n = available.len().min(buf.len());
-        buf[..n].copy_from_slice(&available[..n]);
-        self.consume(n);
-        Ok(n)
+        kiln_formats::bufread::read_via_buffer(self, buf)
     }
 }
 

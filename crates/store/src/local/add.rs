@@ -147,11 +147,7 @@ struct Meter<'a> {
 
 impl Read for Meter<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let available = self.fill_buf()?;
-        let n = available.len().min(buf.len());
-        buf[..n].copy_from_slice(&available[..n]);
-        self.consume(n);
-        Ok(n)
+        kiln_formats::bufread::read_via_buffer(self, buf)
     }
 }
 
@@ -938,19 +934,22 @@ fn restore_canonical(
                 } else {
                     None
                 };
-                let large = contents.remaining() >= DIRECT_MIN;
-                match if large {
+                // Large files go around the page cache where the file
+                // system allows it.
+                let direct_file = if contents.remaining() >= DIRECT_MIN {
                     DirectWriter::try_direct(file)
                 } else {
                     Err(file)
-                } {
+                };
+                match direct_file {
                     Ok(file) => {
-                        if direct.is_none() {
-                            let writer = DirectWriter::spawn()
-                                .map_err(|e| StoreError::io("write", &target, e))?;
-                            direct = Some(writer);
-                        }
-                        let writer = direct.as_mut().expect("made above");
+                        let writer = match &mut direct {
+                            Some(writer) => writer,
+                            None => direct.insert(
+                                DirectWriter::spawn()
+                                    .map_err(|e| StoreError::io("write", &target, e))?,
+                            ),
+                        };
                         let mut sink = writer.open(file, &target, mode, hasher)?;
                         contents
                             .copy_to(&mut sink)
@@ -975,16 +974,7 @@ fn restore_canonical(
                             .and_then(|()| set_canonical_times_fd(&file))
                             .map_err(|e| StoreError::io("finish", &target, e))?;
                         if fsync_each {
-                            // SAFETY: an fd we own; the flag only starts writeback.
-                            unsafe {
-                                libc::sync_file_range(
-                                    file.as_raw_fd(),
-                                    0,
-                                    0,
-                                    libc::SYNC_FILE_RANGE_WRITE,
-                                );
-                            }
-                            syncer.submit(file, target);
+                            syncer.submit_written(file, target);
                         }
                     }
                 }
@@ -1043,6 +1033,16 @@ impl Syncer {
                 Err(e) => self.fail(StoreError::io("fsync", PathBuf::from("(a group)"), e)),
             }
         }
+    }
+
+    /// [`Syncer::submit`] for a file just written through the page cache:
+    /// its writeback starts now.
+    fn submit_written(&mut self, file: File, path: PathBuf) {
+        // SAFETY: an fd we own; the flag only starts writeback.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+        self.submit(file, path);
     }
 
     fn submit_all(&mut self, files: Vec<(File, PathBuf)>) {

@@ -24,7 +24,7 @@ use kiln_formats::hash::{Hash, HashAlgo, Hasher};
 use kiln_formats::nar::{self, Event, NarReader, Node};
 use kiln_formats::store_path::{FileIngestionMethod, StorePath, StorePathSet};
 
-use super::fsutil::{self, set_canonical_times, set_canonical_times_fd};
+use super::fsutil::{self, set_canonical_times};
 use super::lock::PathLock;
 use super::{LocalStore, drv, par};
 use crate::store::text_path_info;
@@ -821,23 +821,6 @@ impl LocalStore {
     }
 }
 
-/// Whether the process's umask leaves 0555 alone, so files created with
-/// their canonical mode need no `fchmod` afterwards. Read from
-/// `/proc/self/status`: calling `umask(2)` to read it would change it for
-/// other threads meanwhile.
-fn umask_keeps_canonical_modes() -> bool {
-    static KEEPS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *KEEPS.get_or_init(|| {
-        fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|status| {
-                let line = status.lines().find(|l| l.starts_with("Umask:"))?;
-                u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
-            })
-            .is_some_and(|mask| mask & 0o555 == 0)
-    })
-}
-
 /// Writes `contents` as a new file at `dest` with canonical metadata
 /// (0444 or 0555, mtime 1); fsyncs it when each path is to be durable on
 /// its own.
@@ -857,11 +840,7 @@ fn write_canonical_file(
         .map_err(|e| StoreError::io("create", dest, e))?;
     file.write_all(contents)
         .map_err(|e| StoreError::io("write", dest, e))?;
-    if !umask_keeps_canonical_modes() {
-        file.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(|e| StoreError::io("finish", dest, e))?;
-    }
-    set_canonical_times_fd(&file).map_err(|e| StoreError::io("finish", dest, e))?;
+    fsutil::finish_canonical_file(&file, mode).map_err(|e| StoreError::io("finish", dest, e))?;
     if durability == Durability::FsyncEach {
         file.sync_all()
             .map_err(|e| StoreError::io("fsync", dest, e))?;
@@ -883,8 +862,9 @@ fn restore_canonical(
         path: label.to_owned(),
         source,
     };
-    // Files are fsync'd in groups once written (see `Syncer`).
-    let mut syncer = Syncer::default();
+    // Files are fsync'd in groups once written (see `Syncer`), or not at
+    // all when the caller makes the whole batch durable.
+    let mut syncer = Syncer::new(fsync_each);
     // Made at the first large file.
     let mut direct: Option<DirectWriter> = None;
     while let Some(event) = reader.next().map_err(bad)? {
@@ -903,7 +883,7 @@ fn restore_canonical(
                 fs::set_permissions(&target, fs::Permissions::from_mode(0o555))
                     .and_then(|()| set_canonical_times(&target))
                     .map_err(|e| StoreError::io("finish directory", &target, e))?;
-                if fsync_each {
+                if syncer.per_file {
                     // After the files in it, which are submitted earlier.
                     let dir = File::open(&target)
                         .map_err(|e| StoreError::io("open directory", &target, e))?;
@@ -957,10 +937,7 @@ fn restore_canonical(
                             .map_err(|e| write_error(e, label, &target))?;
                         // Finished files are collected as they come, so
                         // that few stay open.
-                        let finished = writer.finished()?;
-                        if fsync_each {
-                            syncer.submit_all(finished);
-                        }
+                        syncer.submit_all(writer.finished()?);
                     }
                     Err(mut file) => {
                         let mut sink = FileSink {
@@ -970,22 +947,16 @@ fn restore_canonical(
                         contents
                             .copy_to(&mut sink)
                             .map_err(|e| write_error(e, label, &target))?;
-                        file.set_permissions(fs::Permissions::from_mode(mode))
-                            .and_then(|()| set_canonical_times_fd(&file))
+                        fsutil::finish_canonical_file(&file, mode)
                             .map_err(|e| StoreError::io("finish", &target, e))?;
-                        if fsync_each {
-                            syncer.submit_written(file, target);
-                        }
+                        syncer.submit_written(file, target);
                     }
                 }
             }
         }
     }
     if let Some(writer) = direct {
-        let finished = writer.close()?;
-        if fsync_each {
-            syncer.submit_all(finished);
-        }
+        syncer.submit_all(writer.close()?);
     }
     syncer.finish()
 }
@@ -1006,9 +977,11 @@ fn write_error(e: io::Error, label: &str, target: &Path) -> StoreError {
 /// fsyncs of a group are issued together on several threads, so the file
 /// system folds them into a few journal commits instead of one per file.
 /// A group is synced in the background while the next one is written; open
-/// handles are bounded by two groups.
-#[derive(Debug, Default)]
+/// handles are bounded by two groups. Without `per_file`, what is handed
+/// in is let go at once: the caller syncs the whole batch.
+#[derive(Debug)]
 struct Syncer {
+    per_file: bool,
     pending: Vec<(File, PathBuf)>,
     /// The group being synced, if any.
     syncing: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
@@ -1020,7 +993,19 @@ const SYNC_WORKERS: usize = 16;
 const SYNC_GROUP: usize = 256;
 
 impl Syncer {
+    fn new(per_file: bool) -> Syncer {
+        Syncer {
+            per_file,
+            pending: Vec::new(),
+            syncing: None,
+            result: None,
+        }
+    }
+
     fn submit(&mut self, file: File, path: PathBuf) {
+        if !self.per_file {
+            return;
+        }
         self.pending.push((file, path));
         if self.pending.len() >= SYNC_GROUP {
             self.wait();
@@ -1038,9 +1023,11 @@ impl Syncer {
     /// [`Syncer::submit`] for a file just written through the page cache:
     /// its writeback starts now.
     fn submit_written(&mut self, file: File, path: PathBuf) {
-        // SAFETY: an fd we own; the flag only starts writeback.
-        unsafe {
-            libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        if self.per_file {
+            // SAFETY: an fd we own; the flag only starts writeback.
+            unsafe {
+                libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+            }
         }
         self.submit(file, path);
     }

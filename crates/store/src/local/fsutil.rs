@@ -57,6 +57,34 @@ pub fn set_canonical_times_fd(file: &File) -> io::Result<()> {
     }
 }
 
+/// Gives a regular file just created with `mode` (0444 or 0555) and
+/// written its canonical metadata: that mode, if the umask changed it, and
+/// mtime 1. Last, as a write would change the mtime again.
+pub fn finish_canonical_file(file: &File, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !umask_keeps_canonical_modes() {
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
+    set_canonical_times_fd(file)
+}
+
+/// Whether the process's umask leaves 0555 alone, so files created with
+/// their canonical mode need no `fchmod` afterwards. Read from
+/// `/proc/self/status`: calling `umask(2)` to read it would change it for
+/// other threads meanwhile.
+fn umask_keeps_canonical_modes() -> bool {
+    static KEEPS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KEEPS.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+                u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+            })
+            .is_some_and(|mask| mask & 0o555 == 0)
+    })
+}
+
 /// Opens a directory for fsync.
 pub fn fsync_dir(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()

@@ -14,10 +14,10 @@
 //! rules do not change: the caller fsyncs the finished files (or the whole
 //! file system) before it registers anything.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 
 use kiln_formats::hash::Hasher;
 
-use super::super::fsutil::set_canonical_times_fd;
+use super::super::fsutil::finish_canonical_file;
 use crate::StoreError;
 
 /// Regular files at least this large are written with `O_DIRECT`.
@@ -320,9 +320,7 @@ impl Current {
     }
 
     fn finish(self) -> Result<(File, PathBuf), StoreError> {
-        self.file
-            .set_permissions(fs::Permissions::from_mode(self.mode))
-            .and_then(|()| set_canonical_times_fd(&self.file))
+        finish_canonical_file(&self.file, self.mode)
             .map_err(|e| StoreError::io("finish", &self.path, e))?;
         Ok((self.file, self.path))
     }

@@ -119,7 +119,8 @@ impl Daemon {
         settings: Settings,
         runtime: tokio::runtime::Handle,
     ) -> Daemon {
-        let answers = crate::fast::AnswerCache::new(store.real_store_dir());
+        let answers =
+            crate::fast::AnswerCache::new(store.real_store_dir(), store.store_dir().as_str());
         Daemon {
             store,
             settings,

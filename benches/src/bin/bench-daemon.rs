@@ -207,6 +207,82 @@ impl RawClient {
     }
 }
 
+/// A [`RawClient`]'s connection driven by an event loop.
+struct AsyncClient {
+    stream: tokio::net::UnixStream,
+    buf: Box<[u8]>,
+}
+
+impl RawClient {
+    fn into_async(self) -> AsyncClient {
+        assert_eq!(self.start, self.end, "bytes left after the handshake");
+        self.stream.set_nonblocking(true).unwrap();
+        AsyncClient {
+            stream: tokio::net::UnixStream::from_std(self.stream).unwrap(),
+            buf: self.buf,
+        }
+    }
+}
+
+impl AsyncClient {
+    /// As [`RawClient::query`].
+    async fn query(&mut self, request: &[u8]) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.stream.write_all(request).await.unwrap();
+        let mut end = 0;
+        loop {
+            let got = self.stream.read(&mut self.buf[end..]).await.unwrap();
+            assert!(got > 0, "the daemon hung up");
+            end += got;
+            if let Some((len, valid)) = parse_answer(&self.buf[..end]) {
+                assert_eq!(len, end, "bytes after the answer");
+                return valid;
+            }
+        }
+    }
+}
+
+/// The length of the `QueryPathInfo` answer at the head of `buf` and
+/// whether the path was valid; `None` while it is incomplete.
+fn parse_answer(buf: &[u8]) -> Option<(usize, bool)> {
+    fn word(buf: &[u8], at: &mut usize) -> Option<u64> {
+        let v = u64::from_le_bytes(buf.get(*at..*at + 8)?.try_into().unwrap());
+        *at += 8;
+        Some(v)
+    }
+    fn string(buf: &[u8], at: &mut usize) -> Option<()> {
+        let len = word(buf, at)? as usize;
+        *at += len.div_ceil(8) * 8;
+        (*at <= buf.len()).then_some(())
+    }
+    fn strings(buf: &[u8], at: &mut usize) -> Option<()> {
+        for _ in 0..word(buf, at)? {
+            string(buf, at)?;
+        }
+        Some(())
+    }
+    let mut at = 0;
+    loop {
+        match word(buf, &mut at)? {
+            STDERR_LAST => break,
+            STDERR_NEXT => string(buf, &mut at)?,
+            other => panic!("unexpected log message {other:#x}"),
+        }
+    }
+    if word(buf, &mut at)? == 0 {
+        return Some((at, false));
+    }
+    string(buf, &mut at)?; // deriver
+    string(buf, &mut at)?; // narHash
+    strings(buf, &mut at)?; // references
+    for _ in 0..3 {
+        word(buf, &mut at)?; // registration time, narSize, ultimate
+    }
+    strings(buf, &mut at)?; // sigs
+    string(buf, &mut at)?; // ca
+    Some((at, true))
+}
+
 fn encode_query(path: &StorePath) -> Vec<u8> {
     let printed = kiln_formats::store_path::StoreDir::default().print_path(path);
     let mut r = Vec::with_capacity(16 + printed.len() + 8);
@@ -266,36 +342,89 @@ struct QueryFigures {
     client_cpu: Duration,
 }
 
-/// QueryPathInfo from `CLIENTS` threads for `QUERY_TIME`, each with one
-/// connection of [`RawClient`] and one request in flight, as Nix's
-/// clients do.
-fn query_rate(socket: &Path, daemon_pid: u32, requests: &Arc<Vec<Vec<u8>>>) -> QueryFigures {
+/// How the bench's clients wait for their answers.
+#[derive(Clone, Copy, PartialEq)]
+enum Clients {
+    /// A thread per connection, blocked in `read` (two context switches
+    /// per request on each side).
+    Threads,
+    /// One thread polling every connection (epoll, through tokio's
+    /// current-thread runtime): it writes each connection's next request
+    /// as its answer arrives, so the daemon's cost is not hidden behind
+    /// the clients' own switching.
+    EventLoop,
+}
+
+/// QueryPathInfo over `CLIENTS` connections for `QUERY_TIME`, each with
+/// one request in flight as Nix's clients have, driven as `clients` says.
+fn query_rate(
+    socket: &Path,
+    daemon_pid: u32,
+    requests: &Arc<Vec<Vec<u8>>>,
+    clients: Clients,
+) -> QueryFigures {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
+    let connection = |c: usize| {
+        let (stop, count, requests) = (stop.clone(), count.clone(), requests.clone());
+        let client = RawClient::connect(socket);
+        (c, client, stop, count, requests)
+    };
     let mut threads = Vec::new();
-    for c in 0..CLIENTS {
-        let (stop, count, requests, socket) = (
-            stop.clone(),
-            count.clone(),
-            requests.clone(),
-            socket.to_path_buf(),
-        );
-        threads.push(std::thread::spawn(move || {
-            let mut client = RawClient::connect(&socket);
-            let mut i = c * 7919;
-            let mut done = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                assert!(
-                    client.query(&requests[i % requests.len()]),
-                    "path not valid"
-                );
-                done += 1;
-                if done % 64 == 0 {
-                    count.fetch_add(64, Ordering::Relaxed);
-                }
-                i += 104_729;
+    match clients {
+        Clients::Threads => {
+            for c in 0..CLIENTS {
+                let (c, mut client, stop, count, requests) = connection(c);
+                threads.push(std::thread::spawn(move || {
+                    let mut i = c * 7919;
+                    let mut done = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        assert!(
+                            client.query(&requests[i % requests.len()]),
+                            "path not valid"
+                        );
+                        done += 1;
+                        if done % 64 == 0 {
+                            count.fetch_add(64, Ordering::Relaxed);
+                        }
+                        i += 104_729;
+                    }
+                }));
             }
-        }));
+        }
+        Clients::EventLoop => {
+            let connections: Vec<_> = (0..CLIENTS).map(connection).collect();
+            threads.push(std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for (c, client, stop, count, requests) in connections {
+                        tasks.spawn(async move {
+                            let mut i = c * 7919;
+                            let mut done = 0u64;
+                            let mut client = client.into_async();
+                            while !stop.load(Ordering::Relaxed) {
+                                assert!(
+                                    client.query(&requests[i % requests.len()]).await,
+                                    "path not valid"
+                                );
+                                done += 1;
+                                if done % 64 == 0 {
+                                    count.fetch_add(64, Ordering::Relaxed);
+                                }
+                                i += 104_729;
+                            }
+                        });
+                    }
+                    while let Some(t) = tasks.join_next().await {
+                        t.unwrap();
+                    }
+                });
+            }));
+        }
     }
     // Warm up the connections, then measure.
     std::thread::sleep(Duration::from_millis(500));
@@ -328,7 +457,6 @@ fn query_rate(socket: &Path, daemon_pid: u32, requests: &Arc<Vec<Vec<u8>>>) -> Q
     }
 }
 
-/// `nix-build -j2` of the wide graph through the daemon at `url`.
 fn wide_build(client: &NixStore, url: &str, file: &Path) -> Duration {
     let started = Instant::now();
     let out = client
@@ -410,32 +538,37 @@ fn bench_query(work: &Path) {
     let requests: Arc<Vec<Vec<u8>>> = Arc::new(paths.iter().map(encode_query).collect());
     let kiln_socket = work.join("kiln.sock");
     let nix_socket = work.join("nix.sock");
-    let kiln = {
-        let d = start_kiln(&kiln_root, &kiln_socket, &nix_store);
-        query_rate(&kiln_socket, d.0.id(), &requests)
-    };
-    let nix = {
-        let d = start_nix(&nix_store, &nix_socket);
-        query_rate(&nix_socket, d.0.id(), &requests)
-    };
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    println!(
-        "QueryPathInfo, {CLIENTS} clients (raw sockets, one request in flight each), {PATHS} paths:"
-    );
-    println!("                     req/s    daemon CPU/req   bench clients CPU/req");
-    for (name, f) in [("kiln store-daemon", &kiln), ("nix-daemon 2.8   ", &nix)] {
+    for (clients, how) in [
+        (Clients::EventLoop, "one event-loop thread"),
+        (Clients::Threads, "a thread each"),
+    ] {
+        let kiln = {
+            let d = start_kiln(&kiln_root, &kiln_socket, &nix_store);
+            query_rate(&kiln_socket, d.0.id(), &requests, clients)
+        };
+        let nix = {
+            let d = start_nix(&nix_store, &nix_socket);
+            query_rate(&nix_socket, d.0.id(), &requests, clients)
+        };
         println!(
-            "  {name}  {:>10.0}    {:>8.2} µs       {:>8.2} µs",
-            f.rate,
-            us(f.server_cpu),
-            us(f.client_cpu)
+            "QueryPathInfo, {CLIENTS} connections (raw sockets, one request in flight each, {how}), {PATHS} paths:"
+        );
+        println!("                     req/s    daemon CPU/req   bench clients CPU/req");
+        for (name, f) in [("kiln store-daemon", &kiln), ("nix-daemon 2.8   ", &nix)] {
+            println!(
+                "  {name}  {:>10.0}    {:>8.2} µs       {:>8.2} µs",
+                f.rate,
+                us(f.server_cpu),
+                us(f.client_cpu)
+            );
+        }
+        println!(
+            "  ratio              {:>10.2}x   {:>8.2}x (nix-daemon CPU / Kiln CPU per request)",
+            kiln.rate / nix.rate,
+            us(nix.server_cpu) / us(kiln.server_cpu)
         );
     }
-    println!(
-        "  ratio              {:>10.2}x   {:>8.2}x (nix-daemon CPU / Kiln CPU per request)",
-        kiln.rate / nix.rate,
-        us(nix.server_cpu) / us(kiln.server_cpu)
-    );
 }
 
 fn bench_wide(work: &Path) {

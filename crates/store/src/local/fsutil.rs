@@ -104,6 +104,16 @@ pub fn syncfs(path: &Path) -> io::Result<()> {
 
 /// Atomically swaps two existing paths (`renameat2(RENAME_EXCHANGE)`).
 pub fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    renameat2(a, b, libc::RENAME_EXCHANGE)
+}
+
+/// Moves `from` to `to`, failing with `AlreadyExists` if `to` exists
+/// (`renameat2(RENAME_NOREPLACE)`).
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    renameat2(from, to, libc::RENAME_NOREPLACE)
+}
+
+fn renameat2(a: &Path, b: &Path, flags: libc::c_uint) -> io::Result<()> {
     let (ca, cb) = (cpath(a)?, cpath(b)?);
     // SAFETY: valid C strings.
     let r = unsafe {
@@ -113,7 +123,7 @@ pub fn exchange(a: &Path, b: &Path) -> io::Result<()> {
             ca.as_ptr(),
             libc::AT_FDCWD,
             cb.as_ptr(),
-            libc::RENAME_EXCHANGE,
+            flags,
         )
     };
     if r == 0 {

@@ -23,7 +23,7 @@ use kiln_formats::nixbase32;
 use kiln_formats::store_path::{StorePath, StorePathSet};
 
 use super::LocalStore;
-use super::lock::{self, FileLock, LockKind};
+use super::lock::{self, FileLock, LockKind, PathLock};
 use super::{fsutil, par, runtime_roots};
 use crate::{Store, StoreError};
 
@@ -384,7 +384,7 @@ impl LocalStore {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name == ".links" {
+            if name == ".links" || name == lock::spares::DIR {
                 continue;
             }
             if let Some(rest) = name.strip_prefix(".kiln-tmp-") {
@@ -394,13 +394,11 @@ impl LocalStore {
                 }) {
                     continue;
                 }
-            } else if let Some(base) = name.strip_suffix(".lock") {
-                // A lock file: leave it to its holder if it is held.
-                if let Some(held) = FileLock::acquire(&entry.path(), LockKind::Exclusive, false)? {
-                    drop(held);
-                    let _ = fs::remove_file(entry.path());
-                }
-                let _ = base;
+            } else if name.ends_with(".lock") {
+                // A lock file: leave it to its holder if it is held, else
+                // release it as its holder would have (marked stale for
+                // anyone waiting on it, and taken away).
+                drop(PathLock::acquire(&entry.path(), false)?);
                 continue;
             } else if let Ok(sp) = name.parse::<StorePath>() {
                 if graph.index.contains_key(&sp)

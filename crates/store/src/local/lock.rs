@@ -6,7 +6,12 @@
 //! another process waits on it; the waiter then holds a lock on a file no
 //! one else will ever open. So after locking we check that the path still
 //! names the inode we locked (and, for Nix's convention, that the holder did
-//! not mark it stale by writing into it), and start over if not.
+//! not mark it stale by giving it a size), and start over if not.
+//!
+//! Released path lock files are recycled rather than deleted (see
+//! [`spares`]): on ext4 without a journal every inode freed in the last
+//! minute slows each later allocation in its group, and a lock file freed
+//! per added path made adding paths one by one quadratic.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -75,6 +80,7 @@ impl PathLock {
     /// is held and `wait` is off.
     pub fn acquire(lock_path: &Path, wait: bool) -> Result<Option<PathLock>, StoreError> {
         loop {
+            spares::place(lock_path);
             let file = open_lock_file(lock_path)
                 .map_err(|e| StoreError::io("open lock file", lock_path, e))?;
             if !flock(&file, LockKind::Exclusive, wait)
@@ -86,10 +92,17 @@ impl PathLock {
                 .metadata()
                 .map_err(|e| StoreError::io("stat", lock_path, e))?;
             match std::fs::symlink_metadata(lock_path) {
-                // Still the file at that name, and not marked stale.
-                Ok(now)
-                    if now.ino() == ours.ino() && now.dev() == ours.dev() && ours.len() == 0 =>
-                {
+                // Still the file at that name.
+                Ok(now) if now.ino() == ours.ino() && now.dev() == ours.dev() => {
+                    // Marked stale yet still named: a recycled file put in
+                    // place (its marker stays until it is locked, for the
+                    // waiters it had under its last name), or one whose
+                    // holder died between marking and removing it. Either
+                    // way no one else holds it: it is ours once cleared.
+                    if ours.len() != 0 {
+                        file.set_len(0)
+                            .map_err(|e| StoreError::io("reset lock file", lock_path, e))?;
+                    }
                     return Ok(Some(PathLock {
                         file: Some(file),
                         path: lock_path.to_path_buf(),
@@ -114,6 +127,7 @@ impl PathLock {
     /// Creates the lock file if it is missing, without locking it (so a
     /// batch can create many in parallel before locking them in order).
     pub fn precreate(lock_path: &Path) {
+        spares::place(lock_path);
         let _ = open_lock_file(lock_path);
     }
 
@@ -126,10 +140,152 @@ impl PathLock {
 impl Drop for PathLock {
     fn drop(&mut self) {
         let Some(file) = &mut self.file else { return };
-        // Mark stale for Nix's waiters (they check the size), then delete
-        // while still holding the lock so no one locks a file we then remove.
-        let _ = file.write_all(b"d");
-        let _ = std::fs::remove_file(&self.path);
+        // Mark stale for Nix's waiters (they check the size; a size without
+        // data costs no page), then take the name away while still holding
+        // the lock, so no one locks a file we then move or remove.
+        let _ = file.set_len(1);
+        if !spares::keep(&self.path) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Released lock files kept for reuse, in a directory of the store
+/// directory (`.kiln-spare-locks`, so on the same file system).
+///
+/// A released lock file is marked stale and renamed into the directory
+/// instead of being deleted; the next lock taken in that store directory
+/// renames a spare to its name (never over an existing file) before
+/// opening it. The stale mark stays until the new holder has locked the
+/// file, so a waiter still blocked on it from its last name sees it stale
+/// and starts over, as it would have with a deleted file.
+///
+/// Spares are bounded per process; ones left by processes that have
+/// ended are adopted by the next process to lock in that store. Nix's
+/// collector deletes the directory with the rest of what is not a store
+/// path, which only costs the spares.
+pub mod spares {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::{Mutex, OnceLock};
+
+    use crate::local::fsutil::rename_noreplace;
+
+    /// The directory's name in the store directory.
+    pub const DIR: &str = ".kiln-spare-locks";
+
+    /// Spares one process keeps per store directory before it deletes.
+    const MAX: usize = 1024;
+
+    #[derive(Default)]
+    struct Pool {
+        /// Spares this process knows of (some may since have been taken
+        /// by another process).
+        names: Vec<PathBuf>,
+        /// Whether the directory was read for spares left by others.
+        adopted: bool,
+        /// Numbers for this process's spare names.
+        next: u64,
+        /// Set when spares cannot be kept here (the directory cannot be
+        /// made, renames fail): then lock files are simply deleted.
+        off: bool,
+    }
+
+    fn pools() -> std::sync::MutexGuard<'static, HashMap<PathBuf, Pool>> {
+        static POOLS: OnceLock<Mutex<HashMap<PathBuf, Pool>>> = OnceLock::new();
+        POOLS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts a spare at `lock_path` if there is a spare and nothing is at
+    /// `lock_path` yet. Best effort: when it does nothing, the caller
+    /// creates the file as usual.
+    pub(super) fn place(lock_path: &Path) {
+        let Some(store) = lock_path.parent() else {
+            return;
+        };
+        loop {
+            let spare = {
+                let mut pools = pools();
+                let pool = pools.entry(store.to_path_buf()).or_default();
+                if pool.off {
+                    return;
+                }
+                if !pool.adopted {
+                    pool.adopted = true;
+                    if let Ok(entries) = std::fs::read_dir(store.join(DIR)) {
+                        pool.names.extend(entries.flatten().map(|e| e.path()));
+                    }
+                }
+                match pool.names.pop() {
+                    Some(spare) => spare,
+                    None => return,
+                }
+            };
+            match rename_noreplace(&spare, lock_path) {
+                Ok(()) => return,
+                // Taken by another process, or collected: try the next.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                // Someone holds (or left) a lock file there: keep the spare.
+                Err(_) => {
+                    pools()
+                        .entry(store.to_path_buf())
+                        .or_default()
+                        .names
+                        .push(spare);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Moves the released lock file at `lock_path` (held and marked stale
+    /// by the caller) into the spares; false when the caller must delete
+    /// it instead.
+    pub(super) fn keep(lock_path: &Path) -> bool {
+        let Some(store) = lock_path.parent() else {
+            return false;
+        };
+        let dir = store.join(DIR);
+        let spare = {
+            let mut pools = pools();
+            let pool = pools.entry(store.to_path_buf()).or_default();
+            if pool.off || pool.names.len() >= MAX {
+                return false;
+            }
+            pool.next += 1;
+            dir.join(format!("{}-{}", std::process::id(), pool.next))
+        };
+        let moved = rename_noreplace(lock_path, &spare).or_else(|e| {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(e);
+            }
+            // The directory is made on first use (and again if a
+            // collector removed it).
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+            rename_noreplace(lock_path, &spare)
+        });
+        let mut pools = pools();
+        let pool = pools.entry(store.to_path_buf()).or_default();
+        match moved {
+            Ok(()) => {
+                pool.names.push(spare);
+                true
+            }
+            // The lock file's name was already gone: nothing to keep.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => {
+                tracing::debug!(error = %e, dir = %dir.display(), "lock files are deleted, not kept");
+                pool.off = true;
+                false
+            }
+        }
     }
 }
 
@@ -395,4 +551,86 @@ pub(crate) fn entered_session(state_dir: &Path) -> Option<Arc<TempRoots>> {
             .find(|r| r.state_dir == state_dir)
             .cloned()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spares_in(store: &Path) -> Vec<u64> {
+        let mut inodes: Vec<u64> = std::fs::read_dir(store.join(spares::DIR))
+            .map(|d| d.flatten().map(|e| e.metadata().unwrap().ino()).collect())
+            .unwrap_or_default();
+        inodes.sort();
+        inodes
+    }
+
+    #[test]
+    fn released_lock_files_are_reused_not_freed() {
+        let store = tempfile::tempdir().unwrap();
+        let first = store.path().join("a.lock");
+        let lock = PathLock::acquire(&first, true).unwrap().unwrap();
+        let inode = std::fs::metadata(&first).unwrap().ino();
+        drop(lock);
+        assert!(!first.exists(), "a released lock file kept its name");
+        assert_eq!(spares_in(store.path()), [inode]);
+        // Locks taken one after another all use that one file.
+        for n in 0..50 {
+            let path = store.path().join(format!("p{n}.lock"));
+            let lock = PathLock::acquire(&path, true).unwrap().unwrap();
+            let m = std::fs::metadata(&path).unwrap();
+            assert_eq!(m.ino(), inode, "lock {n} made a new file");
+            assert_eq!(m.len(), 0, "a held lock file looks stale");
+            drop(lock);
+        }
+        assert_eq!(spares_in(store.path()), [inode]);
+        let names: Vec<_> = std::fs::read_dir(store.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [spares::DIR], "leftovers in the store directory");
+    }
+
+    /// A waiter that opened a lock file under its old name (as Nix's
+    /// `PathLocks` does) finds it stale when it gets the lock, also when
+    /// the file has become another path's lock meanwhile.
+    #[test]
+    fn a_waiter_on_a_recycled_lock_file_sees_it_stale() {
+        let store = tempfile::tempdir().unwrap();
+        let old = store.path().join("old.lock");
+        let held = PathLock::acquire(&old, true).unwrap().unwrap();
+        let waiter = open_lock_file(&old).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiting = std::thread::spawn(move || {
+            flock(&waiter, LockKind::Exclusive, true).unwrap();
+            // Nix's test: a lock file with a size is stale.
+            tx.send(waiter.metadata().unwrap().len()).unwrap();
+            // Hold it a while, as a slow waiter might.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(waiter);
+        });
+        drop(held);
+        assert_eq!(rx.recv().unwrap(), 1, "the old waiter did not see it stale");
+        // The same file becomes `new.lock` while the old waiter still
+        // holds it: the new lock waits for it, then has it cleared.
+        let new = store.path().join("new.lock");
+        let lock = PathLock::acquire(&new, true).unwrap().unwrap();
+        assert_eq!(std::fs::metadata(&new).unwrap().len(), 0);
+        waiting.join().unwrap();
+        // Not held twice: a second taker must wait.
+        assert!(PathLock::acquire(&new, false).unwrap().is_none());
+        drop(lock);
+        assert!(PathLock::acquire(&new, false).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_lock_file_left_stale_by_a_dead_holder_is_taken() {
+        let store = tempfile::tempdir().unwrap();
+        let path = store.path().join("p.lock");
+        // Marked stale, never removed (its holder died in between).
+        std::fs::write(&path, b"d").unwrap();
+        let lock = PathLock::acquire(&path, false).unwrap().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        drop(lock);
+    }
 }

@@ -11,7 +11,8 @@
 //!   derivations plus one that depends on them all, `-j2` — through each
 //!   daemon, instantiation included, each on an empty store.
 //!
-//! `cargo xtask bench daemon -- query` (or `-- wide`) runs one part only.
+//! `cargo xtask bench daemon -- query` (or `-- wide`) runs one part only;
+//! `BENCH_KILN_ONLY=1` builds the wide graph through Kiln's daemon only.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -591,6 +592,13 @@ fn bench_wide(work: &Path) {
         );
         wide_build(&client, &url, &file)
     };
+    if std::env::var_os("BENCH_KILN_ONLY").is_some() {
+        println!(
+            "nix-build of the wide graph through kiln store-daemon: {:.2} s (BENCH_KILN_ONLY)",
+            kiln_time.as_secs_f64()
+        );
+        return;
+    }
     let nix_wide = NixStore::new();
     let nix_wide_socket = work.join("nix-wide.sock");
     let nix_time = {

@@ -485,11 +485,14 @@ fn main() {
     }
     let wanted = |part: &str| parts.is_empty() || parts.iter().any(|p| p == part);
     let work = tempfile::tempdir().unwrap();
-    if wanted("query") {
-        bench_query(work.path());
-    }
+    // The builds first: the query part's setup adds 10,000 paths to each
+    // store, and Nix frees a lock file per path; on ext4 without a journal
+    // every inode allocation in the next minutes would pay for those.
     if wanted("wide") {
         bench_wide(work.path());
+    }
+    if wanted("query") {
+        bench_query(work.path());
     }
     let _ = std::process::Command::new("chmod")
         .args(["-R", "u+w"])

@@ -174,16 +174,22 @@ pub mod spares {
     /// The directory's name in the store directory.
     pub const DIR: &str = ".kiln-spare-locks";
 
-    /// Spares one process keeps per store directory before it deletes.
-    const MAX: usize = 1024;
+    /// Spares one process keeps per store directory before it deletes
+    /// (a batch of 10,000 paths keeps all its lock files).
+    const MAX: usize = 16_384;
+
+    /// Spares adopted from the directory at a time.
+    const CHUNK: usize = 64;
 
     #[derive(Default)]
     struct Pool {
         /// Spares this process knows of (some may since have been taken
         /// by another process).
         names: Vec<PathBuf>,
-        /// Whether the directory was read for spares left by others.
-        adopted: bool,
+        /// Whether the directory was found to hold no more spares than
+        /// this process knows of (left by others, adopted a chunk at a
+        /// time when this process has none).
+        read_out: bool,
         /// Numbers for this process's spare names.
         next: u64,
         /// Set when spares cannot be kept here (the directory cannot be
@@ -213,11 +219,12 @@ pub mod spares {
                 if pool.off {
                     return;
                 }
-                if !pool.adopted {
-                    pool.adopted = true;
+                if pool.names.is_empty() && !pool.read_out {
                     if let Ok(entries) = std::fs::read_dir(store.join(DIR)) {
-                        pool.names.extend(entries.flatten().map(|e| e.path()));
+                        pool.names
+                            .extend(entries.flatten().take(CHUNK).map(|e| e.path()));
                     }
+                    pool.read_out = pool.names.len() < CHUNK;
                 }
                 match pool.names.pop() {
                     Some(spare) => spare,
@@ -621,6 +628,32 @@ mod tests {
         assert!(PathLock::acquire(&new, false).unwrap().is_none());
         drop(lock);
         assert!(PathLock::acquire(&new, false).unwrap().is_some());
+    }
+
+    #[test]
+    fn spares_left_by_other_processes_are_adopted() {
+        let store = tempfile::tempdir().unwrap();
+        let dir = store.path().join(spares::DIR);
+        std::fs::create_dir(&dir).unwrap();
+        for n in 0..100 {
+            std::fs::write(dir.join(format!("1-{n}")), b"d").unwrap();
+        }
+        let left = spares_in(store.path());
+        // Held all at once, so none comes back before the next is taken.
+        let held: Vec<(PathLock, u64)> = (0..101)
+            .map(|n| {
+                let path = store.path().join(format!("p{n}.lock"));
+                let lock = PathLock::acquire(&path, true).unwrap().unwrap();
+                (lock, std::fs::metadata(&path).unwrap().ino())
+            })
+            .collect();
+        let mut used: Vec<u64> = held[..100].iter().map(|(_, ino)| *ino).collect();
+        used.sort();
+        assert_eq!(used, left, "not every spare was used");
+        assert!(!left.contains(&held[100].1), "a spare was used twice");
+        assert!(spares_in(store.path()).is_empty());
+        drop(held);
+        assert_eq!(spares_in(store.path()).len(), 101);
     }
 
     #[test]

@@ -80,7 +80,12 @@ impl PathLock {
     /// is held and `wait` is off.
     pub fn acquire(lock_path: &Path, wait: bool) -> Result<Option<PathLock>, StoreError> {
         loop {
-            spares::place(lock_path);
+            if let Some(file) = spares::take(lock_path) {
+                return Ok(Some(PathLock {
+                    file: Some(file),
+                    path: lock_path.to_path_buf(),
+                }));
+            }
             let file = open_lock_file(lock_path)
                 .map_err(|e| StoreError::io("open lock file", lock_path, e))?;
             if !flock(&file, LockKind::Exclusive, wait)
@@ -94,11 +99,9 @@ impl PathLock {
             match std::fs::symlink_metadata(lock_path) {
                 // Still the file at that name.
                 Ok(now) if now.ino() == ours.ino() && now.dev() == ours.dev() => {
-                    // Marked stale yet still named: a recycled file put in
-                    // place (its marker stays until it is locked, for the
-                    // waiters it had under its last name), or one whose
-                    // holder died between marking and removing it. Either
-                    // way no one else holds it: it is ours once cleared.
+                    // Marked stale yet still named: its holder died between
+                    // marking and removing it. No one else holds it: it is
+                    // ours once cleared (Nix would retry it forever).
                     if ours.len() != 0 {
                         file.set_len(0)
                             .map_err(|e| StoreError::io("reset lock file", lock_path, e))?;
@@ -127,7 +130,6 @@ impl PathLock {
     /// Creates the lock file if it is missing, without locking it (so a
     /// batch can create many in parallel before locking them in order).
     pub fn precreate(lock_path: &Path) {
-        spares::place(lock_path);
         let _ = open_lock_file(lock_path);
     }
 
@@ -155,10 +157,11 @@ impl Drop for PathLock {
 ///
 /// A released lock file is marked stale and renamed into the directory
 /// instead of being deleted; the next lock taken in that store directory
-/// renames a spare to its name (never over an existing file) before
-/// opening it. The stale mark stays until the new holder has locked the
-/// file, so a waiter still blocked on it from its last name sees it stale
-/// and starts over, as it would have with a deleted file.
+/// (one at a time: batches create theirs before locking them in order)
+/// locks a spare, clears its mark and renames it to its name, never over
+/// an existing file. A waiter still blocked on it from its last name gets
+/// it only while it is marked, so it starts over, as it would have with a
+/// deleted file.
 ///
 /// Spares are bounded per process; ones left by processes that have
 /// ended are adopted by the next process to lock in that store. Nix's
@@ -166,6 +169,7 @@ impl Drop for PathLock {
 /// path, which only costs the spares.
 pub mod spares {
     use std::collections::HashMap;
+    use std::os::unix::fs::OpenOptionsExt;
     use std::path::{Path, PathBuf};
     use std::sync::{Mutex, OnceLock};
 
@@ -205,19 +209,38 @@ pub mod spares {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Puts a spare at `lock_path` if there is a spare and nothing is at
-    /// `lock_path` yet. Best effort: when it does nothing, the caller
+    /// A spare renamed to `lock_path`, locked and cleared, if there is a
+    /// spare and nothing is at `lock_path` yet; otherwise the caller
     /// creates the file as usual.
-    pub(super) fn place(lock_path: &Path) {
-        let Some(store) = lock_path.parent() else {
-            return;
-        };
+    ///
+    /// The spare is locked before its mark is cleared and before it gets
+    /// its new name: a waiter from its old name either has it first (then
+    /// the spare is passed over) or gets it only after this holder has
+    /// marked it stale again. Were the process to die right after the
+    /// rename, what is left is an unmarked, unlocked lock file, as a fresh
+    /// one would be.
+    pub(super) fn take(lock_path: &Path) -> Option<std::fs::File> {
+        let store = lock_path.parent()?;
+        // Spares a waiter holds, for a later call.
+        let mut busy = Vec::new();
+        let taken = take_from(store, lock_path, &mut busy);
+        if !busy.is_empty() {
+            pools()
+                .entry(store.to_path_buf())
+                .or_default()
+                .names
+                .extend(busy);
+        }
+        taken
+    }
+
+    fn take_from(store: &Path, lock_path: &Path, busy: &mut Vec<PathBuf>) -> Option<std::fs::File> {
         loop {
             let spare = {
                 let mut pools = pools();
                 let pool = pools.entry(store.to_path_buf()).or_default();
                 if pool.off {
-                    return;
+                    return None;
                 }
                 if pool.names.is_empty() && !pool.read_out {
                     if let Ok(entries) = std::fs::read_dir(store.join(DIR)) {
@@ -226,23 +249,35 @@ pub mod spares {
                     }
                     pool.read_out = pool.names.len() < CHUNK;
                 }
-                match pool.names.pop() {
-                    Some(spare) => spare,
-                    None => return,
-                }
+                pool.names.pop()?
             };
+            // Taken by another process or collected: try the next.
+            let Ok(file) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                .open(&spare)
+            else {
+                continue;
+            };
+            // Held by a waiter from its old name, about to see it stale.
+            if !super::flock(&file, super::LockKind::Exclusive, false).unwrap_or(false) {
+                busy.push(spare);
+                continue;
+            }
+            if file.set_len(0).is_err() {
+                continue;
+            }
             match rename_noreplace(&spare, lock_path) {
-                Ok(()) => return,
-                // Taken by another process, or collected: try the next.
+                Ok(()) => return Some(file),
+                // Collected meanwhile: try the next.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                // Someone holds (or left) a lock file there: keep the spare.
+                // Someone holds (or left) a lock file there: marked again
+                // and kept.
                 Err(_) => {
-                    pools()
-                        .entry(store.to_path_buf())
-                        .or_default()
-                        .names
-                        .push(spare);
-                    return;
+                    let _ = file.set_len(1);
+                    busy.push(spare);
+                    return None;
                 }
             }
         }
@@ -618,15 +653,25 @@ mod tests {
         });
         drop(held);
         assert_eq!(rx.recv().unwrap(), 1, "the old waiter did not see it stale");
-        // The same file becomes `new.lock` while the old waiter still
-        // holds it: the new lock waits for it, then has it cleared.
+        let recycled = spares_in(store.path());
+        assert_eq!(recycled.len(), 1);
+        // While the old waiter holds it, the file is passed over.
         let new = store.path().join("new.lock");
         let lock = PathLock::acquire(&new, true).unwrap().unwrap();
-        assert_eq!(std::fs::metadata(&new).unwrap().len(), 0);
-        waiting.join().unwrap();
+        let m = std::fs::metadata(&new).unwrap();
+        assert_ne!(m.ino(), recycled[0], "a spare held by a waiter was taken");
+        assert_eq!(m.len(), 0);
         // Not held twice: a second taker must wait.
         assert!(PathLock::acquire(&new, false).unwrap().is_none());
+        waiting.join().unwrap();
+        // Let go by the waiter, it is the next lock's.
+        let third = store.path().join("third.lock");
+        let lock3 = PathLock::acquire(&third, true).unwrap().unwrap();
+        let m = std::fs::metadata(&third).unwrap();
+        assert_eq!(m.ino(), recycled[0], "the spare was not used once free");
+        assert_eq!(m.len(), 0, "a held lock file looks stale");
         drop(lock);
+        drop(lock3);
         assert!(PathLock::acquire(&new, false).unwrap().is_some());
     }
 

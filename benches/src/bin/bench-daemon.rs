@@ -171,12 +171,6 @@ impl RawClient {
         self.start += padded;
     }
 
-    fn skip_strings(&mut self) {
-        for _ in 0..self.u64() {
-            self.skip_string();
-        }
-    }
-
     /// Log messages up to `STDERR_LAST` (only `NEXT` lines are expected).
     fn log_until_last(&mut self) {
         loop {
@@ -192,19 +186,13 @@ impl RawClient {
     fn query(&mut self, request: &[u8]) -> bool {
         use std::io::Write;
         self.stream.write_all(request).unwrap();
-        self.log_until_last();
-        if self.u64() == 0 {
-            return false;
+        loop {
+            if let Some((len, valid)) = parse_answer(&self.buf[self.start..self.end]) {
+                self.start += len;
+                return valid;
+            }
+            self.need(self.end - self.start + 1);
         }
-        self.skip_string(); // deriver
-        self.skip_string(); // narHash
-        self.skip_strings(); // references
-        self.u64(); // registration time
-        self.u64(); // narSize
-        self.u64(); // ultimate
-        self.skip_strings(); // sigs
-        self.skip_string(); // ca
-        true
     }
 }
 
@@ -226,7 +214,7 @@ impl RawClient {
 }
 
 impl AsyncClient {
-    /// As [`RawClient::query`].
+    /// One `QueryPathInfo`, as [`RawClient::query`].
     async fn query(&mut self, request: &[u8]) -> bool {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         self.stream.write_all(request).await.unwrap();

@@ -50,6 +50,14 @@ const MAX_ENTRIES: usize = 200_000;
 /// Longest path string answered here (longer ones take the checked path).
 const MAX_PATH: usize = 1024;
 
+/// Events after which the watch has missed removals or will report no
+/// more (all but the overflow end it).
+const WATCH_LOST: AddWatchFlags = AddWatchFlags::IN_Q_OVERFLOW
+    .union(AddWatchFlags::IN_IGNORED)
+    .union(AddWatchFlags::IN_DELETE_SELF)
+    .union(AddWatchFlags::IN_MOVE_SELF)
+    .union(AddWatchFlags::IN_UNMOUNT);
+
 /// Encoded `QueryPathInfo` answers by the path string clients send.
 #[derive(Debug)]
 pub(crate) struct AnswerCache {
@@ -172,12 +180,7 @@ impl AnswerCache {
             match watch.read_events() {
                 Ok(events) => {
                     for e in events {
-                        let lost = AddWatchFlags::IN_Q_OVERFLOW
-                            | AddWatchFlags::IN_IGNORED
-                            | AddWatchFlags::IN_DELETE_SELF
-                            | AddWatchFlags::IN_MOVE_SELF
-                            | AddWatchFlags::IN_UNMOUNT;
-                        if e.mask.intersects(lost) {
+                        if e.mask.intersects(WATCH_LOST) {
                             self.forget_all();
                             if !e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
                                 self.watching.store(false, Ordering::Release);

@@ -201,12 +201,29 @@ pub mod spares {
         off: bool,
     }
 
-    fn pools() -> std::sync::MutexGuard<'static, HashMap<PathBuf, Pool>> {
+    impl Pool {
+        /// The next spare to try: one this process knows of, else a chunk
+        /// of those others left in the directory.
+        fn next_spare(&mut self, store: &Path) -> Option<PathBuf> {
+            if self.names.is_empty() && !self.read_out {
+                if let Ok(entries) = std::fs::read_dir(store.join(DIR)) {
+                    self.names
+                        .extend(entries.flatten().take(CHUNK).map(|e| e.path()));
+                }
+                self.read_out = self.names.len() < CHUNK;
+            }
+            self.names.pop()
+        }
+    }
+
+    /// Runs `f` on this process's pool for the store directory `store`.
+    fn with_pool<T>(store: &Path, f: impl FnOnce(&mut Pool) -> T) -> T {
         static POOLS: OnceLock<Mutex<HashMap<PathBuf, Pool>>> = OnceLock::new();
-        POOLS
+        let mut pools = POOLS
             .get_or_init(Default::default)
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(|p| p.into_inner());
+        f(pools.entry(store.to_path_buf()).or_default())
     }
 
     /// A spare renamed to `lock_path`, locked and cleared, if there is a
@@ -225,32 +242,20 @@ pub mod spares {
         let mut busy = Vec::new();
         let taken = take_from(store, lock_path, &mut busy);
         if !busy.is_empty() {
-            pools()
-                .entry(store.to_path_buf())
-                .or_default()
-                .names
-                .extend(busy);
+            with_pool(store, |pool| pool.names.extend(busy));
         }
         taken
     }
 
     fn take_from(store: &Path, lock_path: &Path, busy: &mut Vec<PathBuf>) -> Option<std::fs::File> {
         loop {
-            let spare = {
-                let mut pools = pools();
-                let pool = pools.entry(store.to_path_buf()).or_default();
+            let spare = with_pool(store, |pool| {
                 if pool.off {
-                    return None;
+                    None
+                } else {
+                    pool.next_spare(store)
                 }
-                if pool.names.is_empty() && !pool.read_out {
-                    if let Ok(entries) = std::fs::read_dir(store.join(DIR)) {
-                        pool.names
-                            .extend(entries.flatten().take(CHUNK).map(|e| e.path()));
-                    }
-                    pool.read_out = pool.names.len() < CHUNK;
-                }
-                pool.names.pop()?
-            };
+            })?;
             // Taken by another process or collected: try the next.
             let Ok(file) = std::fs::OpenOptions::new()
                 .read(true)
@@ -291,14 +296,14 @@ pub mod spares {
             return false;
         };
         let dir = store.join(DIR);
-        let spare = {
-            let mut pools = pools();
-            let pool = pools.entry(store.to_path_buf()).or_default();
-            if pool.off || pool.names.len() >= MAX {
-                return false;
-            }
-            pool.next += 1;
-            dir.join(format!("{}-{}", std::process::id(), pool.next))
+        let spare = with_pool(store, |pool| {
+            (!pool.off && pool.names.len() < MAX).then(|| {
+                pool.next += 1;
+                dir.join(format!("{}-{}", std::process::id(), pool.next))
+            })
+        });
+        let Some(spare) = spare else {
+            return false;
         };
         let moved = rename_noreplace(lock_path, &spare).or_else(|e| {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -313,18 +318,16 @@ pub mod spares {
             }
             rename_noreplace(lock_path, &spare)
         });
-        let mut pools = pools();
-        let pool = pools.entry(store.to_path_buf()).or_default();
         match moved {
             Ok(()) => {
-                pool.names.push(spare);
+                with_pool(store, |pool| pool.names.push(spare));
                 true
             }
             // The lock file's name was already gone: nothing to keep.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => {
                 tracing::debug!(error = %e, dir = %dir.display(), "lock files are deleted, not kept");
-                pool.off = true;
+                with_pool(store, |pool| pool.off = true);
                 false
             }
         }

@@ -24,7 +24,6 @@
 use std::ffi::{CStr, c_char};
 use std::ptr;
 
-use seccompiler::BpfProgram;
 
 use crate::plan::{Plan, Source, Step};
 use crate::raw;
@@ -106,7 +105,7 @@ pub(crate) struct ChildArgs<'a> {
     pub nofile_orig: libc::rlimit,
     pub rlimits: &'a [(i32, libc::rlimit)],
     pub cap_last: u32,
-    pub filters: &'static [BpfProgram],
+    pub filter: &'static [libc::sock_filter],
     pub argv: &'a [*const c_char],
     pub envp: &'a [*const c_char],
     /// Top of the stack the builder starts on (see [`crate::spawn`]).
@@ -670,7 +669,7 @@ fn builder(a: &ChildArgs) -> ! {
                 fail(a, Stage::DropCapabilities, 65, errno());
             }
         }
-        if let Err(e) = crate::seccomp::install(a.filters) {
+        if let Err(e) = crate::seccomp::install(a.filter) {
             fail(a, Stage::Seccomp, 0, e);
         }
         libc::execve(plan.program.as_ptr(), a.argv.as_ptr(), a.envp.as_ptr());

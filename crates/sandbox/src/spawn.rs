@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::cgroup::{self, Cgroup, CgroupStatus};
 use crate::child::{self, ChildArgs, MSG_FAILED, Stage};
 use crate::plan::{self, Plan, PlanError};
-use crate::seccomp::{self, SeccompError};
+use crate::seccomp;
 use crate::spec::{Output, SandboxMode, SandboxSpec};
 use crate::uid::{UidError, UidRange};
 
@@ -21,8 +21,6 @@ use crate::uid::{UidError, UidRange};
 pub enum SpawnError {
     #[error("invalid sandbox spec: {0}")]
     Plan(#[from] PlanError),
-    #[error("{0}")]
-    Seccomp(&'static SeccompError),
     #[error("allocating a build uid range: {0}")]
     Uid(#[from] UidError),
     #[error("sandbox staging directory {path}: {source}")]
@@ -394,7 +392,7 @@ fn hint(stage: Stage, errno: i32) -> &'static str {
 static OVERLAY_UNUSABLE: AtomicBool = AtomicBool::new(false);
 
 fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
-    let filters = seccomp::filters().map_err(SpawnError::Seccomp)?;
+    let filter = seccomp::filter();
     // SAFETY: trivial getters.
     let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let as_root = euid == 0;
@@ -458,7 +456,7 @@ fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
             .map(|(s, u, g)| (s.as_c_str(), u.as_c_str(), g.as_c_str())),
         out_fd: output_child.as_ref().map_or(-1, |f| f.as_raw_fd()),
         is_pty,
-        filters,
+        filter,
     };
     // Nothing runs until an attempt has cloned init: dropping this kills nothing.
     let mut child = Child {
@@ -508,7 +506,7 @@ struct Common<'a> {
     self_maps: Option<(&'a CStr, &'a CStr, &'a CStr)>,
     out_fd: RawFd,
     is_pty: bool,
-    filters: &'static [seccompiler::BpfProgram],
+    filter: &'static [libc::sock_filter],
 }
 
 /// What a failure the sandbox's init reported means.
@@ -618,7 +616,7 @@ fn attempt(
         nofile_orig,
         rlimits: &rlimits,
         cap_last: cap_last_cap(),
-        filters: common.filters,
+        filter: common.filter,
         argv: &argv,
         envp: &envp,
         builder_stack: 0,

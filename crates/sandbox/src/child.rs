@@ -24,7 +24,6 @@
 use std::ffi::{CStr, c_char};
 use std::ptr;
 
-
 use crate::plan::{Plan, Source, Step};
 use crate::raw;
 
@@ -88,6 +87,8 @@ impl Stage {
 pub(crate) struct ChildArgs<'a> {
     pub plan: &'a Plan,
     pub become_root: bool,
+    /// Bring up the loopback of a network namespace made for this sandbox.
+    pub loopback_up: bool,
     /// Wait on `go_r` for the caller (maps written, cgroup joined) before going on.
     pub wait_for_go: bool,
     /// `(setgroups, uid_map, gid_map)` contents when init maps itself.
@@ -447,7 +448,7 @@ struct Ifreq {
     _pad: [u8; 22],
 }
 
-fn loopback_up() -> i32 {
+pub(crate) fn loopback_up() -> i32 {
     // SAFETY: socket/ioctl on a stack struct laid out like `struct ifreq`.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
@@ -503,7 +504,7 @@ fn init(a: &ChildArgs) -> ! {
             0,
             libc::setdomainname(c"(none)".as_ptr(), 6)
         );
-        if plan.loopback {
+        if a.loopback_up {
             check!(a, Stage::Loopback, 0, loopback_up());
         }
         // Like vfork: the builder borrows this memory on a stack of its own,

@@ -36,6 +36,7 @@
 pub mod builddir;
 pub mod cgroup;
 mod child;
+mod netns;
 mod plan;
 mod raw;
 pub mod seccomp;

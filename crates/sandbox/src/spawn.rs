@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cgroup::{self, Cgroup, CgroupStatus};
 use crate::child::{self, ChildArgs, MSG_FAILED, Stage};
+use crate::netns::{self, NetNs};
 use crate::plan::{self, Plan, PlanError};
 use crate::seccomp;
 use crate::spec::{Output, SandboxMode, SandboxSpec};
@@ -90,6 +91,9 @@ pub struct Child {
     /// The stacks init and the builder started on; init runs on its until
     /// it is reaped.
     stacks: Option<Stacks>,
+    /// The network namespace made or kept for the sandbox, kept again once
+    /// init is reaped.
+    netns: Option<NetNs>,
 }
 
 /// Room for the stacks of a sandbox's init and of its builder until `execve`.
@@ -228,6 +232,14 @@ impl Child {
             .or(self.cpu_usage_usec)
     }
 
+    /// Once init is reaped, every process of the sandbox is gone: its network
+    /// namespace may serve another (if it is still as new, which is checked then).
+    fn keep_netns(&mut self) {
+        if let Some(ns) = self.netns.take() {
+            netns::give_back(ns);
+        }
+    }
+
     fn wait_flags(&mut self, flags: i32) -> io::Result<Option<ExitStatus>> {
         if let Some(s) = self.exit {
             return Ok(Some(s));
@@ -248,6 +260,7 @@ impl Child {
             }
         }
         self.stacks = None;
+        self.keep_netns();
         let mut status = ExitStatus::from_raw(raw);
         if let Some(mut r) = self.status_r.take() {
             let mut buf = [0u8; 4];
@@ -470,6 +483,7 @@ fn spawn_sandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
         host_ids: Some(host_ids),
         cpu_usage_usec: None,
         stacks: None,
+        netns: None,
     };
     loop {
         let outcome = attempt(&spec, &plan, &common, &mut child).inspect_err(|_| {
@@ -589,12 +603,17 @@ fn attempt(
     envp.push(std::ptr::null());
     let mut source_fds = vec![-1; plan.sources.len()];
 
+    // Init enters the network namespace this thread is in at the clone: for
+    // root, a kept or new one; otherwise one made by the clone itself.
+    let inside = (plan.loopback && common.as_root)
+        .then(netns::enter)
+        .flatten();
     let mut namespaces = libc::CLONE_NEWUSER
         | libc::CLONE_NEWNS
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS;
-    if plan.loopback {
+    if plan.loopback && inside.is_none() {
         namespaces |= libc::CLONE_NEWNET;
     }
     let wait_for_go = common.as_root || child.cgroup.is_some();
@@ -602,6 +621,7 @@ fn attempt(
     let mut args = ChildArgs {
         plan,
         become_root: common.as_root,
+        loopback_up: plan.loopback && inside.is_none(),
         wait_for_go,
         self_maps: common.self_maps,
         set_groups: common.as_root,
@@ -640,6 +660,8 @@ fn attempt(
     };
     if init < 0 {
         let source = io::Error::last_os_error();
+        // Back home; the namespace, which no sandbox entered, is kept.
+        drop(inside);
         let errno = source.raw_os_error().unwrap_or(0);
         return Err(SpawnError::Setup {
             what: "creating the namespaces (clone)".into(),
@@ -647,6 +669,7 @@ fn attempt(
             hint: hint(Stage::Unshare, errno),
         });
     }
+    child.netns = inside.map(netns::Inside::leave);
     drop((report_w, go_r, status_w));
     child.stacks = Some(stacks);
     let mut report = File::from(report_r);
@@ -701,6 +724,7 @@ fn attempt(
     child.exit = Some(ExitStatus::from_raw(raw));
     child.status_r = None;
     child.stacks = None;
+    child.keep_netns();
     failed.map(Some).ok_or(SpawnError::Vanished)
 }
 
@@ -778,5 +802,6 @@ fn spawn_unsandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
         host_ids: None,
         cpu_usage_usec: None,
         stacks: None,
+        netns: None,
     })
 }

@@ -270,8 +270,14 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                 1
             }
             "tcp" => {
+                // A port on the loopback, or any address and port.
+                let addr = if a1.contains(':') {
+                    a1.to_string()
+                } else {
+                    format!("127.0.0.1:{a1}")
+                };
                 let r = std::net::TcpStream::connect_timeout(
-                    &format!("127.0.0.1:{a1}").parse().unwrap(),
+                    &addr.parse().unwrap(),
                     Duration::from_secs(2),
                 );
                 match r {
@@ -379,6 +385,11 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                     i64::from(libc::sethostname(a1.as_ptr().cast(), a1.len())),
                 );
                 1
+            }
+            "netns" => {
+                let ns = std::fs::read_link("/proc/self/ns/net").unwrap();
+                println!("netns {}", ns.display());
+                0
             }
             "hostname" => {
                 let mut u: libc::utsname = std::mem::zeroed();

@@ -75,17 +75,58 @@ pub fn read_log(log_dir: &Path, drv: &StorePath) -> Result<Vec<u8>, LogError> {
 /// A build log being written: compressed to its file, counted, and with
 /// its last lines kept for error messages.
 pub struct LogSink {
-    file: Option<(BzEncoder<BufWriter<File>>, PathBuf, PathBuf)>,
+    file: Option<LogFile>,
     bytes: u64,
     tail: Vec<Vec<u8>>,
     partial: Vec<u8>,
     keep_lines: usize,
 }
 
+/// A log file under its temporary name, and where it goes when finished.
+struct LogFile {
+    out: Compressor,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+/// A bzip2 compressor takes a fifth of a millisecond to set up (and a
+/// megabyte to zero), more than a trivial build's whole log: it is only made
+/// once the builder writes something.
+enum Compressor {
+    Idle(File),
+    Running(BzEncoder<BufWriter<File>>),
+    Gone,
+}
+
+impl Compressor {
+    /// The compressor, made now if it was not yet.
+    fn running(&mut self) -> Option<&mut BzEncoder<BufWriter<File>>> {
+        if let Compressor::Idle(_) = self {
+            if let Compressor::Idle(f) = std::mem::replace(self, Compressor::Gone) {
+                *self = Compressor::Running(BzEncoder::new(BufWriter::new(f), Compression::fast()));
+            }
+        }
+        match self {
+            Compressor::Running(enc) => Some(enc),
+            _ => None,
+        }
+    }
+}
+
+/// The compressed form of an empty log, made once.
+fn empty_log() -> &'static [u8] {
+    static EMPTY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| {
+        BzEncoder::new(Vec::new(), Compression::fast())
+            .finish()
+            .expect("compressing into memory")
+    })
+}
+
 impl std::fmt::Debug for LogSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LogSink")
-            .field("file", &self.file.as_ref().map(|(_, _, p)| p))
+            .field("file", &self.file.as_ref().map(|f| &f.path))
             .field("bytes", &self.bytes)
             .finish()
     }
@@ -117,11 +158,11 @@ impl LogSink {
                 // a stream, and two processes never interleave in one file.
                 let tmp = parent.join(format!(".tmp-{}-{}", drv.hash_part(), std::process::id()));
                 let f = File::create(&tmp).map_err(err("create", &tmp))?;
-                Some((
-                    BzEncoder::new(BufWriter::new(f), Compression::fast()),
+                Some(LogFile {
+                    out: Compressor::Idle(f),
                     tmp,
                     path,
-                ))
+                })
             }
         };
         Ok(LogSink {
@@ -135,13 +176,18 @@ impl LogSink {
 
     /// Appends output of the builder.
     pub fn write(&mut self, data: &[u8]) -> Result<(), LogError> {
+        if data.is_empty() {
+            return Ok(());
+        }
         self.bytes += data.len() as u64;
-        if let Some((enc, tmp, _)) = &mut self.file {
-            enc.write_all(data).map_err(|source| LogError::Io {
-                action: "write",
-                path: tmp.clone(),
-                source,
-            })?;
+        if let Some(log) = &mut self.file {
+            if let Some(enc) = log.out.running() {
+                enc.write_all(data).map_err(|source| LogError::Io {
+                    action: "write",
+                    path: log.tmp.clone(),
+                    source,
+                })?;
+            }
         }
         for &b in data {
             if b == b'\n' {
@@ -192,7 +238,7 @@ impl LogSink {
 
     /// Finishes the compressed stream and moves it into place.
     pub fn finish(mut self) -> Result<(), LogError> {
-        if let Some((enc, tmp, path)) = self.file.take() {
+        if let Some(mut log) = self.file.take() {
             let io = |action, p: &Path| {
                 let path = p.to_owned();
                 move |source| LogError::Io {
@@ -201,12 +247,20 @@ impl LogSink {
                     source,
                 }
             };
-            let writer = enc.finish().map_err(io("finish", &tmp))?;
-            writer
-                .into_inner()
-                .map_err(|e| e.into_error())
-                .map_err(io("flush", &tmp))?;
-            std::fs::rename(&tmp, &path).map_err(io("move into place", &path))?;
+            match std::mem::replace(&mut log.out, Compressor::Gone) {
+                Compressor::Idle(mut f) => {
+                    f.write_all(empty_log()).map_err(io("write", &log.tmp))?
+                }
+                Compressor::Running(enc) => {
+                    let writer = enc.finish().map_err(io("finish", &log.tmp))?;
+                    writer
+                        .into_inner()
+                        .map_err(|e| e.into_error())
+                        .map_err(io("flush", &log.tmp))?;
+                }
+                Compressor::Gone => {}
+            }
+            std::fs::rename(&log.tmp, &log.path).map_err(io("move into place", &log.path))?;
         }
         Ok(())
     }
@@ -214,8 +268,8 @@ impl LogSink {
 
 impl Drop for LogSink {
     fn drop(&mut self) {
-        if let Some((_, tmp, _)) = self.file.take() {
-            let _ = std::fs::remove_file(tmp);
+        if let Some(log) = self.file.take() {
+            let _ = std::fs::remove_file(log.tmp);
         }
     }
 }
@@ -245,5 +299,28 @@ mod tests {
             read_log(dir.path(), &drv).unwrap(),
             b"one\ntwo\nthree\nfour"
         );
+    }
+
+    #[test]
+    fn a_build_that_printed_nothing_has_an_empty_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let drv: StorePath = "7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-quiet.drv"
+            .parse()
+            .unwrap();
+        let mut sink = LogSink::create(Some(dir.path()), &drv, 2).unwrap();
+        sink.write(b"").unwrap();
+        sink.finish().unwrap();
+        let file = dir
+            .path()
+            .join("drvs/7h/7qgvs4kgzsn8a6rb273saxyqh4jxlz-quiet.drv.bz2");
+        // A whole bzip2 stream, as Nix's readers expect, holding nothing.
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(bytes.starts_with(b"BZh"), "{bytes:?}");
+        assert_eq!(read_log(dir.path(), &drv).unwrap(), b"");
+        let mut plain = Vec::new();
+        bzip2::read::BzDecoder::new(&bytes[..])
+            .read_to_end(&mut plain)
+            .unwrap();
+        assert!(plain.is_empty());
     }
 }

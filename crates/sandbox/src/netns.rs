@@ -21,8 +21,8 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
 
 /// The most namespaces kept at once (one per concurrent sandbox is enough).
 const MAX_KEPT: usize = 256;
@@ -45,12 +45,6 @@ pub(crate) struct NetNs {
 static KEPT: Mutex<Vec<NetNs>> = Mutex::new(Vec::new());
 static UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 
-/// The process's own network namespace, which threads return to.
-fn home() -> Option<&'static OwnedFd> {
-    static HOME: OnceLock<Option<OwnedFd>> = OnceLock::new();
-    HOME.get_or_init(|| open_ns().ok()).as_ref()
-}
-
 fn open_ns() -> io::Result<OwnedFd> {
     Ok(File::open("/proc/thread-self/ns/net")?.into())
 }
@@ -64,8 +58,9 @@ fn setns(fd: &OwnedFd) -> io::Result<()> {
 }
 
 /// The calling thread, inside a sandbox's network namespace until dropped
-/// (which moves it back home).
+/// (which moves it back to the namespace it was in, `home`).
 pub(crate) struct Inside {
+    home: OwnedFd,
     ns: Option<NetNs>,
 }
 
@@ -73,11 +68,6 @@ impl Inside {
     /// Moves the thread back home; the namespace is the cloned sandbox's now.
     pub(crate) fn leave(mut self) -> NetNs {
         self.ns.take().expect("namespace present until left")
-    }
-
-    /// Moves the thread back home and lets the kernel tear the namespace down.
-    fn discard(mut self) {
-        self.ns = None;
     }
 
     fn is_as_new(&self) -> bool {
@@ -88,8 +78,7 @@ impl Inside {
 
 impl Drop for Inside {
     fn drop(&mut self) {
-        let Some(home) = home() else { return };
-        if let Err(e) = setns(home) {
+        if let Err(e) = setns(&self.home) {
             // A thread left in a sandbox's namespace would do everything it does
             // later without the network: stopping is the only safe way out.
             eprintln!("kiln-sandbox: cannot return a thread to its network namespace: {e}");
@@ -110,23 +99,27 @@ pub(crate) fn enter() -> Option<Inside> {
     if UNAVAILABLE.load(Ordering::Relaxed) {
         return None;
     }
-    home()?;
+    // From here on, dropping `inside` moves the thread back.
+    let mut inside = Inside {
+        home: open_ns().ok()?,
+        ns: None,
+    };
     while let Some(ns) = take_kept() {
         if setns(&ns.fd).is_err() {
             continue;
         }
-        let inside = Inside { ns: Some(ns) };
+        inside.ns = Some(ns);
         if inside.is_as_new() {
             return Some(inside);
         }
-        inside.discard();
+        // Used: dropping it lets the kernel tear it down.
+        inside.ns = None;
     }
     // SAFETY: unsharing the network namespace affects this thread only.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         UNAVAILABLE.store(true, Ordering::Relaxed);
         return None;
     }
-    let mut inside = Inside { ns: None };
     let made = (|| -> io::Result<NetNs> {
         if crate::child::loopback_up() != 0 {
             return Err(io::Error::last_os_error());

@@ -21,6 +21,10 @@ fn netns_of(args: &[&str]) -> (String, String) {
     (ns, out)
 }
 
+fn thread_netns() -> std::path::PathBuf {
+    std::fs::read_link("/proc/thread-self/ns/net").unwrap()
+}
+
 fn lo_counters(out: &str) -> String {
     let lo = out
         .lines()
@@ -101,4 +105,23 @@ fn a_network_namespace_is_handed_on_only_while_no_build_has_used_it() {
         [&ns_a, &ns_b].contains(&&format!("netns {still}")),
         "the kept namespace serves one of them: {ns_a}, {ns_b}, {still}"
     );
+
+    // The spawning thread ends in the namespace it started in, even one of
+    // its own.
+    let before = thread_netns();
+    netns_of(&[]);
+    assert_eq!(thread_netns(), before);
+    std::thread::spawn(move || {
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+        let mine = thread_netns();
+        assert_ne!(mine, before);
+        netns_of(&[]);
+        assert_eq!(
+            thread_netns(),
+            mine,
+            "the thread was moved to another namespace"
+        );
+    })
+    .join()
+    .unwrap();
 }

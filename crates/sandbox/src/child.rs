@@ -203,16 +203,19 @@ pub(crate) fn init_entry(a: &mut ChildArgs) -> ! {
             );
         }
         // Still the caller's host credentials: open what the build user may not reach.
-        for (i, src) in a.plan.sources.iter().enumerate() {
+        for (i, (dir, name)) in a.plan.source_opens.iter().enumerate() {
+            if let Some(dir) = dir {
+                check!(a, Stage::OpenSource, i, libc::chdir(dir.as_ptr()));
+            }
             let fd = if a.plan.source_trees[i] {
                 libc::syscall(
                     libc::SYS_open_tree,
                     libc::AT_FDCWD,
-                    src.as_ptr(),
+                    name.as_ptr(),
                     OPEN_TREE_CLONE | libc::O_CLOEXEC as u32 | libc::AT_RECURSIVE as u32,
                 ) as i32
             } else {
-                libc::open(src.as_ptr(), libc::O_PATH | libc::O_CLOEXEC)
+                libc::open(name.as_ptr(), libc::O_PATH | libc::O_CLOEXEC)
             };
             check!(a, Stage::OpenSource, i, fd);
             a.source_fds[i] = fd;
@@ -416,6 +419,7 @@ fn run_step(a: &ChildArgs, step: &Step) -> i32 {
                 )
             }
             Step::Symlink { target, link } => libc::symlink(target.as_ptr(), link.as_ptr()),
+            Step::Chdir { path } => libc::chdir(path.as_ptr()),
             Step::WriteFile { path, contents } => {
                 let fd = libc::open(
                     path.as_ptr(),

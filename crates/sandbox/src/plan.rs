@@ -76,6 +76,12 @@ pub(crate) enum Step {
         path: CString,
         contents: Vec<u8>,
     },
+    /// Changes init's working directory, which the relative paths of the
+    /// steps after it start from (the binds of a closure's paths, below the
+    /// store directory, each look up one name rather than a whole path).
+    Chdir {
+        path: CString,
+    },
 }
 
 /// Why a spec cannot be turned into a plan.
@@ -99,6 +105,10 @@ pub(crate) struct Plan {
     pub staging: CString,
     pub steps: Vec<Step>,
     pub sources: Vec<CString>,
+    /// How init opens each source: after changing to the directory given (if
+    /// any), by the name given; sources in one directory (a closure's store
+    /// paths) each look up one name.
+    pub source_opens: Vec<(Option<CString>, CString)>,
     /// Per source: cloned as a mount tree (a bind's), or opened `O_PATH` (an
     /// overlay's directories, named through `/proc/self/fd/N`).
     pub source_trees: Vec<bool>,
@@ -283,15 +293,18 @@ pub(crate) fn make_plan(
     let mut late = Vec::new();
     for bind in binds {
         let rel = relative("bind target", &bind.target)?;
-        let meta = match std::fs::metadata(&bind.source) {
-            Ok(m) => m,
-            Err(_) if bind.optional || spec.mode == SandboxMode::Relaxed => continue,
-            Err(source) => {
-                return Err(PlanError::MissingSource {
-                    path: bind.source.clone(),
-                    source,
-                });
-            }
+        let is_dir = match bind.is_dir {
+            Some(is_dir) => is_dir,
+            None => match std::fs::metadata(&bind.source) {
+                Ok(m) => m.is_dir(),
+                Err(_) if bind.optional || spec.mode == SandboxMode::Relaxed => continue,
+                Err(source) => {
+                    return Err(PlanError::MissingSource {
+                        path: bind.source.clone(),
+                        source,
+                    });
+                }
+            },
         };
         let nested = late_roots.iter().any(|r| rel.starts_with(r));
         if bind.writable || nested {
@@ -301,13 +314,13 @@ pub(crate) fn make_plan(
             late.push(Late {
                 bind,
                 rel,
-                is_dir: meta.is_dir(),
+                is_dir,
                 nested,
                 layer: None,
                 host_point: None,
             });
         } else {
-            early.push((bind, rel, meta.is_dir()));
+            early.push((bind, rel, is_dir));
         }
     }
     // A writable bind asked to be layered gets an overlay when it is a
@@ -510,6 +523,7 @@ pub(crate) fn make_plan(
     // is: nothing to create, nothing to free afterwards. Each such directory
     // is read once, rather than a `stat` per mount point.
     let mut listed: HashMap<&Path, HashMap<std::ffi::OsString, std::fs::FileType>> = HashMap::new();
+    let mut cwd: Option<PathBuf> = None;
     for l in &late {
         let made = l.host_point.as_ref().is_some_and(|p| {
             let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {
@@ -555,6 +569,24 @@ pub(crate) fn make_plan(
         }
         if l.nested && batched.iter().any(|w| l.rel.starts_with(w)) {
             attrs = 0;
+        }
+        if l.nested {
+            let host = staging.join(&l.rel);
+            if let (Some(dir), Some(name)) = (host.parent(), host.file_name()) {
+                if cwd.as_deref() != Some(dir) {
+                    b.steps.push(Step::Chdir {
+                        path: cstr("path", dir.as_os_str())?,
+                    });
+                    cwd = Some(dir.to_owned());
+                }
+                sources.push(cstr("bind source", l.bind.source.as_os_str())?);
+                b.steps.push(Step::Bind {
+                    source: Source::Opened(sources.len() - 1),
+                    path: cstr("path", name)?,
+                    attrs,
+                });
+                continue;
+            }
         }
         bind_step(&mut b, &mut sources, l.bind, &l.rel, attrs)?;
     }
@@ -602,6 +634,7 @@ pub(crate) fn make_plan(
     Ok(Plan {
         staging: root,
         steps: b.steps,
+        source_opens: source_opens(&sources),
         source_trees: (0..sources.len())
             .map(|i| !overlay_dirs.contains(&i))
             .collect(),
@@ -617,10 +650,49 @@ pub(crate) fn make_plan(
     })
 }
 
+/// `(directory to change to first, name)` for each path; the directory only
+/// where it differs from the previous path's.
+fn source_opens(paths: &[CString]) -> Vec<(Option<CString>, CString)> {
+    let mut cwd: Option<&[u8]> = None;
+    paths
+        .iter()
+        .map(|p| {
+            let bytes = p.to_bytes();
+            match bytes.iter().rposition(|&c| c == b'/') {
+                Some(i) if i + 1 < bytes.len() => {
+                    let (dir, name) = (&bytes[..i.max(1)], &bytes[i + 1..]);
+                    let chdir = (cwd != Some(dir)).then(|| CString::new(dir).expect("no NUL"));
+                    cwd = Some(dir);
+                    (chdir, CString::new(name).expect("no NUL"))
+                }
+                _ => (None, p.clone()),
+            }
+        })
+        .collect()
+}
+
+impl Plan {
+    /// What step `index` does, for error messages, with the paths of steps
+    /// that follow a [`Step::Chdir`] made whole.
+    pub(crate) fn describe(&self, index: usize) -> String {
+        let cwd = self.steps[..index].iter().rev().find_map(|s| match s {
+            Step::Chdir { path } => Some(Path::new(OsStr::from_bytes(path.to_bytes()))),
+            _ => None,
+        });
+        self.steps[index].describe(self, cwd)
+    }
+}
+
 impl Step {
-    /// What this step does, for error messages.
-    pub(crate) fn describe(&self, plan: &Plan) -> String {
-        let s = |c: &CString| c.to_string_lossy().into_owned();
+    /// What this step does, for error messages; relative paths are below `cwd`.
+    fn describe(&self, plan: &Plan, cwd: Option<&Path>) -> String {
+        let s = |c: &CString| {
+            let p = Path::new(OsStr::from_bytes(c.to_bytes()));
+            match cwd {
+                Some(dir) if p.is_relative() => dir.join(p).to_string_lossy().into_owned(),
+                _ => p.to_string_lossy().into_owned(),
+            }
+        };
         match self {
             Step::MakePrivate => "making the mount tree private".into(),
             Step::Mkdir { path, .. } => format!("creating directory {}", s(path)),
@@ -643,6 +715,7 @@ impl Step {
             ),
             Step::Symlink { link, .. } => format!("creating symlink {}", s(link)),
             Step::WriteFile { path, .. } => format!("writing {}", s(path)),
+            Step::Chdir { path } => format!("entering directory {}", s(path)),
         }
     }
 }

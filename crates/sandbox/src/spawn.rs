@@ -539,7 +539,7 @@ fn setup_error(
         };
     }
     let what = match stage {
-        Stage::Step => plan.steps[index as usize].describe(plan),
+        Stage::Step => plan.describe(index as usize),
         Stage::OpenSource => format!(
             "opening bind source {}",
             plan.sources[index as usize].to_string_lossy()

@@ -2,7 +2,9 @@
 //! environment, output and exit status.
 
 mod common;
+
 use common::*;
+use std::os::unix::fs::PermissionsExt;
 
 #[test]
 fn runs_program_and_reports_exit_status_and_output() {
@@ -158,6 +160,30 @@ fn spawn_errors_name_what_failed() {
         Sandbox::spawn(probe(&[]).bind_ro("/usr", "relative")),
         Err(SpawnError::Plan(_))
     ));
+    // A source whose kind the caller gave is not looked at before the
+    // sandbox opens it: a missing one is still named then.
+    let store = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(store.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let in_store = |spec: SandboxSpec| spec.bind_rw(store.path(), "/nix/store");
+    let e = Sandbox::spawn(in_store(probe(&["true"])).bind_ro_known(
+        "/no/such/input",
+        "/nix/store/input",
+        true,
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("/no/such/input"), "{e}");
+    // A bind below the store directory names its whole target, though init
+    // reaches it by its name alone (here a file said to be a directory).
+    let file = store.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    match Sandbox::spawn(in_store(probe(&["true"])).bind_ro_known(&file, "/nix/store/input", true))
+    {
+        Err(SpawnError::Setup { what, .. }) => assert!(
+            what.starts_with("bind-mounting") && what.ends_with("/nix/store/input"),
+            "{what}"
+        ),
+        other => panic!("expected a setup error, got {other:?}"),
+    }
 }
 
 #[test]

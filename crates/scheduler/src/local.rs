@@ -574,8 +574,10 @@ impl LocalBackend {
         // The scratch store the builder writes its outputs in, with the
         // mount points of its inputs, which stay there for the next build
         // in this directory (a chain of builds shares most of its inputs).
+        let mut inputs_are_dirs = Vec::new();
         let built_in = if sandboxed {
             let points = self.mount_points(input_paths);
+            inputs_are_dirs = points.iter().map(|&(_, is_dir)| is_dir).collect();
             match build_dir.sibling_with_mount_points("store", Some(owner), points) {
                 Ok(d) => d,
                 Err(e) => return misc(e),
@@ -621,8 +623,8 @@ impl LocalBackend {
             spec = spec
                 .bind_rw(build_dir.path(), BUILD_TOP)
                 .bind_rw(&built_in, store_dir.as_str());
-            for p in input_paths {
-                spec = spec.bind_ro(self.store.real_path(p), store_dir.print_path(p));
+            for (p, &is_dir) in input_paths.iter().zip(&inputs_are_dirs) {
+                spec = spec.bind_ro_known(self.store.real_path(p), store_dir.print_path(p), is_dir);
             }
             for entry in &self.settings.sandbox_paths {
                 spec = spec.sandbox_path(entry);

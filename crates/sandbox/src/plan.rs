@@ -462,13 +462,13 @@ pub(crate) fn make_plan(
 
     let mut sources = Vec::new();
     let mut overlay_dirs = Vec::new();
+    // `path`: where the bind lands, whole or relative to init's directory.
     let bind_step = |b: &mut Builder,
                      sources: &mut Vec<CString>,
                      bind: &crate::spec::Bind,
-                     rel: &Path,
+                     path: CString,
                      attrs: u64| {
         sources.push(cstr("bind source", bind.source.as_os_str())?);
-        let path = b.host(rel)?;
         b.steps.push(Step::Bind {
             source: Source::Opened(sources.len() - 1),
             path,
@@ -477,7 +477,8 @@ pub(crate) fn make_plan(
         Ok::<(), PlanError>(())
     };
     for (bind, rel, _) in &early {
-        bind_step(&mut b, &mut sources, bind, rel, 0)?;
+        let path = b.host(rel)?;
+        bind_step(&mut b, &mut sources, bind, path, 0)?;
     }
     b.steps.push(Step::SetAttrs {
         path: root.clone(),
@@ -570,25 +571,20 @@ pub(crate) fn make_plan(
         if l.nested && batched.iter().any(|w| l.rel.starts_with(w)) {
             attrs = 0;
         }
-        if l.nested {
-            let host = staging.join(&l.rel);
-            if let (Some(dir), Some(name)) = (host.parent(), host.file_name()) {
+        let host = staging.join(&l.rel);
+        let path = match (l.nested, host.parent(), host.file_name()) {
+            (true, Some(dir), Some(name)) => {
                 if cwd.as_deref() != Some(dir) {
                     b.steps.push(Step::Chdir {
                         path: cstr("path", dir.as_os_str())?,
                     });
                     cwd = Some(dir.to_owned());
                 }
-                sources.push(cstr("bind source", l.bind.source.as_os_str())?);
-                b.steps.push(Step::Bind {
-                    source: Source::Opened(sources.len() - 1),
-                    path: cstr("path", name)?,
-                    attrs,
-                });
-                continue;
+                cstr("path", name)?
             }
-        }
-        bind_step(&mut b, &mut sources, l.bind, &l.rel, attrs)?;
+            _ => b.host(&l.rel)?,
+        };
+        bind_step(&mut b, &mut sources, l.bind, path, attrs)?;
     }
     for w in &batched {
         let path = b.host(w)?;

@@ -93,7 +93,6 @@ enum Target {
 enum Label {
     X86,
     I386,
-    Kill,
     Allow,
     Eperm,
     Enotsup,
@@ -122,7 +121,6 @@ fn source() -> Vec<Insn> {
         Stmt(BPF_LD | BPF_W | BPF_ABS, ARCH),
         jeq(AUDIT_ARCH_X86_64, Label::X86),
         jeq(AUDIT_ARCH_I386, Label::I386),
-        Mark(Label::Kill),
         ret(libc::SECCOMP_RET_KILL_PROCESS),
     ];
     for (abi, label) in [(&X86_64, Label::X86), (&I386, Label::I386)] {
@@ -140,6 +138,7 @@ fn source() -> Vec<Insn> {
         p.push(jeq(abi.io_uring_setup, Label::Enosys));
         p.push(ret(libc::SECCOMP_RET_ALLOW));
         let mut args: Vec<u32> = abi.chmods.iter().map(|&(_, arg)| arg).collect();
+        args.sort_unstable();
         args.dedup();
         for arg in args {
             p.push(Mark(Label::Mode(abi.arch, arg)));

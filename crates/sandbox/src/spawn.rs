@@ -608,12 +608,13 @@ fn attempt(
     let inside = (plan.loopback && common.as_root)
         .then(netns::enter)
         .flatten();
+    let own_netns = plan.loopback && inside.is_none();
     let mut namespaces = libc::CLONE_NEWUSER
         | libc::CLONE_NEWNS
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS;
-    if plan.loopback && inside.is_none() {
+    if own_netns {
         namespaces |= libc::CLONE_NEWNET;
     }
     let wait_for_go = common.as_root || child.cgroup.is_some();
@@ -621,7 +622,7 @@ fn attempt(
     let mut args = ChildArgs {
         plan,
         become_root: common.as_root,
-        loopback_up: plan.loopback && inside.is_none(),
+        loopback_up: own_netns,
         wait_for_go,
         self_maps: common.self_maps,
         set_groups: common.as_root,

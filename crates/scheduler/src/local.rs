@@ -332,8 +332,8 @@ impl LocalBackend {
         Ok(Some(out))
     }
 
-    /// The mount point each input needs below the scratch store: its name,
-    /// and whether it is a directory.
+    /// The mount point each input needs below the scratch store, in the
+    /// order of `inputs`: its name, and whether it is a directory.
     fn mount_points(&self, inputs: &StorePathSet) -> Vec<(std::ffi::CString, bool)> {
         let mut known = self.input_is_dir.lock().unwrap_or_else(|p| p.into_inner());
         inputs

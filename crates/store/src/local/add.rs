@@ -26,7 +26,7 @@ use kiln_formats::store_path::{FileIngestionMethod, StorePath, StorePathSet};
 
 use super::fsutil::{self, set_canonical_times};
 use super::lock::PathLock;
-use super::{LocalStore, drv, par};
+use super::{LocalStore, drv, journal, par};
 use crate::store::text_path_info;
 use crate::{AddOptions, NarSource, PathInfo, Store, StoreError};
 
@@ -42,6 +42,15 @@ pub enum Durability {
     FsyncEach,
     /// One `syncfs` of the store's file system per batch (many paths).
     Batch,
+}
+
+/// How a commit's files are durable before it registers them.
+#[derive(Debug, Clone, Copy)]
+enum Settle<'c> {
+    /// Synced before the commit.
+    Synced(Durability),
+    /// One file, whose contents the commit itself holds (see `journal`).
+    Journaled(&'c [u8]),
 }
 
 /// A file or tree to add with [`LocalStore::add_paths`].
@@ -286,6 +295,14 @@ impl LocalStore {
         ready: Vec<Ready>,
         durability: Durability,
     ) -> Result<Vec<PathInfo>, StoreError> {
+        self.commit_settled(ready, Settle::Synced(durability))
+    }
+
+    fn commit_settled(
+        &self,
+        ready: Vec<Ready>,
+        settle: Settle<'_>,
+    ) -> Result<Vec<PathInfo>, StoreError> {
         if ready.is_empty() {
             return Ok(Vec::new());
         }
@@ -301,32 +318,12 @@ impl LocalStore {
             }
         }
         for r in &ready {
-            let dest = self.real_path(&r.info.path);
-            match fs::rename(&r.temp, &dest) {
-                Ok(()) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EEXIST)
-                            | Some(libc::ENOTEMPTY)
-                            | Some(libc::EISDIR)
-                            | Some(libc::ENOTDIR)
-                    ) =>
-                {
-                    // An invalid leftover, or the old contents of a path
-                    // being repaired: swap atomically, so a valid path is
-                    // never missing, then delete the old contents.
-                    fsutil::exchange(&r.temp, &dest)
-                        .map_err(|e| StoreError::io("move into place", &dest, e))?;
-                    fsutil::remove_tree(&r.temp)
-                        .map_err(|e| StoreError::io("delete", &r.temp, e))?;
-                }
-                Err(e) => return Err(StoreError::io("move into place", &dest, e)),
-            }
+            self.move_into_place(&r.temp, &self.real_path(&r.info.path))?;
         }
-        match durability {
-            Durability::FsyncEach => fsutil::fsync_dir(&self.real_store),
-            Durability::Batch => fsutil::syncfs(&self.real_store),
+        match settle {
+            Settle::Synced(Durability::FsyncEach) => fsutil::fsync_dir(&self.real_store),
+            Settle::Synced(Durability::Batch) => fsutil::syncfs(&self.real_store),
+            Settle::Journaled(_) => Ok(()),
         }
         .map_err(|e| StoreError::io("sync", &self.real_store, e))?;
         let time = now();
@@ -341,12 +338,48 @@ impl LocalStore {
         let mut db = self.db();
         let tx = db.write()?;
         tx.register(&infos, &outputs)?;
+        let journaled = match settle {
+            Settle::Journaled(contents) => {
+                let [info] = &infos[..] else {
+                    unreachable!("one journaled file per commit");
+                };
+                Some(tx.journal_file(&info.path, contents)?)
+            }
+            Settle::Synced(_) => None,
+        };
         tx.commit()?;
         drop(db);
         // Release the path locks only now (deleting each lock file also
         // waits on the journal, so in parallel).
         par::map(ready, drop);
+        if let Some(id) = journaled {
+            self.journaled(id);
+        }
         Ok(infos)
+    }
+
+    /// Renames a staged path to `dest`; an invalid leftover there, or the
+    /// old contents of a path being repaired, are swapped out atomically
+    /// (so a valid path is never missing) and then deleted.
+    pub(crate) fn move_into_place(&self, temp: &Path, dest: &Path) -> Result<(), StoreError> {
+        match fs::rename(temp, dest) {
+            Ok(()) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EEXIST)
+                        | Some(libc::ENOTEMPTY)
+                        | Some(libc::EISDIR)
+                        | Some(libc::ENOTDIR)
+                ) =>
+            {
+                fsutil::exchange(temp, dest)
+                    .map_err(|e| StoreError::io("move into place", dest, e))?;
+                fsutil::remove_tree(temp).map_err(|e| StoreError::io("delete", temp, e))?;
+                Ok(())
+            }
+            Err(e) => Err(StoreError::io("move into place", dest, e)),
+        }
     }
 
     /// Takes the lock of `path` after making it a temporary root.
@@ -567,20 +600,28 @@ impl LocalStore {
         }
         let nar = Node::file(contents.to_vec()).to_nar();
         let label = self.config.store_dir.print_path(&info.path);
+        // Small texts are made durable by their commit (see `journal`).
+        let journaled = contents.len() <= journal::JOURNALED_MAX;
         let staged = self.stage_nar(
             &mut &nar[..],
             &label,
             CaHashing::None,
-            Durability::FsyncEach,
+            if journaled {
+                Durability::Batch
+            } else {
+                Durability::FsyncEach
+            },
         )?;
-        let mut infos = self.commit(
-            vec![Ready {
-                info,
-                temp: staged.temp,
-                _lock: lock,
-            }],
-            Durability::FsyncEach,
-        )?;
+        let ready = vec![Ready {
+            info,
+            temp: staged.temp,
+            _lock: lock,
+        }];
+        let mut infos = if journaled {
+            self.commit_settled(ready, Settle::Journaled(contents))?
+        } else {
+            self.commit(ready, Durability::FsyncEach)?
+        };
         Ok(infos.pop().expect("one in, one out"))
     }
 
@@ -824,7 +865,7 @@ impl LocalStore {
 /// Writes `contents` as a new file at `dest` with canonical metadata
 /// (0444 or 0555, mtime 1); fsyncs it when each path is to be durable on
 /// its own.
-fn write_canonical_file(
+pub(crate) fn write_canonical_file(
     dest: &Path,
     executable: bool,
     contents: &[u8],

@@ -1,6 +1,8 @@
 //! The validity database: Nix's SQLite schema (version 10, as Nix 2.4 –
 //! 2.8 create it, plus the `ca-derivations` tables), Nix's pragmas, and the
 //! queries the local store makes, all through cached prepared statements.
+//! Kiln adds one table of its own, the journal of small files not yet
+//! synced (`KilnUnsyncedFiles`, made on first use); Nix ignores it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -73,6 +75,29 @@ CREATE TABLE RealisationsRefs (
 CREATE INDEX IndexRealisationsRefs on RealisationsRefs(referrer);
 CREATE INDEX IndexRealisationsRefsOnOutputPath on Realisations(outputPath);
 ";
+
+/// Kiln's one table of its own, beside Nix's (Nix ignores tables it does
+/// not know): the contents of small files registered before their own
+/// sync, made durable by the commit that registers them. Rows go once the
+/// files are synced (see `local::journal`).
+const JOURNAL_SCHEMA: &str = "\
+CREATE TABLE IF NOT EXISTS KilnUnsyncedFiles (
+    id       integer primary key not null,
+    path     text not null,
+    contents blob not null
+);";
+
+/// The name of [`JOURNAL_SCHEMA`]'s table, for callers that compare a
+/// Kiln database's schema with Nix's.
+pub const JOURNAL_TABLE: &str = "KilnUnsyncedFiles";
+
+/// A file whose contents a commit holds until it is synced.
+#[derive(Debug)]
+pub struct JournaledFile {
+    pub id: i64,
+    pub path: StorePath,
+    pub contents: Vec<u8>,
+}
 
 /// An open validity database.
 #[derive(Debug)]
@@ -414,6 +439,24 @@ impl Db {
         Ok(out)
     }
 
+    /// Whether any file's contents wait in the journal for its sync (a
+    /// database without the table has none).
+    pub fn has_journaled_files(&self) -> Result<bool, StoreError> {
+        let exists = self
+            .conn
+            .prepare_cached("select exists (select 1 from KilnUnsyncedFiles)")
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, bool>(0)));
+        match exists {
+            Ok(any) => Ok(any),
+            Err(rusqlite::Error::SqliteFailure(_, Some(message)))
+                if message.starts_with("no such table") =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
     /// Starts a write transaction (`begin immediate`, so writers queue on
     /// the busy timeout instead of failing on upgrade).
     pub fn write(&mut self) -> Result<WriteTx<'_>, StoreError> {
@@ -665,6 +708,77 @@ impl WriteTx<'_> {
                 ])
             })
             .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Whether `path` is valid, as this transaction sees it.
+    pub fn is_valid(&self, path: &StorePath) -> Result<bool, StoreError> {
+        self.tx
+            .prepare_cached("select 1 from ValidPaths where path = ?1")
+            .and_then(|mut s| s.exists([self.store_dir.print_path(path)]))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Keeps `contents` as the file of `path` in this commit, until
+    /// [`WriteTx::forget_journaled`] is given the returned id.
+    pub fn journal_file(&self, path: &StorePath, contents: &[u8]) -> Result<i64, StoreError> {
+        self.tx
+            .execute_batch(JOURNAL_SCHEMA)
+            .map_err(|e| self.err(e))?;
+        self.tx
+            .prepare_cached("insert into KilnUnsyncedFiles (path, contents) values (?1, ?2)")
+            .and_then(|mut s| s.execute(params![self.store_dir.print_path(path), contents]))
+            .map_err(|e| self.err(e))?;
+        Ok(self.tx.last_insert_rowid())
+    }
+
+    /// Every journaled file (none when the table does not exist). Rows
+    /// naming something that is not a store path come back as errors.
+    pub fn journaled_files(&self) -> Result<Vec<Result<JournaledFile, i64>>, StoreError> {
+        let exists: bool = self
+            .tx
+            .query_row(
+                "select count(*) > 0 from sqlite_master where type = 'table' and name = ?1",
+                [JOURNAL_TABLE],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        if !exists {
+            return Ok(Vec::new());
+        }
+        let mut stmt = self
+            .tx
+            .prepare("select id, path, contents from KilnUnsyncedFiles order by id")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, path, contents) = row.map_err(|e| self.err(e))?;
+            out.push(match self.store_dir.parse_path(&path) {
+                Ok(path) => Ok(JournaledFile { id, path, contents }),
+                Err(_) => Err(id),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes the journal rows `ids` (their files are synced).
+    pub fn forget_journaled(&self, ids: &[i64]) -> Result<(), StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("delete from KilnUnsyncedFiles where id = ?1")
+            .map_err(|e| self.err(e))?;
+        for id in ids {
+            stmt.execute([id]).map_err(|e| self.err(e))?;
+        }
         Ok(())
     }
 

@@ -24,6 +24,7 @@ pub mod db;
 mod drv;
 pub mod fsutil;
 pub mod gc;
+mod journal;
 pub mod lock;
 pub mod optimise;
 pub(crate) mod par;
@@ -73,6 +74,8 @@ pub struct LocalStore {
     tmp_counter: AtomicU64,
     /// Paths whose locks our parent holds (Nix's `locksHeld`).
     locks_held_by_parent: Mutex<std::collections::BTreeSet<StorePath>>,
+    /// Journal rows of ours whose files are not synced yet.
+    unsynced: journal::Unsynced,
     _big_lock: FileLock,
 }
 
@@ -116,7 +119,7 @@ impl LocalStore {
         let db = Db::open(&db_dir, &config.store_dir)?;
         let readers = db::ReadPool::new(&db_dir, &config.store_dir);
         let held_locks = held_locks_from_environment(&config.store_dir);
-        Ok(LocalStore {
+        let store = LocalStore {
             config,
             real_store,
             state_dir,
@@ -125,8 +128,11 @@ impl LocalStore {
             temp_roots: OnceLock::new(),
             tmp_counter: AtomicU64::new(0),
             locks_held_by_parent: Mutex::new(held_locks),
+            unsynced: Default::default(),
             _big_lock: big_lock,
-        })
+        };
+        store.recover_journal()?;
+        Ok(store)
     }
 
     /// Declares that our parent process holds the locks of `paths`: a

@@ -2,7 +2,8 @@
 //!
 //! Making a build's outputs durable and valid costs disk barriers: an
 //! fsync per file and directory, one for the store directory, one for the
-//! database commit. Paid per build, they dominated trivial builds (a chain
+//! database commit (outputs whose NAR is small go into the commit instead,
+//! see `kiln_store::local::journal`). Paid per build, they dominated trivial builds (a chain
 //! of 100 spent ~10 ms per build waiting on flushes). Here a build hands
 //! its moved-into-place outputs to [`GroupCommit`] and is done; one
 //! committer thread takes everything handed in since its last round,
@@ -25,7 +26,7 @@ use std::thread::JoinHandle;
 
 use kiln_formats::store_path::{StoreDir, StorePath, StorePathSet};
 use kiln_store::local::LocalStore;
-use kiln_store::local::fsutil;
+use kiln_store::local::{fsutil, journal};
 use kiln_store::{AddOptions, PathInfo, Store, StoreError};
 
 use crate::local::OutputLocks;
@@ -192,7 +193,24 @@ fn commit_loop(shared: &Shared) {
 const SYNC_THREADS: usize = 8;
 
 fn commit_round(shared: &Shared, round: &[Pending]) -> Result<(), StoreError> {
-    let files: Vec<&PathBuf> = round.iter().flat_map(|p| &p.files).collect();
+    let sync_error = |path: PathBuf, source: io::Error| StoreError::Io {
+        action: "sync",
+        path,
+        source,
+    };
+    // Small outputs go into the commit instead of being synced first.
+    let mut journaled = Vec::new();
+    let mut files = Vec::new();
+    for file in round.iter().flat_map(|p| &p.files) {
+        let small = file
+            .file_name()
+            .and_then(|name| StorePath::from_base_name(name.to_str()?).ok())
+            .and_then(|path| Some((path, journal::small_nar(file)?)));
+        match small {
+            Some(small) => journaled.push(small),
+            None => files.push(file),
+        }
+    }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let first_error: Mutex<Option<(PathBuf, io::Error)>> = Mutex::new(None);
     std::thread::scope(|scope| {
@@ -211,16 +229,13 @@ fn commit_round(shared: &Shared, round: &[Pending]) -> Result<(), StoreError> {
             });
         }
     });
-    let sync_error = |path: PathBuf, source: io::Error| StoreError::Io {
-        action: "sync",
-        path,
-        source,
-    };
     if let Some((path, e)) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(sync_error(path, e));
     }
-    let store_dir = shared.store.real_store_dir();
-    fsutil::fsync_dir(store_dir).map_err(|e| sync_error(store_dir.to_owned(), e))?;
+    if !files.is_empty() {
+        let store_dir = shared.store.real_store_dir();
+        fsutil::fsync_dir(store_dir).map_err(|e| sync_error(store_dir.to_owned(), e))?;
+    }
 
     let mut infos = Vec::new();
     let mut drv_outputs = BTreeMap::new();
@@ -228,7 +243,9 @@ fn commit_round(shared: &Shared, round: &[Pending]) -> Result<(), StoreError> {
         infos.extend(p.infos.iter().cloned());
         drv_outputs.extend(p.drv_outputs.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
-    shared.store.register_valid_paths(&infos, &drv_outputs)
+    shared
+        .store
+        .register_valid_paths_journaled(&infos, &drv_outputs, &journaled)
 }
 
 /// The local store as this process sees it: paths waiting in a

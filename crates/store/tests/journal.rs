@@ -1,17 +1,19 @@
-//! Small texts made durable by the commit that registers them: their
-//! contents wait in `KilnUnsyncedFiles` until their files are synced, and
-//! a store opened after a power cut writes back what the cut lost.
+//! Small paths made durable by the commit that registers them: their NARs
+//! wait in `KilnUnsyncedPaths` until their files are synced, and a store
+//! opened after a power cut restores what the cut lost.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use kiln_formats::hash::{Hash, HashAlgo};
+use kiln_formats::nar::Node;
 use kiln_formats::store_path::{StorePath, StorePathSet};
-use kiln_store::Store;
 use kiln_store::local::LocalStore;
 use kiln_store::local::db::JOURNAL_TABLE;
 use kiln_store::local::gc::{GcAction, GcOptions};
+use kiln_store::{PathInfo, Store};
 
-/// The journal's rows as (path, contents), read past the store's API.
+/// The journal's rows as (path, NAR), read past the store's API.
 fn journal(root: &Path) -> Vec<(String, Vec<u8>)> {
     let db = rusqlite::Connection::open(root.join("nix/var/nix/db/db.sqlite")).unwrap();
     let exists: bool = db
@@ -26,7 +28,7 @@ fn journal(root: &Path) -> Vec<(String, Vec<u8>)> {
     }
     let mut stmt = db
         .prepare(&format!(
-            "select path, contents from {JOURNAL_TABLE} order by id"
+            "select path, nar from {JOURNAL_TABLE} order by id"
         ))
         .unwrap();
     stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -67,10 +69,10 @@ fn a_text_whose_file_a_power_cut_lost_is_written_back_on_open() {
         assert_eq!(
             journal(&root),
             vec![
-                (printed.clone(), b"survives\n".to_vec()),
+                (printed.clone(), Node::file(*b"survives\n").to_nar()),
                 (
                     store.store_dir().print_path(&collected),
-                    b"deleted before the cut\n".to_vec()
+                    Node::file(*b"deleted before the cut\n").to_nar()
                 ),
             ],
             "{how}: both texts wait in the journal"
@@ -141,4 +143,56 @@ fn large_texts_and_other_processes_rows_are_synced_before_use() {
     // The first process's own settling then finds its row gone.
     drop(first);
     assert!(second.is_valid_path(&small).unwrap());
+}
+
+#[test]
+fn a_registered_tree_whose_files_were_never_synced_is_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let store = LocalStore::open_root(&root).unwrap();
+    // What a build leaves in place: a small tree, canonical, not synced.
+    let tree = Node::directory([
+        (
+            "bin",
+            Node::directory([("run", Node::executable(*b"#!/bin/sh\n"))]),
+        ),
+        ("link", Node::symlink(*b"bin/run")),
+        ("share", Node::file(*b"data\n")),
+    ]);
+    let nar = tree.to_nar();
+    let path = StorePath::from_base_name("0123456789abcdfghijklmnpqrsvwxyz-output").unwrap();
+    let real = store.real_path(&path);
+    kiln_formats::nar::restore(&nar[..], &real).unwrap();
+    assert_eq!(
+        kiln_store::local::journal::small_nar(&real).as_deref(),
+        Some(&nar[..]),
+        "the tree read back is its NAR"
+    );
+    let info = PathInfo::new(
+        path.clone(),
+        Hash::digest(HashAlgo::Sha256, &nar),
+        nar.len() as u64,
+    );
+    store
+        .register_valid_paths_journaled(
+            &[info],
+            &Default::default(),
+            &[(path.clone(), nar.clone())],
+        )
+        .unwrap();
+    assert_eq!(journal(&root).len(), 1);
+    std::mem::forget(store);
+    // The cut kept the directory but lost a file and the link.
+    std::fs::remove_file(real.join("bin/run")).unwrap();
+    std::fs::remove_file(real.join("link")).unwrap();
+
+    let store = LocalStore::open_root(&root).unwrap();
+    assert_eq!(
+        kiln_store::local::journal::small_nar(&store.real_path(&path)).as_deref(),
+        Some(&nar[..]),
+        "restored from the journal"
+    );
+    assert!(journal(&root).is_empty());
+    let report = store.verify(true, None).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
 }

@@ -49,7 +49,7 @@ pub enum Durability {
 enum Settle<'c> {
     /// Synced before the commit.
     Synced(Durability),
-    /// One file, whose contents the commit itself holds (see `journal`).
+    /// One path, whose NAR the commit itself holds (see `journal`).
     Journaled(&'c [u8]),
 }
 
@@ -339,11 +339,11 @@ impl LocalStore {
         let tx = db.write()?;
         tx.register(&infos, &outputs)?;
         let journaled = match settle {
-            Settle::Journaled(contents) => {
+            Settle::Journaled(nar) => {
                 let [info] = &infos[..] else {
-                    unreachable!("one journaled file per commit");
+                    unreachable!("one journaled path per commit");
                 };
-                Some(tx.journal_file(&info.path, contents)?)
+                Some(tx.journal_path(&info.path, nar)?)
             }
             Settle::Synced(_) => None,
         };
@@ -601,7 +601,7 @@ impl LocalStore {
         let nar = Node::file(contents.to_vec()).to_nar();
         let label = self.config.store_dir.print_path(&info.path);
         // Small texts are made durable by their commit (see `journal`).
-        let journaled = contents.len() <= journal::JOURNALED_MAX;
+        let journaled = nar.len() <= journal::JOURNALED_MAX;
         let staged = self.stage_nar(
             &mut &nar[..],
             &label,
@@ -618,7 +618,7 @@ impl LocalStore {
             _lock: lock,
         }];
         let mut infos = if journaled {
-            self.commit_settled(ready, Settle::Journaled(contents))?
+            self.commit_settled(ready, Settle::Journaled(&nar))?
         } else {
             self.commit(ready, Durability::FsyncEach)?
         };
@@ -865,7 +865,7 @@ impl LocalStore {
 /// Writes `contents` as a new file at `dest` with canonical metadata
 /// (0444 or 0555, mtime 1); fsyncs it when each path is to be durable on
 /// its own.
-pub(crate) fn write_canonical_file(
+fn write_canonical_file(
     dest: &Path,
     executable: bool,
     contents: &[u8],
@@ -891,7 +891,7 @@ pub(crate) fn write_canonical_file(
 
 /// Restores a NAR at `dest` with canonical metadata. `flat` hashes the
 /// contents of a root regular file.
-fn restore_canonical(
+pub(crate) fn restore_canonical(
     input: &mut dyn BufRead,
     dest: &Path,
     label: &str,

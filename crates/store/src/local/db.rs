@@ -2,7 +2,7 @@
 //! 2.8 create it, plus the `ca-derivations` tables), Nix's pragmas, and the
 //! queries the local store makes, all through cached prepared statements.
 //! Kiln adds one table of its own, the journal of small files not yet
-//! synced (`KilnUnsyncedFiles`, made on first use); Nix ignores it.
+//! synced (`KilnUnsyncedPaths`, made on first use); Nix ignores it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -77,26 +77,26 @@ CREATE INDEX IndexRealisationsRefsOnOutputPath on Realisations(outputPath);
 ";
 
 /// Kiln's one table of its own, beside Nix's (Nix ignores tables it does
-/// not know): the contents of small files registered before their own
-/// sync, made durable by the commit that registers them. Rows go once the
-/// files are synced (see `local::journal`).
+/// not know): the NARs of small paths registered before their files were
+/// synced, made durable by the commit that registers them. Rows go once
+/// the files are synced (see `local::journal`).
 const JOURNAL_SCHEMA: &str = "\
-CREATE TABLE IF NOT EXISTS KilnUnsyncedFiles (
-    id       integer primary key not null,
-    path     text not null,
-    contents blob not null
+CREATE TABLE IF NOT EXISTS KilnUnsyncedPaths (
+    id   integer primary key not null,
+    path text not null,
+    nar  blob not null
 );";
 
 /// The name of [`JOURNAL_SCHEMA`]'s table, for callers that compare a
 /// Kiln database's schema with Nix's.
-pub const JOURNAL_TABLE: &str = "KilnUnsyncedFiles";
+pub const JOURNAL_TABLE: &str = "KilnUnsyncedPaths";
 
-/// A file whose contents a commit holds until it is synced.
+/// A path whose NAR a commit holds until its files are synced.
 #[derive(Debug)]
-pub struct JournaledFile {
+pub struct JournaledPath {
     pub id: i64,
     pub path: StorePath,
-    pub contents: Vec<u8>,
+    pub nar: Vec<u8>,
 }
 
 /// An open validity database.
@@ -439,12 +439,12 @@ impl Db {
         Ok(out)
     }
 
-    /// Whether any file's contents wait in the journal for its sync (a
+    /// Whether any path waits in the journal for its files' sync (a
     /// database without the table has none).
-    pub fn has_journaled_files(&self) -> Result<bool, StoreError> {
+    pub fn has_journaled_paths(&self) -> Result<bool, StoreError> {
         let exists = self
             .conn
-            .prepare_cached("select exists (select 1 from KilnUnsyncedFiles)")
+            .prepare_cached("select exists (select 1 from KilnUnsyncedPaths)")
             .and_then(|mut s| s.query_row([], |r| r.get::<_, bool>(0)));
         match exists {
             Ok(any) => Ok(any),
@@ -719,22 +719,22 @@ impl WriteTx<'_> {
             .map_err(|e| self.err(e))
     }
 
-    /// Keeps `contents` as the file of `path` in this commit, until
+    /// Keeps `nar` as the contents of `path` in this commit, until
     /// [`WriteTx::forget_journaled`] is given the returned id.
-    pub fn journal_file(&self, path: &StorePath, contents: &[u8]) -> Result<i64, StoreError> {
+    pub fn journal_path(&self, path: &StorePath, nar: &[u8]) -> Result<i64, StoreError> {
         self.tx
             .execute_batch(JOURNAL_SCHEMA)
             .map_err(|e| self.err(e))?;
         self.tx
-            .prepare_cached("insert into KilnUnsyncedFiles (path, contents) values (?1, ?2)")
-            .and_then(|mut s| s.execute(params![self.store_dir.print_path(path), contents]))
+            .prepare_cached("insert into KilnUnsyncedPaths (path, nar) values (?1, ?2)")
+            .and_then(|mut s| s.execute(params![self.store_dir.print_path(path), nar]))
             .map_err(|e| self.err(e))?;
         Ok(self.tx.last_insert_rowid())
     }
 
-    /// Every journaled file (none when the table does not exist). Rows
-    /// naming something that is not a store path come back as errors.
-    pub fn journaled_files(&self) -> Result<Vec<Result<JournaledFile, i64>>, StoreError> {
+    /// Every journaled path (none when the table does not exist). Rows
+    /// naming something that is not a store path come back as their ids.
+    pub fn journaled_paths(&self) -> Result<Vec<Result<JournaledPath, i64>>, StoreError> {
         let exists: bool = self
             .tx
             .query_row(
@@ -748,7 +748,7 @@ impl WriteTx<'_> {
         }
         let mut stmt = self
             .tx
-            .prepare("select id, path, contents from KilnUnsyncedFiles order by id")
+            .prepare("select id, path, nar from KilnUnsyncedPaths order by id")
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| {
@@ -761,20 +761,20 @@ impl WriteTx<'_> {
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, path, contents) = row.map_err(|e| self.err(e))?;
+            let (id, path, nar) = row.map_err(|e| self.err(e))?;
             out.push(match self.store_dir.parse_path(&path) {
-                Ok(path) => Ok(JournaledFile { id, path, contents }),
+                Ok(path) => Ok(JournaledPath { id, path, nar }),
                 Err(_) => Err(id),
             });
         }
         Ok(out)
     }
 
-    /// Deletes the journal rows `ids` (their files are synced).
+    /// Deletes the journal rows `ids` (their paths' files are synced).
     pub fn forget_journaled(&self, ids: &[i64]) -> Result<(), StoreError> {
         let mut stmt = self
             .tx
-            .prepare_cached("delete from KilnUnsyncedFiles where id = ?1")
+            .prepare_cached("delete from KilnUnsyncedPaths where id = ?1")
             .map_err(|e| self.err(e))?;
         for id in ids {
             stmt.execute([id]).map_err(|e| self.err(e))?;

@@ -1,33 +1,40 @@
-//! Small files made durable by the commit that registers them.
+//! Small paths made durable by the commit that registers them.
 //!
-//! A text added on its own (a `.drv` from `nix-instantiate`, each
-//! `AddTextToStore`) would otherwise wait for three device flushes before
-//! its answer: its file, the store directory, then the WAL. Up to
-//! [`JOURNALED_MAX`] bytes, its contents go into the registering commit
-//! instead (`KilnUnsyncedFiles`, see [`db`](super::db)), so that the one
+//! A path registered on its own waits for several device flushes before
+//! it is valid: its files, the store directory, then the WAL. A text added
+//! alone (a `.drv` from `nix-instantiate`, each `AddTextToStore`) waited
+//! for three, and so did each round of built outputs. For a path whose NAR
+//! is at most [`JOURNALED_MAX`] bytes, the registering commit holds the NAR
+//! instead (`KilnUnsyncedPaths`, see [`db`](super::db)), so that its one
 //! WAL sync makes the path valid and its contents durable together.
 //!
 //! The files themselves are synced later, many at once: one `syncfs` per
-//! [`SETTLE_AFTER`] journaled files, and when the store is dropped; then
+//! [`SETTLE_AFTER`] journaled paths, and when the store is dropped; then
 //! their rows are deleted. After a power cut, the next process to open the
-//! store writes back every journaled file of a valid path that is missing
-//! or differs, syncs, and deletes the rows, before it answers anything.
-//! Another process's rows are settled the same way when a store opens: the
-//! file of a committed row is always complete, as it is renamed into place
-//! before the commit.
+//! store restores every journaled path that is still valid and whose files
+//! are missing or differ, syncs, and deletes the rows, before it answers
+//! anything. Another process's rows are settled the same way when a store
+//! opens: the files of a committed row are always complete, as they are in
+//! place before the commit.
 
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Mutex;
 
+use kiln_formats::nar::Node;
+use kiln_formats::store_path::StorePath;
+
+use super::LocalStore;
 use super::fsutil;
-use super::{Durability, LocalStore};
-use crate::StoreError;
+use crate::{PathInfo, StoreError};
 
-/// The largest text whose contents are journaled (larger ones are synced
-/// before their commit, as any path).
-pub(crate) const JOURNALED_MAX: usize = 64 << 10;
+/// The largest NAR a commit holds (larger paths are synced before their
+/// commit).
+pub const JOURNALED_MAX: usize = 64 << 10;
 
-/// Journaled files per `syncfs`.
+/// Journaled paths per `syncfs`.
 const SETTLE_AFTER: usize = 256;
 
 /// The journal rows this process wrote whose files are not yet synced.
@@ -35,8 +42,33 @@ const SETTLE_AFTER: usize = 256;
 pub(crate) struct Unsynced(Mutex<Vec<i64>>);
 
 impl LocalStore {
-    /// Notes that the journal row `id` holds a file of ours not yet
-    /// synced, and settles the journal once enough are.
+    /// Registers `infos` as [`LocalStore::register_valid_paths`] does, in
+    /// one commit that also holds the NARs of `journaled` (paths among
+    /// `infos` whose files are in place but not synced; see the [module
+    /// documentation](self)).
+    pub fn register_valid_paths_journaled(
+        &self,
+        infos: &[PathInfo],
+        drv_outputs: &BTreeMap<StorePath, BTreeMap<String, StorePath>>,
+        journaled: &[(StorePath, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        let mut db = self.db();
+        let tx = db.write()?;
+        tx.register(infos, drv_outputs)?;
+        let mut ids = Vec::with_capacity(journaled.len());
+        for (path, nar) in journaled {
+            ids.push(tx.journal_path(path, nar)?);
+        }
+        tx.commit()?;
+        drop(db);
+        for id in ids {
+            self.journaled(id);
+        }
+        Ok(())
+    }
+
+    /// Notes that the journal row `id` holds a path of ours whose files
+    /// are not synced yet, and settles the journal once enough are.
     pub(crate) fn journaled(&self, id: i64) {
         let due = {
             let mut ids = self.unsynced.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -51,7 +83,7 @@ impl LocalStore {
         }
     }
 
-    /// Syncs the files this process journaled and deletes their rows.
+    /// Syncs the paths this process journaled and deletes their rows.
     pub(crate) fn settle_journal(&self) -> Result<(), StoreError> {
         let ids = std::mem::take(&mut *self.unsynced.0.lock().unwrap_or_else(|p| p.into_inner()));
         if ids.is_empty() {
@@ -65,11 +97,11 @@ impl LocalStore {
         tx.commit()
     }
 
-    /// Settles every row in the journal, this process's or not: writes
-    /// back the file of each valid path that is missing or differs (after
-    /// a power cut), syncs, and deletes the rows.
+    /// Settles every row in the journal, this process's or not: restores
+    /// each valid path whose files are missing or differ (after a power
+    /// cut), syncs, and deletes the rows.
     pub(crate) fn recover_journal(&self) -> Result<(), StoreError> {
-        if !self.db().has_journaled_files()? {
+        if !self.db().has_journaled_paths()? {
             return Ok(());
         }
         let mut db = self.db();
@@ -77,28 +109,31 @@ impl LocalStore {
         // its file is checked.
         let tx = db.write()?;
         let mut ids = Vec::new();
-        for row in tx.journaled_files()? {
-            let file = match row {
-                Ok(file) => file,
+        for row in tx.journaled_paths()? {
+            let journaled = match row {
+                Ok(journaled) => journaled,
                 Err(id) => {
                     ids.push(id);
                     continue;
                 }
             };
-            ids.push(file.id);
-            if !tx.is_valid(&file.path)? {
+            ids.push(journaled.id);
+            if !tx.is_valid(&journaled.path)? {
                 continue;
             }
-            let dest = self.real_path(&file.path);
-            if holds(&dest, &file.contents) {
+            let dest = self.real_path(&journaled.path);
+            if small_nar(&dest).is_some_and(|nar| nar == journaled.nar) {
                 continue;
             }
-            tracing::warn!(
-                path = %self.config.store_dir.print_path(&file.path),
-                "restoring a store file from the journal (lost in a crash)"
-            );
+            let label = self.config.store_dir.print_path(&journaled.path);
+            tracing::warn!(path = %label, "restoring a store path from the journal (lost in a crash)");
             let temp = self.temp_path();
-            super::add::write_canonical_file(&temp, false, &file.contents, Durability::Batch)?;
+            if let Err(e) =
+                super::add::restore_canonical(&mut &journaled.nar[..], &temp, &label, None, false)
+            {
+                let _ = fsutil::remove_tree(&temp);
+                return Err(e);
+            }
             self.move_into_place(&temp, &dest)?;
         }
         fsutil::syncfs(&self.real_store)
@@ -108,11 +143,46 @@ impl LocalStore {
     }
 }
 
-/// Whether `path` is a regular file holding exactly `contents`.
-fn holds(path: &Path, contents: &[u8]) -> bool {
-    std::fs::symlink_metadata(path)
-        .is_ok_and(|m| m.file_type().is_file() && m.len() == contents.len() as u64)
-        && std::fs::read(path).is_ok_and(|c| c == contents)
+/// The NAR of the tree at `path`, if it is at most [`JOURNALED_MAX`]
+/// bytes (`None` when larger, or unreadable).
+pub fn small_nar(path: &Path) -> Option<Vec<u8>> {
+    let mut budget = JOURNALED_MAX;
+    let nar = small_node(path, &mut budget)?.to_nar();
+    (nar.len() <= JOURNALED_MAX).then_some(nar)
+}
+
+/// Reads `path` into a [`Node`], spending its size (and a little per
+/// entry) from `budget`; `None` once that runs out.
+fn small_node(path: &Path, budget: &mut usize) -> Option<Node> {
+    /// What a NAR spends on an entry besides its name and contents.
+    const OVERHEAD: usize = 128;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    *budget = budget.checked_sub(OVERHEAD)?;
+    let kind = meta.file_type();
+    if kind.is_file() {
+        *budget = budget.checked_sub(usize::try_from(meta.len()).ok()?)?;
+        let contents = std::fs::read(path).ok()?;
+        Some(Node::Regular {
+            executable: meta.permissions().mode() & 0o100 != 0,
+            contents,
+        })
+    } else if kind.is_symlink() {
+        let target = std::fs::read_link(path).ok()?;
+        *budget = budget.checked_sub(target.as_os_str().len())?;
+        Some(Node::symlink(target.as_os_str().as_bytes()))
+    } else if kind.is_dir() {
+        let mut entries = Vec::new();
+        for entry in std::fs::read_dir(path).ok()? {
+            let entry = entry.ok()?;
+            let name = entry.file_name();
+            *budget = budget.checked_sub(name.len())?;
+            let node = small_node(&entry.path(), budget)?;
+            entries.push((name.as_bytes().to_vec(), node));
+        }
+        Some(Node::directory(entries))
+    } else {
+        None
+    }
 }
 
 impl Drop for LocalStore {

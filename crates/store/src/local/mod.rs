@@ -24,7 +24,7 @@ pub mod db;
 mod drv;
 pub mod fsutil;
 pub mod gc;
-mod journal;
+pub mod journal;
 pub mod lock;
 pub mod optimise;
 pub(crate) mod par;
@@ -242,10 +242,7 @@ impl LocalStore {
         } else {
             infos
         };
-        let mut db = self.db();
-        let tx = db.write()?;
-        tx.register(infos, drv_outputs)?;
-        tx.commit()
+        self.register_valid_paths_journaled(infos, drv_outputs, &[])
     }
 
     /// Adds signatures (`name:base64`) to the valid path `path`, keeping

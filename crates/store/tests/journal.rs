@@ -196,3 +196,44 @@ fn a_registered_tree_whose_files_were_never_synced_is_restored() {
     let report = store.verify(true, None).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+#[test]
+fn a_journaled_path_registered_again_with_other_contents_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let store = LocalStore::open_root(&root).unwrap();
+    let path = StorePath::from_base_name("0123456789abcdfghijklmnpqrsvwxyz-unstable").unwrap();
+    let real = store.real_path(&path);
+    let first = Node::file(*b"first build\n").to_nar();
+    kiln_formats::nar::restore(&first[..], &real).unwrap();
+    let info = PathInfo::new(
+        path.clone(),
+        Hash::digest(HashAlgo::Sha256, &first),
+        first.len() as u64,
+    );
+    store
+        .register_valid_paths_journaled(&[info], &Default::default(), &[(path.clone(), first)])
+        .unwrap();
+    std::mem::forget(store);
+    // Meanwhile another process deleted it and built it again, differently.
+    let second = Node::file(*b"second build\n").to_nar();
+    std::fs::remove_file(&real).unwrap();
+    kiln_formats::nar::restore(&second[..], &real).unwrap();
+    let db = rusqlite::Connection::open(root.join("nix/var/nix/db/db.sqlite")).unwrap();
+    db.execute(
+        "update ValidPaths set hash = ?1, narSize = ?2",
+        rusqlite::params![
+            Hash::digest(HashAlgo::Sha256, &second)
+                .to_typed_string(kiln_formats::hash::HashFormat::Base16),
+            second.len() as i64
+        ],
+    )
+    .unwrap();
+    drop(db);
+
+    let store = LocalStore::open_root(&root).unwrap();
+    assert_eq!(std::fs::read(&real).unwrap(), b"second build\n");
+    assert!(journal(&root).is_empty());
+    let report = store.verify(true, None).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}

@@ -711,12 +711,18 @@ impl WriteTx<'_> {
         Ok(())
     }
 
-    /// Whether `path` is valid, as this transaction sees it.
-    pub fn is_valid(&self, path: &StorePath) -> Result<bool, StoreError> {
-        self.tx
-            .prepare_cached("select 1 from ValidPaths where path = ?1")
-            .and_then(|mut s| s.exists([self.store_dir.print_path(path)]))
-            .map_err(|e| self.err(e))
+    /// The NAR hash `path` is registered with, as this transaction sees
+    /// it (`None` when it is not valid, or its hash does not parse).
+    pub fn registered_hash(&self, path: &StorePath) -> Result<Option<Hash>, StoreError> {
+        let hash: Option<String> = self
+            .tx
+            .prepare_cached("select hash from ValidPaths where path = ?1")
+            .and_then(|mut s| {
+                s.query_row([self.store_dir.print_path(path)], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(hash.and_then(|h| Hash::parse_any(&h, None).ok()))
     }
 
     /// Keeps `nar` as the contents of `path` in this commit, until

@@ -11,8 +11,8 @@
 //! The files themselves are synced later, many at once: one `syncfs` per
 //! [`SETTLE_AFTER`] journaled paths, and when the store is dropped; then
 //! their rows are deleted. After a power cut, the next process to open the
-//! store restores every journaled path that is still valid and whose files
-//! are missing or differ, syncs, and deletes the rows, before it answers
+//! store restores every journaled path that is still valid with the
+//! journaled contents and whose files are missing or differ, syncs, and deletes the rows, before it answers
 //! anything. Another process's rows are settled the same way when a store
 //! opens: the files of a committed row are always complete, as they are in
 //! place before the commit.
@@ -23,6 +23,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Mutex;
 
+use kiln_formats::hash::Hash;
 use kiln_formats::nar::Node;
 use kiln_formats::store_path::StorePath;
 
@@ -118,7 +119,11 @@ impl LocalStore {
                 }
             };
             ids.push(journaled.id);
-            if !tx.is_valid(&journaled.path)? {
+            // Only while the path is valid with these very contents: it may
+            // have been deleted since, and registered again with others (a
+            // build that is not reproducible, by another process).
+            let registered = tx.registered_hash(&journaled.path)?;
+            if registered.is_none_or(|hash| hash != Hash::digest(hash.algo(), &journaled.nar)) {
                 continue;
             }
             let dest = self.real_path(&journaled.path);

@@ -353,7 +353,7 @@ impl LocalStore {
         // waits on the journal, so in parallel).
         par::map(ready, drop);
         if let Some(id) = journaled {
-            self.journaled(id);
+            self.journaled(infos.iter().map(|i| (id, i.path.clone())));
         }
         Ok(infos)
     }

@@ -8,7 +8,7 @@
 //! instead (`KilnUnsyncedPaths`, see [`db`](super::db)), so that its one
 //! WAL sync makes the path valid and its contents durable together.
 //!
-//! The files themselves are synced later, many at once: one `syncfs` per
+//! The files themselves are synced later, many at once: every
 //! [`SETTLE_AFTER`] journaled paths, and when the store is dropped; then
 //! their rows are deleted. After a power cut, the next process to open the
 //! store restores every journaled path that is still valid with the
@@ -27,20 +27,20 @@ use kiln_formats::hash::Hash;
 use kiln_formats::nar::Node;
 use kiln_formats::store_path::StorePath;
 
-use super::LocalStore;
-use super::fsutil;
+use super::{LocalStore, fsutil, par};
 use crate::{PathInfo, StoreError};
 
 /// The largest NAR a commit holds (larger paths are synced before their
 /// commit).
 pub const JOURNALED_MAX: usize = 64 << 10;
 
-/// Journaled paths per `syncfs`.
+/// Journaled paths synced at once.
 const SETTLE_AFTER: usize = 256;
 
-/// The journal rows this process wrote whose files are not yet synced.
+/// The journal rows this process wrote whose paths' files are not yet
+/// synced.
 #[derive(Debug, Default)]
-pub(crate) struct Unsynced(Mutex<Vec<i64>>);
+pub(crate) struct Unsynced(Mutex<Vec<(i64, StorePath)>>);
 
 impl LocalStore {
     /// Registers `infos` as [`LocalStore::register_valid_paths`] does, in
@@ -56,42 +56,62 @@ impl LocalStore {
         let mut db = self.db();
         let tx = db.write()?;
         tx.register(infos, drv_outputs)?;
-        let mut ids = Vec::with_capacity(journaled.len());
+        let mut rows = Vec::with_capacity(journaled.len());
         for (path, nar) in journaled {
-            ids.push(tx.journal_path(path, nar)?);
+            rows.push((tx.journal_path(path, nar)?, path.clone()));
         }
         tx.commit()?;
         drop(db);
-        for id in ids {
-            self.journaled(id);
+        if !rows.is_empty() {
+            self.journaled(rows);
         }
         Ok(())
     }
 
-    /// Notes that the journal row `id` holds a path of ours whose files
-    /// are not synced yet, and settles the journal once enough are.
-    pub(crate) fn journaled(&self, id: i64) {
+    /// Notes journal rows of ours whose paths' files are not synced yet,
+    /// and settles them once there are enough.
+    pub(crate) fn journaled(&self, rows: impl IntoIterator<Item = (i64, StorePath)>) {
         let due = {
-            let mut ids = self.unsynced.0.lock().unwrap_or_else(|p| p.into_inner());
-            ids.push(id);
-            ids.len() >= SETTLE_AFTER
+            let mut unsynced = self.unsynced.0.lock().unwrap_or_else(|p| p.into_inner());
+            unsynced.extend(rows);
+            unsynced.len() >= SETTLE_AFTER
         };
         if due {
             if let Err(e) = self.settle_journal() {
                 // The rows stay; the next open settles them.
-                tracing::warn!(error = %e, "syncing journaled store files");
+                tracing::warn!(error = %e, "syncing journaled store paths");
             }
         }
     }
 
     /// Syncs the paths this process journaled and deletes their rows.
+    /// Each path is synced on its own (in parallel, so that the device's
+    /// flushes merge), not with a `syncfs` that would also wait for
+    /// everything else being written, such as a large build's output.
     pub(crate) fn settle_journal(&self) -> Result<(), StoreError> {
-        let ids = std::mem::take(&mut *self.unsynced.0.lock().unwrap_or_else(|p| p.into_inner()));
-        if ids.is_empty() {
+        let rows = std::mem::take(&mut *self.unsynced.0.lock().unwrap_or_else(|p| p.into_inner()));
+        if rows.is_empty() {
             return Ok(());
         }
-        fsutil::syncfs(&self.real_store)
+        let synced = par::map(rows.iter().collect(), |(_, path)| {
+            let real = self.real_path(path);
+            match fsutil::fsync_tree(&real) {
+                // Deleted since: nothing left to make durable.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other.map_err(|e| StoreError::io("sync", &real, e)),
+            }
+        });
+        if let Some(e) = synced.into_iter().find_map(Result::err) {
+            self.unsynced
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(rows);
+            return Err(e);
+        }
+        fsutil::fsync_dir(&self.real_store)
             .map_err(|e| StoreError::io("sync", &self.real_store, e))?;
+        let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
         let mut db = self.db();
         let tx = db.write()?;
         tx.forget_journaled(&ids)?;

@@ -87,29 +87,30 @@ struct LogFile {
     out: Compressor,
     tmp: PathBuf,
     path: PathBuf,
+    /// The file every empty log is a link to (see [`place_empty_log`]).
+    shared_empty: PathBuf,
 }
 
 /// A bzip2 compressor takes a fifth of a millisecond to set up (and a
-/// megabyte to zero), more than a trivial build's whole log: it is only made
-/// once the builder writes something.
+/// megabyte to zero), more than a trivial build's whole log; a file costs
+/// an inode. Both are only made once the builder writes something.
 enum Compressor {
-    Idle(File),
+    Unopened,
     Running(BzEncoder<BufWriter<File>>),
     Gone,
 }
 
-impl Compressor {
-    /// The compressor, made now if it was not yet.
-    fn running(&mut self) -> Option<&mut BzEncoder<BufWriter<File>>> {
-        if let Compressor::Idle(_) = self {
-            if let Compressor::Idle(f) = std::mem::replace(self, Compressor::Gone) {
-                *self = Compressor::Running(BzEncoder::new(BufWriter::new(f), Compression::fast()));
-            }
+impl LogFile {
+    /// The compressor, and the file under it, made now if they were not yet.
+    fn running(&mut self) -> io::Result<Option<&mut BzEncoder<BufWriter<File>>>> {
+        if let Compressor::Unopened = self.out {
+            let f = File::create(&self.tmp)?;
+            self.out = Compressor::Running(BzEncoder::new(BufWriter::new(f), Compression::fast()));
         }
-        match self {
+        Ok(match &mut self.out {
             Compressor::Running(enc) => Some(enc),
             _ => None,
-        }
+        })
     }
 }
 
@@ -121,6 +122,32 @@ fn empty_log() -> &'static [u8] {
             .finish()
             .expect("compressing into memory")
     })
+}
+
+/// Puts an empty log at `path` as a hard link to `shared` (made when
+/// missing, and made anew when it has as many links as the file system
+/// allows): a build that printed nothing then costs no inode of its own.
+/// On ext4 without a journal every inode allocated shortly after others
+/// were freed is slow, and many derivations print nothing.
+fn place_empty_log(shared: &Path, tmp: &Path, path: &Path) -> io::Result<()> {
+    for _ in 0..3 {
+        match std::fs::hard_link(shared, tmp) {
+            Ok(()) => return std::fs::rename(tmp, path),
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::EMLINK) =>
+            {
+                let fresh = shared.with_extension(format!("tmp-{}", std::process::id()));
+                std::fs::write(&fresh, empty_log())?;
+                std::fs::rename(&fresh, shared)?;
+            }
+            Err(_) => break,
+        }
+    }
+    // A file of its own, then (a leftover under the temporary name, a file
+    // system without hard links).
+    std::fs::write(tmp, empty_log())?;
+    std::fs::rename(tmp, path)
 }
 
 impl std::fmt::Debug for LogSink {
@@ -157,11 +184,11 @@ impl LogSink {
                 // Written under a temporary name so a reader never sees half
                 // a stream, and two processes never interleave in one file.
                 let tmp = parent.join(format!(".tmp-{}-{}", drv.hash_part(), std::process::id()));
-                let f = File::create(&tmp).map_err(err("create", &tmp))?;
                 Some(LogFile {
-                    out: Compressor::Idle(f),
+                    out: Compressor::Unopened,
                     tmp,
                     path,
+                    shared_empty: dir.join("drvs/.kiln-empty-log.bz2"),
                 })
             }
         };
@@ -181,13 +208,16 @@ impl LogSink {
         }
         self.bytes += data.len() as u64;
         if let Some(log) = &mut self.file {
-            if let Some(enc) = log.out.running() {
-                enc.write_all(data).map_err(|source| LogError::Io {
-                    action: "write",
-                    path: log.tmp.clone(),
-                    source,
-                })?;
-            }
+            let written = match log.running() {
+                Ok(Some(enc)) => enc.write_all(data),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            written.map_err(|source| LogError::Io {
+                action: "write",
+                path: log.tmp.clone(),
+                source,
+            })?;
         }
         for &b in data {
             if b == b'\n' {
@@ -248,8 +278,9 @@ impl LogSink {
                 }
             };
             match std::mem::replace(&mut log.out, Compressor::Gone) {
-                Compressor::Idle(mut f) => {
-                    f.write_all(empty_log()).map_err(io("write", &log.tmp))?
+                Compressor::Unopened => {
+                    return place_empty_log(&log.shared_empty, &log.tmp, &log.path)
+                        .map_err(io("move into place", &log.path));
                 }
                 Compressor::Running(enc) => {
                     let writer = enc.finish().map_err(io("finish", &log.tmp))?;
@@ -269,7 +300,9 @@ impl LogSink {
 impl Drop for LogSink {
     fn drop(&mut self) {
         if let Some(log) = self.file.take() {
-            let _ = std::fs::remove_file(log.tmp);
+            if let Compressor::Running(_) = log.out {
+                let _ = std::fs::remove_file(log.tmp);
+            }
         }
     }
 }
@@ -315,6 +348,21 @@ mod tests {
             .join("drvs/7h/7qgvs4kgzsn8a6rb273saxyqh4jxlz-quiet.drv.bz2");
         // A whole bzip2 stream, as Nix's readers expect, holding nothing.
         let bytes = std::fs::read(&file).unwrap();
+        // It is a link to the one empty log, not an inode of its own.
+        use std::os::unix::fs::MetadataExt;
+        let other: StorePath = "8h7qgvs4kgzsn8a6rb273saxyqh4jxlz-quiet.drv"
+            .parse()
+            .unwrap();
+        LogSink::create(Some(dir.path()), &other, 2)
+            .unwrap()
+            .finish()
+            .unwrap();
+        let other_file = log_path(dir.path(), &other);
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().ino(),
+            std::fs::metadata(&other_file).unwrap().ino()
+        );
+        assert_eq!(read_log(dir.path(), &other).unwrap(), b"");
         assert!(bytes.starts_with(b"BZh"), "{bytes:?}");
         assert_eq!(read_log(dir.path(), &drv).unwrap(), b"");
         let mut plain = Vec::new();

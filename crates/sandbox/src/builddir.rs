@@ -365,11 +365,27 @@ impl BuildDir {
                 }
             }
             have.retain(|point, is_dir| wanted.get(point) == Some(is_dir));
+            // File mount points are links to one empty file: a link costs no
+            // inode (on ext4 without a journal, allocating one shortly after
+            // others were freed scans past them).
+            let mut model = have
+                .iter()
+                .find(|&(_, &is_dir)| !is_dir)
+                .map(|(point, _)| point.clone());
             for (point, &is_dir) in &wanted {
-                if !have.contains_key(point) {
-                    make_mount_point(dir.as_raw_fd(), point, is_dir)?;
-                    have.insert(point.clone(), is_dir);
+                if have.contains_key(point) {
+                    continue;
                 }
+                match &model {
+                    Some(m) if !is_dir && link_mount_point(dir.as_raw_fd(), m, point).is_ok() => {}
+                    _ => {
+                        make_mount_point(dir.as_raw_fd(), point, is_dir)?;
+                        if !is_dir {
+                            model = Some(point.clone());
+                        }
+                    }
+                }
+                have.insert(point.clone(), is_dir);
             }
             Ok(())
         })();
@@ -745,6 +761,29 @@ fn make_mount_point(fd: RawFd, name: &CStr, is_dir: bool) -> io::Result<()> {
             make()
         }
         done => done,
+    }
+}
+
+/// Makes the file mount point `name` below `fd` a hard link to `model`,
+/// another one there, replacing whatever was there. Fails when the file
+/// system refuses the link (too many of them, say): the caller then makes
+/// one of its own.
+fn link_mount_point(fd: RawFd, model: &CStr, name: &CStr) -> io::Result<()> {
+    // SAFETY: valid fd and C strings; linkat does not follow `model` (no
+    // AT_SYMLINK_FOLLOW), which prune checked to be an empty regular file.
+    let link = || unsafe { libc::linkat(fd, model.as_ptr(), fd, name.as_ptr(), 0) };
+    if link() == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EEXIST) {
+        return Err(e);
+    }
+    remove_entry(fd, name)?;
+    if link() == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

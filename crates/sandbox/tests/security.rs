@@ -1157,6 +1157,10 @@ fn mount_points(caller: Caller) -> Result<(), String> {
     }
     ensure!(is_empty_dir(&scratch.join("c"))?, "c is not empty");
     ensure!(
+        ino("b").map_err(|e| e.to_string())? == ino("d").map_err(|e| e.to_string())?,
+        "file mount points are not links to one inode"
+    );
+    ensure!(
         std::fs::read_to_string(victim.join("precious"))
             .ok()
             .as_deref()

@@ -131,7 +131,11 @@ impl LocalStore {
             unsynced: Default::default(),
             _big_lock: big_lock,
         };
-        store.recover_journal()?;
+        // Rows that cannot be settled now (a read-only database, a full
+        // disk) stay for the next open.
+        if let Err(e) = store.recover_journal() {
+            tracing::warn!(error = %e, "settling the journal of unsynced store paths");
+        }
         Ok(store)
     }
 

@@ -141,11 +141,14 @@ fn place_empty_log(shared: &Path, tmp: &Path, path: &Path) -> io::Result<()> {
                 std::fs::write(&fresh, empty_log())?;
                 std::fs::rename(&fresh, shared)?;
             }
+            // A leftover of a process that had our pid: never written
+            // through, as it may be a link to the shared log.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => std::fs::remove_file(tmp)?,
             Err(_) => break,
         }
     }
-    // A file of its own, then (a leftover under the temporary name, a file
-    // system without hard links).
+    // A file of its own, then (a file system without hard links).
+    let _ = std::fs::remove_file(tmp);
     std::fs::write(tmp, empty_log())?;
     std::fs::rename(tmp, path)
 }

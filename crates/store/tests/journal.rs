@@ -44,6 +44,23 @@ fn add_text(store: &LocalStore, name: &str, contents: &[u8]) -> StorePath {
         .path
 }
 
+/// Registers `path`, in place with the contents `nar` but not synced, with
+/// its NAR in the journal (as the scheduler registers a small output).
+fn register_journaled(store: &LocalStore, path: &StorePath, nar: &[u8]) {
+    let info = PathInfo::new(
+        path.clone(),
+        Hash::digest(HashAlgo::Sha256, nar),
+        nar.len() as u64,
+    );
+    store
+        .register_valid_paths_journaled(
+            &[info],
+            &Default::default(),
+            &[(path.clone(), nar.to_vec())],
+        )
+        .unwrap();
+}
+
 /// What a power cut can leave of a file renamed into place but never
 /// synced: nothing, or an empty file under its name.
 fn lose(real: &Path, how: &str) {
@@ -168,18 +185,7 @@ fn a_registered_tree_whose_files_were_never_synced_is_restored() {
         Some(&nar[..]),
         "the tree read back is its NAR"
     );
-    let info = PathInfo::new(
-        path.clone(),
-        Hash::digest(HashAlgo::Sha256, &nar),
-        nar.len() as u64,
-    );
-    store
-        .register_valid_paths_journaled(
-            &[info],
-            &Default::default(),
-            &[(path.clone(), nar.clone())],
-        )
-        .unwrap();
+    register_journaled(&store, &path, &nar);
     assert_eq!(journal(&root).len(), 1);
     std::mem::forget(store);
     // The cut kept the directory but lost a file and the link.
@@ -206,14 +212,7 @@ fn a_journaled_path_registered_again_with_other_contents_is_left_alone() {
     let real = store.real_path(&path);
     let first = Node::file(*b"first build\n").to_nar();
     kiln_formats::nar::restore(&first[..], &real).unwrap();
-    let info = PathInfo::new(
-        path.clone(),
-        Hash::digest(HashAlgo::Sha256, &first),
-        first.len() as u64,
-    );
-    store
-        .register_valid_paths_journaled(&[info], &Default::default(), &[(path.clone(), first)])
-        .unwrap();
+    register_journaled(&store, &path, &first);
     std::mem::forget(store);
     // Meanwhile another process deleted it and built it again, differently.
     let second = Node::file(*b"second build\n").to_nar();

@@ -335,26 +335,20 @@ impl LocalStore {
                 info
             })
             .collect();
-        let mut db = self.db();
-        let tx = db.write()?;
-        tx.register(&infos, &outputs)?;
-        let journaled = match settle {
+        let journaled: Vec<(&StorePath, &[u8])> = match settle {
             Settle::Journaled(nar) => {
                 let [info] = &infos[..] else {
                     unreachable!("one journaled path per commit");
                 };
-                Some(tx.journal_path(&info.path, nar)?)
+                vec![(&info.path, nar)]
             }
-            Settle::Synced(_) => None,
+            Settle::Synced(_) => Vec::new(),
         };
-        tx.commit()?;
-        drop(db);
+        let rows = self.register_journaling(&infos, &outputs, &journaled)?;
         // Release the path locks only now (deleting each lock file also
         // waits on the journal, so in parallel).
         par::map(ready, drop);
-        if let Some(id) = journaled {
-            self.journaled(infos.iter().map(|i| (id, i.path.clone())));
-        }
+        self.journaled(rows);
         Ok(infos)
     }
 

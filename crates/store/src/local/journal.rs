@@ -53,24 +53,38 @@ impl LocalStore {
         drv_outputs: &BTreeMap<StorePath, BTreeMap<String, StorePath>>,
         journaled: &[(StorePath, Vec<u8>)],
     ) -> Result<(), StoreError> {
+        let journaled: Vec<(&StorePath, &[u8])> =
+            journaled.iter().map(|(p, nar)| (p, &nar[..])).collect();
+        let rows = self.register_journaling(infos, drv_outputs, &journaled)?;
+        self.journaled(rows);
+        Ok(())
+    }
+
+    /// Registers `infos` and journals `journaled` in one commit; returns
+    /// the rows, for [`LocalStore::journaled`] once the caller is done.
+    pub(crate) fn register_journaling(
+        &self,
+        infos: &[PathInfo],
+        drv_outputs: &BTreeMap<StorePath, BTreeMap<String, StorePath>>,
+        journaled: &[(&StorePath, &[u8])],
+    ) -> Result<Vec<(i64, StorePath)>, StoreError> {
         let mut db = self.db();
         let tx = db.write()?;
         tx.register(infos, drv_outputs)?;
         let mut rows = Vec::with_capacity(journaled.len());
-        for (path, nar) in journaled {
+        for &(path, nar) in journaled {
             rows.push((tx.journal_path(path, nar)?, path.clone()));
         }
         tx.commit()?;
-        drop(db);
-        if !rows.is_empty() {
-            self.journaled(rows);
-        }
-        Ok(())
+        Ok(rows)
     }
 
     /// Notes journal rows of ours whose paths' files are not synced yet,
     /// and settles them once there are enough.
-    pub(crate) fn journaled(&self, rows: impl IntoIterator<Item = (i64, StorePath)>) {
+    pub(crate) fn journaled(&self, rows: Vec<(i64, StorePath)>) {
+        if rows.is_empty() {
+            return;
+        }
         let due = {
             let mut unsynced = self.unsynced.0.lock().unwrap_or_else(|p| p.into_inner());
             unsynced.extend(rows);

@@ -261,7 +261,7 @@ fn build_failure_reaches_the_client_with_log_and_status() {
 #[test]
 fn export_import_gc_delete_verify_optimise() {
     let nix = client();
-    let mut daemon = start_daemon(&nix);
+    let daemon = start_daemon(&nix);
     let work = tempfile::tempdir().unwrap();
     let a = work.path().join("a.txt");
     std::fs::write(&a, "exported\n").unwrap();
@@ -306,9 +306,7 @@ fn export_import_gc_delete_verify_optimise() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&imported).trim(), path);
 
-    // Paths added through the daemon are temporary roots of its process
-    // until it restarts (Nix's are per connection); see the report.
-    daemon.restart();
+    // The connection that imported it is gone, and its roots with it.
     let dead = via(&nix, &daemon, "nix-store", &["--gc", "--print-dead"]);
     assert!(
         dead.lines().any(|l| l == path),
@@ -331,6 +329,75 @@ fn export_import_gc_delete_verify_optimise() {
         &["--verify", "--check-contents"],
     );
     via(&nix, &daemon, "nix-store", &["--optimise"]);
+}
+
+/// What a client built through the daemon is a temporary root of that
+/// client's connection, as in Nix's process per connection: safe from a
+/// collection while the client runs, and collectable once it is gone,
+/// without restarting the daemon.
+#[test]
+fn built_outputs_are_roots_of_the_connection_only() {
+    let nix = client();
+    let daemon = start_daemon(&nix);
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("two.nix");
+    std::fs::write(
+        &file,
+        r#"let dep = derivation { name = "dep"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo dep > $out" ]; };
+in derivation { name = "top"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo ${dep} > $out" ]; }
+"#,
+    )
+    .unwrap();
+    let built = via(
+        &nix,
+        &daemon,
+        "nix-build",
+        &["--no-out-link", file.to_str().unwrap()],
+    );
+    let top = built.trim();
+    let dep = std::fs::read_to_string(daemon.physical(top)).unwrap();
+    let dep = dep.trim();
+    let dead = via(&nix, &daemon, "nix-store", &["--gc", "--print-dead"]);
+    for path in [top, dep] {
+        assert!(
+            dead.lines().any(|l| l == path),
+            "{path}, built by a client that has exited, is still alive:\n{dead}"
+        );
+    }
+
+    // While a client's connection is open, what it built stays; once it
+    // has hung up, it goes.
+    let drv = via(&nix, &daemon, "nix-instantiate", &[file.to_str().unwrap()]);
+    let sd = kiln_formats::store_path::StoreDir::default();
+    let drv = sd.parse_path(drv.trim()).unwrap();
+    let client = kiln_protocol::client::DaemonStore::new(daemon.socket());
+    client
+        .build_paths(
+            &[kiln_protocol::worker::DerivedPath::Built {
+                drv,
+                outputs: Vec::new(),
+            }],
+            kiln_protocol::worker::BuildMode::Normal,
+            &kiln_protocol::client::BuildOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap();
+    via(&nix, &daemon, "nix-store", &["--gc"]);
+    assert!(
+        daemon.physical(top).exists(),
+        "{top} was collected while the client that built it was connected"
+    );
+    drop(client);
+    // The daemon notices the hang-up on its own time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while daemon.physical(top).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{top} outlived its client's connection"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        via(&nix, &daemon, "nix-store", &["--gc"]);
+    }
 }
 
 #[test]

@@ -24,8 +24,8 @@ use bstr::ByteSlice;
 use kiln_derivation::{BuildOptions, Derivation, aterm, drv_name};
 use kiln_formats::store_path::{StoreDir, StorePath, StorePathSet};
 use kiln_sandbox::{BuildDirs, Network, Sandbox, SandboxMode, SandboxSpec, UidRange};
-use kiln_store::local::LocalStore;
-use kiln_store::local::lock::PathLock;
+use kiln_store::local::lock::{EnteredSession, PathLock};
+use kiln_store::local::{LocalStore, TempRootsSession};
 
 use crate::commit::{GroupCommit, Overlay, Pending};
 use kiln_formats::signature::TrustedKeys;
@@ -131,6 +131,11 @@ pub struct LocalBackend {
     /// Whether each input met so far is a directory (fixed while it is
     /// valid), for its mount point: one `stat` per input, not per build.
     input_is_dir: Mutex<HashMap<StorePath, bool>>,
+    /// The temporary-roots session of the client this backend builds for
+    /// (a daemon connection), entered by every call that roots paths; the
+    /// process's own roots otherwise, which in a daemon would protect the
+    /// paths until it exits.
+    client_roots: Option<TempRootsSession>,
 }
 
 fn print_set(store_dir: &StoreDir, paths: &StorePathSet) -> String {
@@ -179,7 +184,6 @@ impl LocalBackend {
             substituter,
             dry_run: false,
             commit: GroupCommit::new(store.clone()),
-            store,
             reaper: Mutex::new(Some(reaper)),
             reaper_thread: Mutex::new(Some(reaper_thread)),
             settings,
@@ -190,7 +194,15 @@ impl LocalBackend {
             hook,
             references: Mutex::new(HashMap::new()),
             input_is_dir: Mutex::new(HashMap::new()),
+            client_roots: store.entered_temp_roots_session(),
+            store,
         })
+    }
+
+    /// Until the guard drops, temporary roots taken on this thread go to
+    /// the client's session, if this backend builds for one.
+    fn for_client(&self) -> Option<EnteredSession> {
+        self.client_roots.as_ref().map(TempRootsSession::enter)
     }
 
     /// Only finds out what would be substituted, fetching nothing.
@@ -363,9 +375,9 @@ impl LocalBackend {
             .collect()
     }
 
+    /// The outputs' locks, if free. The outputs are temporary roots since
+    /// their derivation was loaded.
     fn try_lock(&self, drv: &LocalDrv) -> Result<Option<OutputLocks>, StoreError> {
-        let outs: Vec<&StorePath> = drv.outputs.values().collect();
-        self.store.add_temp_roots(&outs)?;
         let mut held = Vec::new();
         for path in self.lock_paths(drv) {
             match PathLock::acquire(&path, false)? {
@@ -897,6 +909,7 @@ impl Backend for LocalBackend {
     }
 
     fn load(&self, drv_path: &StorePath, wanted: &Wanted) -> Result<Loaded<LocalDrv>, BuildResult> {
+        let _client = self.for_client();
         if drv_name(drv_path).is_none() {
             return Err(misc(format!(
                 "'{}' is not a derivation",
@@ -928,6 +941,11 @@ impl Backend for LocalBackend {
                 }
             }
         }
+        // As Nix does: the derivation and its outputs, valid already or
+        // built here, stay while the one who asked for them is there (a
+        // daemon's client) rather than only while a build runs.
+        let roots: Vec<&StorePath> = std::iter::once(drv_path).chain(outputs.values()).collect();
+        self.store.add_temp_roots(&roots).map_err(misc)?;
         if let Wanted::Names(names) = wanted {
             if let Some(missing) = names.iter().find(|n| !outputs.contains_key(*n)) {
                 return Err(misc(format!(
@@ -996,6 +1014,7 @@ impl Backend for LocalBackend {
         cancel: &Cancel,
         events: &dyn EventSink,
     ) -> Attempt<OutputLocks> {
+        let _client = self.for_client();
         // Given locks were taken with validity checked under them.
         let locks = match lock {
             Some(l) => l,
@@ -1008,6 +1027,7 @@ impl Backend for LocalBackend {
     }
 
     fn lock_outputs(&self, job: &Job<LocalDrv>) -> Attempt<OutputLocks> {
+        let _client = self.for_client();
         let locks = match self.try_lock(&job.drv) {
             Ok(Some(l)) => l,
             Ok(None) => return Attempt::Contended,
@@ -1027,6 +1047,7 @@ impl Backend for LocalBackend {
     }
 
     fn wait_for_locks(&self, job: &Job<LocalDrv>) -> Attempt<OutputLocks> {
+        let _client = self.for_client();
         let mut held = Vec::new();
         for path in self.lock_paths(&job.drv) {
             // A blocking flock: the kernel wakes us when the holder is done.
@@ -1093,6 +1114,7 @@ impl Backend for LocalBackend {
         remote: HookBuild,
         events: &dyn EventSink,
     ) -> BuildResult {
+        let _client = self.for_client();
         let drv_shown = self.shown(&job.drv_path);
         let input_paths = match self.input_closure(&job.drv.drv) {
             Ok(p) => p,

@@ -568,6 +568,14 @@ impl TempRootsSession {
     pub fn file(&self) -> &Path {
         &self.roots.path
     }
+
+    /// The session entered on this thread for the store at `state_dir`.
+    pub(crate) fn entered(state_dir: &Path, store_dir: &StoreDir) -> Option<Self> {
+        entered_session(state_dir).map(|roots| TempRootsSession {
+            roots,
+            store_dir: store_dir.clone(),
+        })
+    }
 }
 
 /// While alive, this thread's temporary roots go to a session; see

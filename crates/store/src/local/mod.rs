@@ -205,6 +205,14 @@ impl LocalStore {
         TempRootsSession::create(&self.state_dir, &self.config.store_dir)
     }
 
+    /// The session this thread has entered (see
+    /// [`TempRootsSession::enter`]), if any: work done for it on other
+    /// threads (a build a client asked for) enters it there too, so that
+    /// what it roots goes when the client does.
+    pub fn entered_temp_roots_session(&self) -> Option<TempRootsSession> {
+        TempRootsSession::entered(&self.state_dir, &self.config.store_dir)
+    }
+
     /// Drops this process's temporary roots: what it added or used is no
     /// longer protected from the collector unless rooted otherwise. For
     /// long-lived processes (and tests); short ones just exit.

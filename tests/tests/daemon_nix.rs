@@ -431,3 +431,62 @@ fn nix_copy_to_and_from_a_file_cache() {
     );
     assert_eq!(std::fs::read(other.physical(path)).unwrap(), b"copied\n");
 }
+
+/// `nix-env -i` through the daemon builds the profile's user environment
+/// (`builtin:buildenv`) as Nix's own daemon does: the same store path
+/// with the same contents, shared directories merged, `nix-support` left
+/// out, and the package of higher priority winning a collision.
+#[test]
+fn nix_env_builds_user_environments_as_nix_does() {
+    let nix = client();
+    let daemon = start_daemon(&nix);
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("pkgs.nix");
+    std::fs::write(
+        &file,
+        r#"let mk = name: script: derivation { inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" script ]; };
+in {
+  hello = mk "hello-1.0" "/bin/mkdir -p $out/bin $out/share/hello; echo hi > $out/bin/hello; echo hello > $out/bin/common; echo doc > $out/share/hello/README";
+  tools = (mk "tools-2.0" "/bin/mkdir -p $out/bin $out/share/doc $out/nix-support; echo t > $out/bin/tool; echo tools > $out/bin/common; echo d > $out/share/doc/tools; echo hook > $out/nix-support/setup-hook") // { meta.priority = 4; };
+}
+"#,
+    )
+    .unwrap();
+    let install = |mut cmd: std::process::Command, profile: &Path| -> String {
+        let out = cmd
+            .arg("-p")
+            .arg(profile)
+            .arg("-f")
+            .arg(&file)
+            .args(["-iA", "hello", "tools"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nix-env -i: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read_link(profile)
+            .and_then(|generation| std::fs::read_link(work.path().join(generation)))
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let mut ours = nix.command("nix-env");
+    ours.arg("--store").arg(daemon.url());
+    let ours = install(ours, &work.path().join("kiln-profile"));
+    let theirs = install(nix.command("nix-env"), &work.path().join("nix-profile"));
+    assert_eq!(ours, theirs, "the user environments' store paths differ");
+    assert_eq!(
+        via(&nix, &daemon, "nix-store", &["-q", "--hash", &ours]),
+        nix.nix_store(["-q", "--hash", &theirs]).unwrap(),
+        "the user environments' contents differ"
+    );
+    let env = daemon.physical(&ours);
+    let common = std::fs::read_link(env.join("bin/common")).unwrap();
+    assert!(
+        common.to_string_lossy().ends_with("tools-2.0/bin/common"),
+        "bin/common is {common:?}, not the one of higher priority"
+    );
+    assert!(env.join("share").is_dir() && !env.join("nix-support").exists());
+}

@@ -6,6 +6,7 @@
 //!   blocking threads), generic over a [`goals::Backend`];
 //! - [`local`]: the backend over a local store and the sandbox;
 //!   [`commit`]: its outputs synced and registered in groups;
+//! - [`builtins`]: the builtin builders the scheduler runs itself;
 //! - [`env`] and [`outputs`]: what a builder sees, and what happens to its
 //!   outputs; [`logs`]: build logs where Nix keeps them; [`hook`]: the
 //!   build-hook client; [`events`]: progress for people and Nix's
@@ -26,6 +27,7 @@
 //! # }
 //! ```
 
+pub mod builtins;
 pub mod commit;
 pub mod env;
 pub mod events;

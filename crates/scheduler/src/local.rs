@@ -27,6 +27,7 @@ use kiln_sandbox::{BuildDirs, Network, Sandbox, SandboxMode, SandboxSpec, UidRan
 use kiln_store::local::lock::{EnteredSession, PathLock};
 use kiln_store::local::{LocalStore, TempRootsSession};
 
+use crate::builtins::{self, Builtin, BuiltinBuild};
 use crate::commit::{GroupCommit, Overlay, Pending};
 use kiln_formats::signature::TrustedKeys;
 use kiln_store::binary_cache::{BinaryCacheConfig, BinaryCacheStore};
@@ -512,13 +513,10 @@ impl LocalBackend {
                 ),
             );
         }
-        if drv.builder.starts_with(b"builtin:") {
+        if let Some(Err(e)) = Builtin::from_builder(&drv.builder) {
             return BuildResult::failure(
                 BuildStatus::InputRejected,
-                format!(
-                    "derivation '{drv_shown}' uses the builtin builder '{}', which Kiln does not provide",
-                    drv.builder
-                ),
+                format!("cannot build '{drv_shown}': {e}"),
             );
         }
         let input_paths = match self.input_closure(drv) {
@@ -563,7 +561,8 @@ impl LocalBackend {
         // As root, the build user's uids come from a range of our own.
         // SAFETY: geteuid has no preconditions.
         let as_root = unsafe { libc::geteuid() } == 0;
-        let uid_range = if sandboxed && as_root {
+        let builtin = Builtin::from_builder(&drv.builder).and_then(Result::ok);
+        let uid_range = if sandboxed && as_root && builtin.is_none() {
             match UidRange::allocate(
                 Path::new(kiln_sandbox::spawn::DEFAULT_UID_LOCK_DIR),
                 kiln_sandbox::spawn::DEFAULT_UID_SLOTS,
@@ -587,7 +586,12 @@ impl LocalBackend {
         // mount points of its inputs, which stay there for the next build
         // in this directory (a chain of builds shares most of its inputs).
         let mut inputs_are_dirs = Vec::new();
-        let built_in = if sandboxed {
+        let built_in = if sandboxed && builtin.is_some() {
+            match build_dir.sibling_with_mount_points("store", Some(owner), []) {
+                Ok(d) => d,
+                Err(e) => return misc(e),
+            }
+        } else if sandboxed {
             let points = self.mount_points(input_paths);
             inputs_are_dirs = points.iter().map(|&(_, is_dir)| is_dir).collect();
             match build_dir.sibling_with_mount_points("store", Some(owner), points) {
@@ -597,6 +601,14 @@ impl LocalBackend {
         } else {
             self.store.real_store_dir().to_path_buf()
         };
+        if let Some(builtin) = builtin {
+            let built = BuiltOutputs {
+                build_dir,
+                built_in,
+                tail: Vec::new(),
+            };
+            return self.run_builtin(job, locks, options, input_paths, builtin, built);
+        }
         let build_top = if sandboxed {
             BUILD_TOP.to_owned()
         } else {
@@ -746,6 +758,101 @@ impl LocalBackend {
             }
             Ok(_) => {}
         }
+        let built = BuiltOutputs {
+            build_dir,
+            built_in,
+            tail,
+        };
+        self.register_outputs(job, locks, options, input_paths, built)
+    }
+
+    /// Runs a builtin builder in this process, with a log like a
+    /// program's, and registers what it made.
+    fn run_builtin(
+        &self,
+        job: &Job<LocalDrv>,
+        locks: OutputLocks,
+        options: &BuildOptions,
+        input_paths: &StorePathSet,
+        builtin: Builtin,
+        built: BuiltOutputs,
+    ) -> BuildResult {
+        let drv_shown = self.shown(&job.drv_path);
+        let mut log = match LogSink::create(
+            self.log_dir.as_deref(),
+            &job.drv_path,
+            self.settings.log_lines,
+        ) {
+            Ok(l) => l,
+            Err(e) => return misc(e),
+        };
+        let mut log_error = None;
+        let ran = builtins::run(
+            builtin,
+            &BuiltinBuild {
+                env: &job.drv.drv.env,
+                store_dir: self.store.store_dir(),
+                real_store_dir: self.store.real_store_dir(),
+                out_dir: &built.built_in,
+                inputs: input_paths,
+            },
+            &mut |line| {
+                let mut data = line.as_bytes().to_vec();
+                data.push(b'\n');
+                if let Err(e) = log.write(&data) {
+                    log_error.get_or_insert(e);
+                }
+            },
+        );
+        let tail = log.tail();
+        if let Some(e) = log_error.take() {
+            tracing::warn!(error = %e, "cannot store the build log");
+        }
+        if let Err(e) = log.finish() {
+            tracing::warn!(error = %e, "cannot store the build log");
+        }
+        if let Err(e) = ran {
+            self.keep_build_dir(built.build_dir);
+            return BuildResult::failure(
+                BuildStatus::PermanentFailure,
+                format!("builder for '{drv_shown}' failed: {e}"),
+            );
+        }
+        self.register_outputs(
+            job,
+            locks,
+            options,
+            input_paths,
+            BuiltOutputs { tail, ..built },
+        )
+    }
+
+    /// Keeps a failed build's directory when `keep-failed` says so.
+    fn keep_build_dir(&self, dir: kiln_sandbox::BuildDir) {
+        if self.settings.keep_failed {
+            if let Ok(p) = dir.keep(None) {
+                tracing::info!("keeping build directory '{}'", p.display());
+            }
+        }
+    }
+
+    /// Checks, moves into place and registers the outputs a builder made.
+    fn register_outputs(
+        &self,
+        job: &Job<LocalDrv>,
+        locks: OutputLocks,
+        options: &BuildOptions,
+        input_paths: &StorePathSet,
+        built: BuiltOutputs,
+    ) -> BuildResult {
+        let BuiltOutputs {
+            build_dir,
+            built_in,
+            tail,
+        } = built;
+        let local = &*job.drv;
+        let drv = &local.drv;
+        let view = self.view();
         let registered = place_outputs(&Registration {
             store: &self.store,
             view: &view,
@@ -782,7 +889,7 @@ impl LocalBackend {
                 BuildResult::success(BuildStatus::Built, wanted)
             }
             Err(mut e) => {
-                keep(build_dir);
+                self.keep_build_dir(build_dir);
                 if !tail.is_empty() && e.status == BuildStatus::OutputRejected {
                     e.error
                         .push_str(&format!(";\n       last {} log lines:", tail.len()));
@@ -794,6 +901,13 @@ impl LocalBackend {
             }
         }
     }
+}
+
+/// What a finished builder left: its directories, and its log's last lines.
+struct BuiltOutputs {
+    build_dir: kiln_sandbox::BuildDir,
+    built_in: PathBuf,
+    tail: Vec<String>,
 }
 
 enum Ended {

@@ -1,0 +1,623 @@
+//! Nix's builtin builders, which the scheduler runs itself instead of
+//! starting a program: `builtin:buildenv`, the user environment that
+//! `nix-env` makes for a profile.
+//!
+//! A builtin sees the store as a sandboxed builder would: only its input
+//! closure. Paths are resolved component by component, through symlinks,
+//! and anything that leads out of the closure (another store path, a host
+//! file) is treated as missing, so a package's symlink cannot make the
+//! scheduler read what its builder could not.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use bstr::{BString, ByteSlice};
+use kiln_formats::store_path::{StoreDir, StorePathSet};
+
+/// A builtin builder Kiln provides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Builtin {
+    /// `builtin:buildenv`.
+    Buildenv,
+}
+
+impl Builtin {
+    /// The builtin named by a derivation's `builder`: `None` for a program,
+    /// an error for a `builtin:` that Kiln does not provide.
+    pub fn from_builder(builder: &[u8]) -> Option<Result<Builtin, String>> {
+        let name = builder.strip_prefix(b"builtin:")?;
+        Some(match name {
+            b"buildenv" => Ok(Builtin::Buildenv),
+            _ => Err(format!(
+                "the builtin builder 'builtin:{}' is not provided by Kiln (it provides 'builtin:buildenv')",
+                name.to_str_lossy()
+            )),
+        })
+    }
+}
+
+/// What a builtin gets to work with.
+#[derive(Debug)]
+pub struct BuiltinBuild<'a> {
+    /// The derivation's environment.
+    pub env: &'a BTreeMap<BString, BString>,
+    pub store_dir: &'a StoreDir,
+    /// Where the store's paths are on disk.
+    pub real_store_dir: &'a Path,
+    /// Where the outputs are to be made, by base name.
+    pub out_dir: &'a Path,
+    /// The input closure: all the builtin may read.
+    pub inputs: &'a StorePathSet,
+}
+
+/// Runs `builtin`; warnings go to `log`, one line each. The error says
+/// what was wrong, for the build's failure.
+pub fn run(
+    builtin: Builtin,
+    build: &BuiltinBuild,
+    log: &mut dyn FnMut(&str),
+) -> Result<(), String> {
+    match builtin {
+        Builtin::Buildenv => buildenv(build, log),
+    }
+}
+
+fn attr<'a>(build: &'a BuiltinBuild, name: &str) -> Result<&'a str, String> {
+    let value = build
+        .env
+        .get(name.as_bytes())
+        .ok_or_else(|| format!("attribute '{name}' missing"))?;
+    std::str::from_utf8(value).map_err(|_| format!("attribute '{name}' is not UTF-8"))
+}
+
+/// One package of a user environment.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Package {
+    priority: i64,
+    path: String,
+    active: bool,
+}
+
+/// Parses `derivations`: for each package, whether it is active, its
+/// priority, how many output paths follow, and those paths.
+fn packages(derivations: &str) -> Result<Vec<Package>, String> {
+    let mut words = derivations.split_ascii_whitespace();
+    let mut packages = Vec::new();
+    while let Some(active) = words.next() {
+        let malformed = || format!("malformed 'derivations' attribute near '{active}'");
+        let priority: i64 = words
+            .next()
+            .and_then(|w| w.parse().ok())
+            .ok_or_else(malformed)?;
+        let count: usize = words
+            .next()
+            .and_then(|w| w.parse().ok())
+            .ok_or_else(malformed)?;
+        for _ in 0..count {
+            let path = words.next().ok_or_else(malformed)?;
+            packages.push(Package {
+                priority,
+                path: path.to_owned(),
+                active: active != "false",
+            });
+        }
+    }
+    Ok(packages)
+}
+
+fn buildenv(build: &BuiltinBuild, log: &mut dyn FnMut(&str)) -> Result<(), String> {
+    let out = attr(build, "out")?;
+    let manifest = attr(build, "manifest")?;
+    let mut packages = packages(attr(build, "derivations")?)?;
+    let out_name = build
+        .store_dir
+        .parse_path(out)
+        .map_err(|e| format!("output '{out}': {e}"))?;
+    let out_dir = build.out_dir.join(out_name.base_name());
+    let view = ClosureView::new(build);
+    let io = |what: &str, path: &Path, e: io::Error| format!("{what} '{}': {e}", path.display());
+    std::fs::create_dir(&out_dir).map_err(|e| io("creating", &out_dir, e))?;
+    let mut env = UserEnv {
+        view: &view,
+        log,
+        out_dir: &out_dir,
+        priorities: HashMap::new(),
+        done: HashSet::new(),
+        postponed: BTreeSet::new(),
+    };
+    // Explicitly installed packages in priority order (lower wins), so
+    // fewer links are made and then replaced.
+    packages.sort();
+    for p in packages.iter().filter(|p| p.active) {
+        env.add(&p.path, p.priority)?;
+    }
+    // Then what they propagate, behind them on collisions.
+    let mut priority = 1000;
+    while !env.postponed.is_empty() {
+        for path in std::mem::take(&mut env.postponed) {
+            env.add(&path, priority)?;
+            priority += 1;
+        }
+    }
+    let link = out_dir.join("manifest.nix");
+    std::os::unix::fs::symlink(manifest, &link).map_err(|e| io("creating", &link, e))
+}
+
+/// The store as the derivation's builder would see it.
+struct ClosureView<'a> {
+    store_components: Vec<&'a str>,
+    real_store_dir: &'a Path,
+    inputs: HashSet<String>,
+}
+
+/// Symlinks followed in one resolution before giving up, as the kernel does.
+const MAX_LINKS: usize = 40;
+
+impl<'a> ClosureView<'a> {
+    fn new(build: &'a BuiltinBuild) -> Self {
+        ClosureView {
+            store_components: build
+                .store_dir
+                .as_str()
+                .split('/')
+                .filter(|c| !c.is_empty())
+                .collect(),
+            real_store_dir: build.real_store_dir,
+            inputs: build
+                .inputs
+                .iter()
+                .map(|p| p.base_name().to_owned())
+                .collect(),
+        }
+    }
+
+    /// Where the logical path made of `components` is on disk, if it is
+    /// at or below an input; `Some(None)` for the store directory and its
+    /// parents, which are only walked through.
+    fn physical(&self, components: &[String]) -> Option<Option<PathBuf>> {
+        let n = self.store_components.len();
+        let shared = components.len().min(n);
+        if components[..shared] != self.store_components[..shared] {
+            return None;
+        }
+        if components.len() <= n {
+            return Some(None);
+        }
+        if !self.inputs.contains(&components[n]) {
+            return None;
+        }
+        let mut physical = self.real_store_dir.to_path_buf();
+        physical.extend(&components[n..]);
+        Some(Some(physical))
+    }
+
+    /// Follows `logical` through symlinks: its resolved logical path and
+    /// where that is on disk, or `None` when it does not exist in the
+    /// closure.
+    fn resolve(&self, logical: &str) -> io::Result<Option<(String, PathBuf)>> {
+        let mut todo: VecDeque<String> = logical
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let mut at: Vec<String> = Vec::new();
+        let mut links = 0;
+        while let Some(c) = todo.pop_front() {
+            match c.as_str() {
+                "." => continue,
+                ".." => {
+                    at.pop();
+                    continue;
+                }
+                _ => at.push(c),
+            }
+            let physical = match self.physical(&at) {
+                None => return Ok(None),
+                Some(None) => continue,
+                Some(Some(p)) => p,
+            };
+            let meta = match std::fs::symlink_metadata(&physical) {
+                Ok(m) => m,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
+            if meta.file_type().is_symlink() {
+                links += 1;
+                if links > MAX_LINKS {
+                    return Ok(None);
+                }
+                let target = std::fs::read_link(&physical)?;
+                let target = target.to_string_lossy();
+                at.pop();
+                if target.starts_with('/') {
+                    at.clear();
+                }
+                for c in target.split('/').filter(|c| !c.is_empty()).rev() {
+                    todo.push_front(c.to_owned());
+                }
+            } else if !todo.is_empty() && !meta.is_dir() {
+                return Ok(None);
+            }
+        }
+        match self.physical(&at) {
+            Some(Some(physical)) => Ok(Some((format!("/{}", at.join("/")), physical))),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// A user environment being linked together.
+struct UserEnv<'a, 'l> {
+    view: &'a ClosureView<'a>,
+    log: &'l mut dyn FnMut(&str),
+    out_dir: &'a Path,
+    /// The priority of the package each link made so far came from.
+    priorities: HashMap<PathBuf, i64>,
+    /// Packages linked in already.
+    done: HashSet<String>,
+    /// Packages that linked ones propagate, to link in next.
+    postponed: BTreeSet<String>,
+}
+
+/// Files no profile shows: useless there, or a collision between nearly
+/// every pair of packages.
+const LEFT_OUT: &[&str] = &[
+    "/propagated-build-inputs",
+    "/nix-support",
+    "/perllocal.pod",
+    "/info/dir",
+    "/log",
+    "/manifest.nix",
+    "/manifest.json",
+];
+
+impl UserEnv<'_, '_> {
+    /// Links in the package at `path` (once), and notes the packages it
+    /// propagates (`nix-support/propagated-user-env-packages`).
+    fn add(&mut self, path: &str, priority: i64) -> Result<(), String> {
+        if !self.done.insert(path.to_owned()) {
+            return Ok(());
+        }
+        self.link(path, self.out_dir, priority)?;
+        let propagated = format!("{path}/nix-support/propagated-user-env-packages");
+        if let Some((_, physical)) = self.view.resolve(&propagated).map_err(|e| e.to_string())? {
+            if let Ok(text) = std::fs::read_to_string(&physical) {
+                for p in text.split_ascii_whitespace() {
+                    if !self.done.contains(p) {
+                        self.postponed.insert(p.to_owned());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Links the entries of the directory `src` (a logical path) into
+    /// `dst`, merging directories that several packages have.
+    fn link(&mut self, src: &str, dst: &Path, priority: i64) -> Result<(), String> {
+        let io =
+            |what: &str, path: &Path, e: io::Error| format!("{what} '{}': {e}", path.display());
+        let Some((_, physical)) = self.view.resolve(src).map_err(|e| format!("{src}: {e}"))? else {
+            (self.log)(&format!("warning: skipping dangling symlink '{src}'"));
+            return Ok(());
+        };
+        let entries = match std::fs::read_dir(&physical) {
+            Ok(d) => d,
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                (self.log)(&format!(
+                    "warning: not including '{src}' in the user environment because it's not a directory"
+                ));
+                return Ok(());
+            }
+            Err(e) => return Err(io("reading", &physical, e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let name = entry.map_err(|e| io("reading", &physical, e))?.file_name();
+            let name = name
+                .into_string()
+                .map_err(|n| format!("'{src}' holds a name that is not UTF-8: {n:?}"))?;
+            if !name.starts_with('.') {
+                names.push(name);
+            }
+        }
+        names.sort();
+        for name in names {
+            let src_file = format!("{src}/{name}");
+            let dst_file = dst.join(&name);
+            let Some((_, src_physical)) = self
+                .view
+                .resolve(&src_file)
+                .map_err(|e| format!("{src_file}: {e}"))?
+            else {
+                (self.log)(&format!(
+                    "warning: skipping dangling symlink '{}'",
+                    dst_file.display()
+                ));
+                continue;
+            };
+            if LEFT_OUT.iter().any(|s| src_file.ends_with(s)) {
+                continue;
+            }
+            let src_is_dir = std::fs::metadata(&src_physical)
+                .map_err(|e| io("reading", &src_physical, e))?
+                .is_dir();
+            let existing = match std::fs::symlink_metadata(&dst_file) {
+                Ok(m) => Some(m.file_type()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(io("reading", &dst_file, e)),
+            };
+            match existing {
+                Some(t) if src_is_dir && t.is_dir() => {
+                    self.link(&src_file, &dst_file, priority)?;
+                    continue;
+                }
+                Some(t) if src_is_dir && t.is_symlink() => {
+                    // Another package's directory: merge the two.
+                    let target =
+                        std::fs::read_link(&dst_file).map_err(|e| io("reading", &dst_file, e))?;
+                    let target = target.to_string_lossy().into_owned();
+                    let resolved = self
+                        .view
+                        .resolve(&target)
+                        .map_err(|e| format!("{target}: {e}"))?;
+                    let other = match resolved {
+                        Some((logical, physical)) if physical.is_dir() => logical,
+                        _ => {
+                            return Err(format!(
+                                "collision between '{src_file}' and non-directory '{target}'"
+                            ));
+                        }
+                    };
+                    std::fs::remove_file(&dst_file).map_err(|e| io("removing", &dst_file, e))?;
+                    std::fs::create_dir(&dst_file).map_err(|e| io("creating", &dst_file, e))?;
+                    let theirs = self.priorities.get(&dst_file).copied().unwrap_or(priority);
+                    self.link(&other, &dst_file, theirs)?;
+                    self.link(&src_file, &dst_file, priority)?;
+                    continue;
+                }
+                Some(t) if t.is_symlink() => {
+                    let theirs = self.priorities.get(&dst_file).copied().unwrap_or(priority);
+                    if theirs == priority {
+                        let target = std::fs::read_link(&dst_file).unwrap_or_default();
+                        return Err(format!(
+                            "collision between '{}' and '{src_file}': both are in packages of priority {priority}; \
+                             use 'nix-env --set-flag priority NUMBER' to give one of them a lower priority",
+                            target.display()
+                        ));
+                    }
+                    if theirs < priority {
+                        continue;
+                    }
+                    std::fs::remove_file(&dst_file).map_err(|e| io("removing", &dst_file, e))?;
+                }
+                Some(t) if t.is_dir() => {
+                    return Err(format!(
+                        "collision between non-directory '{src_file}' and directory '{}'",
+                        dst_file.display()
+                    ));
+                }
+                _ => {}
+            }
+            std::os::unix::fs::symlink(&src_file, &dst_file)
+                .map_err(|e| io("creating", &dst_file, e))?;
+            self.priorities.insert(dst_file, priority);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_formats::store_path::StorePath;
+
+    const STORE: &str = "/nix/store";
+
+    fn path(name: &str) -> StorePath {
+        StoreDir::default()
+            .parse_path(&format!("{STORE}/{}-{name}", "a".repeat(32)))
+            .unwrap()
+    }
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        inputs: StorePathSet,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("store")).unwrap();
+            std::fs::create_dir_all(dir.path().join("out")).unwrap();
+            Fixture {
+                dir,
+                inputs: StorePathSet::new(),
+            }
+        }
+
+        fn real(&self, logical: &str) -> PathBuf {
+            self.dir
+                .path()
+                .join("store")
+                .join(logical.strip_prefix(&format!("{STORE}/")).unwrap())
+        }
+
+        /// A package: `files` are (relative path, contents); a contents
+        /// starting with `->` makes a symlink.
+        fn package(&mut self, name: &str, files: &[(&str, &str)]) -> String {
+            let p = path(name);
+            let logical = format!("{STORE}/{}", p.base_name());
+            let root = self.real(&logical);
+            std::fs::create_dir_all(&root).unwrap();
+            for (rel, contents) in files {
+                let f = root.join(rel);
+                std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+                match contents.strip_prefix("->") {
+                    Some(target) => std::os::unix::fs::symlink(target, &f).unwrap(),
+                    None => std::fs::write(&f, contents).unwrap(),
+                }
+            }
+            self.inputs.insert(p);
+            logical
+        }
+
+        fn build(&self, derivations: &str) -> (Result<(), String>, Vec<String>) {
+            let out = path("user-environment");
+            let mut env = BTreeMap::new();
+            env.insert(
+                BString::from("out"),
+                BString::from(format!("{STORE}/{}", out.base_name())),
+            );
+            env.insert(
+                BString::from("manifest"),
+                BString::from("/nix/store/manifest"),
+            );
+            env.insert(BString::from("derivations"), BString::from(derivations));
+            let real = self.dir.path().join("store");
+            let out_dir = self.dir.path().join("out");
+            let build = BuiltinBuild {
+                env: &env,
+                store_dir: &StoreDir::default(),
+                real_store_dir: &real,
+                out_dir: &out_dir,
+                inputs: &self.inputs,
+            };
+            let mut lines = Vec::new();
+            let result = run(Builtin::Buildenv, &build, &mut |l| lines.push(l.to_owned()));
+            (result, lines)
+        }
+
+        fn out(&self, rel: &str) -> PathBuf {
+            self.dir
+                .path()
+                .join("out")
+                .join(path("user-environment").base_name())
+                .join(rel)
+        }
+    }
+
+    #[test]
+    fn packages_are_merged_by_links_and_priority_settles_collisions() {
+        let mut f = Fixture::new();
+        let a = f.package(
+            "a",
+            &[
+                ("bin/tool", "a"),
+                ("share/a/doc", "a"),
+                ("nix-support/x", ""),
+            ],
+        );
+        let b = f.package(
+            "b",
+            &[("bin/tool", "b"), ("bin/other", "b"), ("share/b", "b")],
+        );
+        let (result, _) = f.build(&format!("true 5 1 {a} true 4 1 {b}"));
+        result.unwrap();
+        // b has the lower number, so the higher priority.
+        assert_eq!(
+            std::fs::read_link(f.out("bin/tool")).unwrap(),
+            Path::new(&format!("{b}/bin/tool"))
+        );
+        assert_eq!(
+            std::fs::read_link(f.out("bin/other")).unwrap(),
+            Path::new(&format!("{b}/bin/other"))
+        );
+        // `share` is in both: a directory of links; `share/a` only in a: a link.
+        assert!(std::fs::symlink_metadata(f.out("share")).unwrap().is_dir());
+        assert_eq!(
+            std::fs::read_link(f.out("share/a")).unwrap(),
+            Path::new(&format!("{a}/share/a"))
+        );
+        assert!(!f.out("nix-support").exists());
+        assert_eq!(
+            std::fs::read_link(f.out("manifest.nix")).unwrap(),
+            Path::new("/nix/store/manifest")
+        );
+    }
+
+    #[test]
+    fn equal_priorities_collide_and_inactive_packages_are_left_out() {
+        let mut f = Fixture::new();
+        let a = f.package("a", &[("bin/tool", "a")]);
+        let b = f.package("b", &[("bin/tool", "b")]);
+        let (result, _) = f.build(&format!("true 5 1 {a} true 5 1 {b}"));
+        let e = result.unwrap_err();
+        assert!(
+            e.contains("collision between") && e.contains("bin/tool"),
+            "{e}"
+        );
+
+        let mut f = Fixture::new();
+        let a = f.package("a", &[("bin/tool", "a")]);
+        let b = f.package("b", &[("bin/tool", "b")]);
+        let (result, _) = f.build(&format!("true 5 1 {a} false 5 1 {b}"));
+        result.unwrap();
+        // Only a's `bin`: a link to it, not a directory.
+        assert_eq!(
+            std::fs::read_link(f.out("bin")).unwrap(),
+            Path::new(&format!("{a}/bin"))
+        );
+    }
+
+    #[test]
+    fn propagated_packages_follow_and_links_outside_the_closure_do_not_resolve() {
+        let mut f = Fixture::new();
+        let dep = f.package("dep", &[("bin/dep", "d"), ("bin/tool", "d")]);
+        let a = f.package(
+            "a",
+            &[
+                ("bin/tool", "a"),
+                (
+                    "nix-support/propagated-user-env-packages",
+                    &format!("{dep}\n"),
+                ),
+                ("etc", "->/etc"),
+                ("lib", &format!("->{STORE}/{}-elsewhere", "b".repeat(32))),
+            ],
+        );
+        let (result, lines) = f.build(&format!("true 5 1 {a}"));
+        result.unwrap();
+        assert_eq!(
+            std::fs::read_link(f.out("bin/tool")).unwrap(),
+            Path::new(&format!("{a}/bin/tool"))
+        );
+        assert_eq!(
+            std::fs::read_link(f.out("bin/dep")).unwrap(),
+            Path::new(&format!("{dep}/bin/dep"))
+        );
+        // The host's /etc and a store path outside the closure are not there.
+        assert!(std::fs::symlink_metadata(f.out("etc")).is_err());
+        assert!(std::fs::symlink_metadata(f.out("lib")).is_err());
+        assert_eq!(
+            lines.iter().filter(|l| l.contains("dangling")).count(),
+            2,
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn malformed_derivations_are_an_error() {
+        let f = Fixture::new();
+        let (result, _) = f.build("true five 1 /nix/store/x");
+        assert!(result.unwrap_err().contains("malformed 'derivations'"));
+        let (result, _) = f.build("true 5 2 /nix/store/x");
+        assert!(result.unwrap_err().contains("malformed 'derivations'"));
+    }
+
+    #[test]
+    fn only_buildenv_is_provided() {
+        assert_eq!(Builtin::from_builder(b"/bin/sh"), None);
+        assert_eq!(
+            Builtin::from_builder(b"builtin:buildenv"),
+            Some(Ok(Builtin::Buildenv))
+        );
+        let e = Builtin::from_builder(b"builtin:unpack-channel")
+            .unwrap()
+            .unwrap_err();
+        assert!(e.contains("builtin:unpack-channel"), "{e}");
+    }
+}

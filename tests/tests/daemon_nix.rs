@@ -490,3 +490,82 @@ in {
     );
     assert!(env.join("share").is_dir() && !env.join("nix-support").exists());
 }
+
+/// `<nix/fetchurl.nix>` (`builtin:fetchurl`) through the daemon: a file
+/// and an executable downloaded over HTTP into the same store paths, with
+/// the same hashes, as by Nix's own daemon.
+#[test]
+fn builtin_fetchurl_downloads_as_nix_does() {
+    let nix = client();
+    let daemon = start_daemon(&nix);
+    let work = tempfile::tempdir().unwrap();
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("data.txt", b"fetched by a builtin\n".to_vec()),
+        ("tool", b"#!/bin/sh\necho tool\n".to_vec()),
+    ];
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", server.server_addr().to_ip().unwrap());
+    let served = files.clone();
+    std::thread::spawn(move || {
+        for request in server.incoming_requests() {
+            let name = request.url().trim_start_matches('/').to_owned();
+            let response = match served.iter().find(|(n, _)| *n == name) {
+                Some((_, data)) => tiny_http::Response::from_data(data.clone()),
+                None => tiny_http::Response::from_data(Vec::new()).with_status_code(404),
+            };
+            let _ = request.respond(response);
+        }
+    });
+    // The expected hashes, by Nix: flat for the file, of the executable's
+    // NAR for the tool.
+    let hash = |name: &str, data: &[u8], executable: bool| {
+        use std::os::unix::fs::PermissionsExt;
+        let f = work.path().join(name);
+        std::fs::write(&f, data).unwrap();
+        let mode = if executable { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+        let mut args = vec!["--type", "sha256", "--base32"];
+        if !executable {
+            args.push("--flat");
+        }
+        args.push(f.to_str().unwrap());
+        nix.run("nix-hash", args).unwrap().trim().to_owned()
+    };
+    let expr = format!(
+        r#"{{
+  flat = import <nix/fetchurl.nix> {{ url = "{base}/data.txt"; sha256 = "{}"; }};
+  exe = import <nix/fetchurl.nix> {{ url = "{base}/tool"; sha256 = "{}"; executable = true; }};
+}}
+"#,
+        hash("data.txt", &files[0].1, false),
+        hash("tool", &files[1].1, true),
+    );
+    let file = work.path().join("fetch.nix");
+    std::fs::write(&file, expr).unwrap();
+    let args = [
+        "--no-out-link",
+        "-A",
+        "flat",
+        "-A",
+        "exe",
+        file.to_str().unwrap(),
+    ];
+    let ours = via(&nix, &daemon, "nix-build", &args);
+    let theirs = nix.run("nix-build", args).unwrap();
+    assert_eq!(lines(&ours), lines(&theirs));
+    let ours = lines(&ours);
+    assert_eq!(ours.len(), 2);
+    for path in &ours {
+        assert_eq!(
+            via(&nix, &daemon, "nix-store", &["-q", "--hash", path]),
+            nix.nix_store(["-q", "--hash", path]).unwrap()
+        );
+    }
+    let tool = daemon.physical(&ours[1]);
+    assert_eq!(std::fs::read(&tool).unwrap(), files[1].1);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&tool).unwrap().permissions().mode() & 0o111,
+        0o111
+    );
+}

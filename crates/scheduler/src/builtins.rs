@@ -1,6 +1,8 @@
 //! Nix's builtin builders, which the scheduler runs itself instead of
 //! starting a program: `builtin:buildenv`, the user environment that
-//! `nix-env` makes for a profile.
+//! `nix-env` makes for a profile, and `builtin:fetchurl`, the download
+//! behind `<nix/fetchurl.nix>` (nixpkgs fetches its bootstrap tools with
+//! it).
 //!
 //! A builtin sees the store as a sandboxed builder would: only its input
 //! closure. Paths are resolved component by component, through symlinks,
@@ -14,12 +16,15 @@ use std::path::{Path, PathBuf};
 
 use bstr::{BString, ByteSlice};
 use kiln_formats::store_path::{StoreDir, StorePathSet};
+use kiln_store::binary_cache::Compression;
 
 /// A builtin builder Kiln provides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Builtin {
     /// `builtin:buildenv`.
     Buildenv,
+    /// `builtin:fetchurl`.
+    Fetchurl,
 }
 
 impl Builtin {
@@ -29,8 +34,9 @@ impl Builtin {
         let name = builder.strip_prefix(b"builtin:")?;
         Some(match name {
             b"buildenv" => Ok(Builtin::Buildenv),
+            b"fetchurl" => Ok(Builtin::Fetchurl),
             _ => Err(format!(
-                "the builtin builder 'builtin:{}' is not provided by Kiln (it provides 'builtin:buildenv')",
+                "the builtin builder 'builtin:{}' is not provided by Kiln (it provides 'builtin:buildenv' and 'builtin:fetchurl')",
                 name.to_str_lossy()
             )),
         })
@@ -49,6 +55,8 @@ pub struct BuiltinBuild<'a> {
     pub out_dir: &'a Path,
     /// The input closure: all the builtin may read.
     pub inputs: &'a StorePathSet,
+    /// Whether the derivation is fixed-output (its result checked by hash).
+    pub fixed_output: bool,
 }
 
 /// Runs `builtin`; warnings go to `log`, one line each. The error says
@@ -60,7 +68,107 @@ pub fn run(
 ) -> Result<(), String> {
     match builtin {
         Builtin::Buildenv => buildenv(build, log),
+        Builtin::Fetchurl => fetchurl(build, log),
     }
+}
+
+/// Where output `out` (a logical path) is made.
+fn output_dir(build: &BuiltinBuild, out: &str) -> Result<PathBuf, String> {
+    let path = build
+        .store_dir
+        .parse_path(out)
+        .map_err(|e| format!("output '{out}': {e}"))?;
+    Ok(build.out_dir.join(path.base_name()))
+}
+
+/// Downloads `url` to the output, as a file (executable when
+/// `executable = "1"`) or, with `unpack = "1"`, as the tree of the NAR it
+/// holds (xz-compressed when the URL ends in `.xz`). Only fixed-output
+/// derivations may: the hash is what makes a download trustworthy (so TLS
+/// certificates are not checked either, as in Nix).
+fn fetchurl(build: &BuiltinBuild, log: &mut dyn FnMut(&str)) -> Result<(), String> {
+    if !build.fixed_output {
+        return Err("'builtin:fetchurl' only builds fixed-output derivations".into());
+    }
+    let out = output_dir(build, attr(build, "out")?)?;
+    let url = attr(build, "url")?;
+    let flag = |name: &str| build.env.get(name.as_bytes()).is_some_and(|v| v == "1");
+    log(&format!("downloading '{url}'..."));
+    let body = open_url(&ClosureView::new(build), url)?;
+    let failed = |e: &dyn std::fmt::Display| format!("unable to download '{url}': {e}");
+    if flag("unpack") {
+        let body = if url.ends_with(".xz") {
+            Compression::Xz.decoder(body).map_err(|e| failed(&e))?
+        } else {
+            body
+        };
+        kiln_formats::nar::restore(body, &out).map_err(|e| format!("unpacking '{url}': {e}"))?;
+    } else {
+        let mut body = body;
+        let mut file = std::fs::File::create_new(&out)
+            .map_err(|e| format!("creating '{}': {e}", out.display()))?;
+        io::copy(&mut body, &mut file).map_err(|e| failed(&e))?;
+    }
+    if flag("executable") {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("making '{}' executable: {e}", out.display()))?;
+    }
+    Ok(())
+}
+
+/// The body at `url`: `http(s)://`, or `file://` of a path in the input
+/// closure (what a sandboxed download could read).
+fn open_url(view: &ClosureView, url: &str) -> Result<Box<dyn io::Read + Send>, String> {
+    let failed = |e: &dyn std::fmt::Display| format!("unable to download '{url}': {e}");
+    if let Some(path) = url.strip_prefix("file://") {
+        let path = percent_decode(path).ok_or_else(|| failed(&"malformed %-escape"))?;
+        let Some((_, physical)) = view.resolve(&path).map_err(|e| failed(&e))? else {
+            return Err(failed(
+                &"no such file among the derivation's inputs (a download sees only them, as in a sandbox)",
+            ));
+        };
+        let file = std::fs::File::open(&physical).map_err(|e| failed(&e))?;
+        return Ok(Box::new(file));
+    }
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(failed(
+            &"Kiln downloads only http://, https:// and file:// URLs",
+        ));
+    }
+    let agent = ureq::Agent::config_builder()
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .disable_verification(true)
+                .build(),
+        )
+        .timeout_connect(Some(std::time::Duration::from_secs(30)))
+        .timeout_per_read(Some(std::time::Duration::from_secs(300)))
+        .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .new_agent();
+    let response = agent.get(url).call().map_err(|e| failed(&e))?;
+    // Errors when the connection ends before Content-Length bytes: a cut
+    // download is never a short file.
+    Ok(Box::new(response.into_body().into_reader()))
+}
+
+/// `%XX` escapes of a URL's path decoded; `None` when one is malformed.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn attr<'a>(build: &'a BuiltinBuild, name: &str) -> Result<&'a str, String> {
@@ -110,11 +218,7 @@ fn buildenv(build: &BuiltinBuild, log: &mut dyn FnMut(&str)) -> Result<(), Strin
     let out = attr(build, "out")?;
     let manifest = attr(build, "manifest")?;
     let mut packages = packages(attr(build, "derivations")?)?;
-    let out_name = build
-        .store_dir
-        .parse_path(out)
-        .map_err(|e| format!("output '{out}': {e}"))?;
-    let out_dir = build.out_dir.join(out_name.base_name());
+    let out_dir = output_dir(build, out)?;
     let view = ClosureView::new(build);
     let io = |what: &str, path: &Path, e: io::Error| format!("{what} '{}': {e}", path.display());
     std::fs::create_dir(&out_dir).map_err(|e| io("creating", &out_dir, e))?;
@@ -485,6 +589,7 @@ mod tests {
                 real_store_dir: &real,
                 out_dir: &out_dir,
                 inputs: &self.inputs,
+                fixed_output: false,
             };
             let mut lines = Vec::new();
             let result = run(Builtin::Buildenv, &build, &mut |l| lines.push(l.to_owned()));
@@ -608,12 +713,86 @@ mod tests {
         assert!(result.unwrap_err().contains("malformed 'derivations'"));
     }
 
+    fn fetch(
+        f: &Fixture,
+        url: &str,
+        flags: &[&str],
+        fixed_output: bool,
+    ) -> Result<PathBuf, String> {
+        let out = path("fetched");
+        let mut env = BTreeMap::new();
+        env.insert(
+            BString::from("out"),
+            BString::from(format!("{STORE}/{}", out.base_name())),
+        );
+        env.insert(BString::from("url"), BString::from(url));
+        for flag in flags {
+            env.insert(BString::from(*flag), BString::from("1"));
+        }
+        let real = f.dir.path().join("store");
+        let out_dir = f.dir.path().join("out");
+        let build = BuiltinBuild {
+            env: &env,
+            store_dir: &StoreDir::default(),
+            real_store_dir: &real,
+            out_dir: &out_dir,
+            inputs: &f.inputs,
+            fixed_output,
+        };
+        run(Builtin::Fetchurl, &build, &mut |_| {})?;
+        Ok(out_dir.join(out.base_name()))
+    }
+
     #[test]
-    fn only_buildenv_is_provided() {
+    fn fetchurl_reads_files_of_the_closure_only_and_unpacks_nars() {
+        use std::os::unix::fs::PermissionsExt;
+        let mut f = Fixture::new();
+        let src = f.package("src", &[("a file", "payload")]);
+        let got = fetch(&f, &format!("file://{src}/a%20file"), &["executable"], true).unwrap();
+        assert_eq!(std::fs::read(&got).unwrap(), b"payload");
+        assert_eq!(
+            std::fs::metadata(&got).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+
+        // A host file is not there for it; only fixed-output derivations
+        // fetch; other schemes are refused by name.
+        let e = fetch(&f, "file:///etc/passwd", &[], true).unwrap_err();
+        assert!(e.contains("among the derivation's inputs"), "{e}");
+        let e = fetch(&f, &format!("file://{src}/a%20file"), &[], false).unwrap_err();
+        assert!(e.contains("fixed-output"), "{e}");
+        let e = fetch(&f, "ftp://example.org/x", &[], true).unwrap_err();
+        assert!(e.contains("only http://"), "{e}");
+
+        let mut f = Fixture::new();
+        let nar = kiln_formats::nar::Node::directory([(
+            "bin",
+            kiln_formats::nar::Node::executable("#!x"),
+        )])
+        .to_nar();
+        let mut xz = Vec::new();
+        {
+            use std::io::Write;
+            let mut enc = Compression::Xz.encoder(&mut xz, None).unwrap();
+            enc.write_all(&nar).unwrap();
+            enc.finish().unwrap();
+        }
+        let src = f.package("tools", &[]);
+        std::fs::write(f.real(&src).join("t.nar.xz"), &xz).unwrap();
+        let got = fetch(&f, &format!("file://{src}/t.nar.xz"), &["unpack"], true).unwrap();
+        assert_eq!(std::fs::read(got.join("bin")).unwrap(), b"#!x");
+    }
+
+    #[test]
+    fn only_buildenv_and_fetchurl_are_provided() {
         assert_eq!(Builtin::from_builder(b"/bin/sh"), None);
         assert_eq!(
             Builtin::from_builder(b"builtin:buildenv"),
             Some(Ok(Builtin::Buildenv))
+        );
+        assert_eq!(
+            Builtin::from_builder(b"builtin:fetchurl"),
+            Some(Ok(Builtin::Fetchurl))
         );
         let e = Builtin::from_builder(b"builtin:unpack-channel")
             .unwrap()

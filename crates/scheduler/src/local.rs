@@ -795,6 +795,7 @@ impl LocalBackend {
                 real_store_dir: self.store.real_store_dir(),
                 out_dir: &built.built_in,
                 inputs: input_paths,
+                fixed_output: job.drv.drv.is_fixed_output(),
             },
             &mut |line| {
                 let mut data = line.as_bytes().to_vec();

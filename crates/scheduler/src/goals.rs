@@ -180,6 +180,11 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 
+    /// Where `job` may be built; the default is anywhere.
+    fn placement(&self, _job: &Job<Self::Drv>) -> Placement {
+        Placement::Anywhere
+    }
+
     /// Offers `job` to the build hook.
     fn offer_to_hook(&self, _job: &Job<Self::Drv>, _slot_free: bool) -> HookReply<Self::Remote> {
         HookReply::DeclinePermanently
@@ -194,6 +199,19 @@ pub trait Backend: Send + Sync + 'static {
     ) -> BuildResult {
         BuildResult::failure(BuildStatus::MiscFailure, "no build hook")
     }
+}
+
+/// Where a build may run, as Nix decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Offered to the build hook first, if there is one.
+    Anywhere,
+    /// Here, without asking the hook (`preferLocalBuild` on a machine that
+    /// can build it).
+    Here,
+    /// Here, even when `max-jobs` is 0 and no slot is free: a builtin
+    /// builder, which only this machine's scheduler runs, and cheaply.
+    HereWithoutSlot,
 }
 
 /// How a run goes.
@@ -655,7 +673,8 @@ impl<B: Backend> Run<B> {
             if self.goals[i].id == 0 {
                 self.goals[i].id = next_activity_id();
             }
-            if self.hook_enabled && !self.goals[i].hook_asked {
+            let placement = self.backend.placement(&self.job(i));
+            if self.hook_enabled && !self.goals[i].hook_asked && placement == Placement::Anywhere {
                 self.goals[i].hook_asked = true;
                 self.goals[i].state = State::Running;
                 self.running_total += 1;
@@ -676,7 +695,7 @@ impl<B: Backend> Run<B> {
                 });
                 continue;
             }
-            if self.options.max_jobs == 0 {
+            if self.options.max_jobs == 0 && placement != Placement::HereWithoutSlot {
                 self.finish(
                     i,
                     BuildResult::failure(
@@ -690,7 +709,7 @@ impl<B: Backend> Run<B> {
                 );
                 continue;
             }
-            if !slot_free {
+            if !slot_free && placement != Placement::HereWithoutSlot {
                 // The hook declined and no local slot is free: wait for one.
                 ready.push_front(i);
                 break;

@@ -36,7 +36,9 @@ use kiln_store::{Store, StoreError, compute_closure};
 
 use crate::env::{BUILD_TOP, EnvInputs, prepare};
 use crate::events::{Event, EventSink};
-use crate::goals::{Attempt, Backend, Cancel, HookReply, Job, Loaded, Substitution, Wanted};
+use crate::goals::{
+    Attempt, Backend, Cancel, HookReply, Job, Loaded, Placement, Substitution, Wanted,
+};
 use crate::hook::{Hook, HookBuild};
 use crate::logs::{LogSink, log_dir_for_state_dir};
 use crate::outputs::{Registration, place_outputs};
@@ -1195,6 +1197,30 @@ impl Backend for LocalBackend {
 
     fn has_hook(&self) -> bool {
         self.hook.is_some()
+    }
+
+    /// Nix's rule: builtins are built here, and so is a `preferLocalBuild`
+    /// derivation this machine can build (its system, its features, and a
+    /// `max-jobs` above 0).
+    fn placement(&self, job: &Job<LocalDrv>) -> Placement {
+        let drv = &job.drv.drv;
+        if Builtin::from_builder(&drv.builder).is_some() {
+            return Placement::HereWithoutSlot;
+        }
+        let Ok(options) = &job.drv.options else {
+            return Placement::Anywhere;
+        };
+        let can_build_here = self.settings.max_jobs > 0
+            && self.settings.can_build_for(&drv.system.to_str_lossy())
+            && options
+                .required_system_features
+                .iter()
+                .all(|f| self.settings.system_features.contains(f));
+        if options.prefer_local_build && can_build_here {
+            Placement::Here
+        } else {
+            Placement::Anywhere
+        }
     }
 
     fn offer_to_hook(&self, job: &Job<LocalDrv>, slot_free: bool) -> HookReply<HookBuild> {

@@ -32,13 +32,24 @@ fn test_hook() -> PathBuf {
 }
 
 fn run(mode: &str, max_jobs: usize) -> (BuildStatus, String, Option<String>, Vec<u8>) {
+    run_with(mode, max_jobs, "")
+}
+
+/// [`run`] of a package with `extra` lines in its recipe table.
+fn run_with(
+    mode: &str,
+    max_jobs: usize,
+    extra: &str,
+) -> (BuildStatus, String, Option<String>, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     let store = Arc::new(LocalStore::open_root(&root).unwrap());
     let recipe = dir.path().join("kiln.toml");
     std::fs::write(
         &recipe,
-        "[packages.thing]\nbuilder = \"/bin/sh\"\nargs = [\"-c\", \"echo built here > $out\"]\n",
+        format!(
+            "[packages.thing]\nbuilder = \"/bin/sh\"\nargs = [\"-c\", \"echo built here > $out\"]\n{extra}"
+        ),
     )
     .unwrap();
     let drvs = kiln_scheduler::recipe::instantiate(&*store, &recipe, "x86_64-linux", None).unwrap();
@@ -108,6 +119,16 @@ fn hook_decisions() {
     // With no local slot, a postponed build waits for the machines (busy,
     // maybe, with other processes' builds) and is offered again.
     let (status, error, contents, _) = run("postpone-once", 0);
+    assert_eq!(status, BuildStatus::Built, "{error}");
+    assert_eq!(contents.as_deref(), Some("built by the hook\n"));
+
+    // `preferLocalBuild` keeps a build here, without asking the hook,
+    // unless this machine cannot build it (no slots at all).
+    let prefer_local = "env = { preferLocalBuild = \"1\" }\n";
+    let (status, error, contents, _) = run_with("accept", 1, prefer_local);
+    assert_eq!(status, BuildStatus::Built, "{error}");
+    assert_eq!(contents.as_deref(), Some("built here\n"));
+    let (status, error, contents, _) = run_with("accept", 0, prefer_local);
     assert_eq!(status, BuildStatus::Built, "{error}");
     assert_eq!(contents.as_deref(), Some("built by the hook\n"));
 }

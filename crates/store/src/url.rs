@@ -171,12 +171,14 @@ fn absolute(path: &Path) -> PathBuf {
     }
 }
 
-/// `None` (the real `/nix`) when its state directory is writable, else the
-/// per-user root `$XDG_DATA_HOME/kiln/root` (`~/.local/share/kiln/root`).
+/// `None` (the real `/nix`) when its store and state directories are
+/// writable (or can be made: a fresh machine has no `/nix/store` yet),
+/// else the per-user root `$XDG_DATA_HOME/kiln/root`
+/// (`~/.local/share/kiln/root`).
 fn default_root(store_dir: &StoreDir) -> Option<PathBuf> {
     let real = Path::new(store_dir.as_str());
     let state = Path::new("/nix/var/nix");
-    if writable(real) && writable(state) {
+    if can_write(real) && can_write(state) {
         return None;
     }
     let data = std::env::var_os("XDG_DATA_HOME")
@@ -185,6 +187,12 @@ fn default_root(store_dir: &StoreDir) -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
         .unwrap_or_else(|| PathBuf::from("/tmp"));
     Some(data.join("kiln/root"))
+}
+
+/// Whether `dir` is writable, or, when it does not exist, the nearest
+/// directory above it that does (where it would be created).
+fn can_write(dir: &Path) -> bool {
+    dir.ancestors().find(|d| d.exists()).is_some_and(writable)
 }
 
 fn writable(dir: &Path) -> bool {
@@ -216,6 +224,15 @@ pub fn open_store(url: &str) -> Result<Box<dyn Store>, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store directory that does not exist yet is writable when it can
+    /// be made (a fresh machine's `/nix/store`, as root).
+    #[test]
+    fn a_missing_directory_is_writable_where_it_can_be_made() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(can_write(&dir.path().join("nix/store")));
+        assert!(!writable(&dir.path().join("nix/store")));
+    }
 
     #[test]
     fn parses_nix_urls() {

@@ -312,7 +312,19 @@ fn export_import_gc_delete_verify_optimise() {
         dead.lines().any(|l| l == path),
         "{path} is not dead:\n{dead}"
     );
-    via(&nix, &daemon, "nix-store", &["--delete", path]);
+    // As from Nix's daemon, the client hears what is being deleted.
+    let mut cmd = nix.command("nix-store");
+    cmd.arg("--store")
+        .arg(daemon.url())
+        .args(["--delete", path]);
+    let deleted = cmd.output().unwrap();
+    assert!(deleted.status.success());
+    let said = String::from_utf8_lossy(&deleted.stderr);
+    assert!(
+        said.contains("finding garbage collector roots...")
+            && said.contains(&format!("deleting '{path}'")),
+        "nix-store --delete said:\n{said}"
+    );
     assert!(!daemon.physical(path).exists(), "{path} was not deleted");
     let mut cmd = nix.command("nix-store");
     cmd.arg("--store")

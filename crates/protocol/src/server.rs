@@ -186,6 +186,7 @@ impl Daemon {
             hand_back,
             hangup_fd,
             temp_roots,
+            verbosity: state.verbosity,
         };
         let result = (|| {
             if !state.handshake_done {
@@ -195,6 +196,7 @@ impl Daemon {
             conn.serve()
         })();
         state.version = conn.version;
+        state.verbosity = conn.verbosity;
         state.settings = std::mem::take(&mut conn.settings);
         let code = result?;
         conn.w.flush()?;
@@ -212,6 +214,8 @@ pub(crate) struct ConnState {
     /// The connection's temporary roots, released when it ends (made on
     /// its first operation).
     pub(crate) temp_roots: Option<TempRootsSession>,
+    /// How much the client wants to hear (`SetOptions`), on Nix's scale.
+    pub(crate) verbosity: u64,
 }
 
 impl ConnState {
@@ -222,6 +226,7 @@ impl ConnState {
             settings,
             handshake_done: false,
             temp_roots: None,
+            verbosity: LVL_INFO,
         }
     }
 }
@@ -239,7 +244,12 @@ struct Connection<'d, R: Read, W: Write> {
     /// The client's socket, watched for a hang-up while builds run.
     hangup_fd: Option<std::os::fd::RawFd>,
     temp_roots: TempRootsSession,
+    verbosity: u64,
 }
+
+/// Nix's verbosity of its progress messages ("finding garbage collector
+/// roots...", "deleting '…'"): shown unless the client asked for quiet.
+const LVL_INFO: u64 = 3;
 
 /// Settings an untrusted client may still set, as in Nix: they only limit
 /// the client's own builds.
@@ -692,7 +702,14 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
                     keep_derivations: self.bool_setting("keep-derivations", true),
                     max_freed: if max_freed == 0 { u64::MAX } else { max_freed },
                 };
+                self.info("finding garbage collector roots...")?;
                 let results = self.store().collect_garbage(&options)?;
+                if deleting {
+                    self.info("deleting garbage...")?;
+                    for path in &results.paths {
+                        self.info(&format!("deleting '{}'", sd.print_path(path)))?;
+                    }
+                }
                 let w = self.last()?;
                 worker::write_paths(w, &sd, &results.paths)?;
                 wire::write_u64(w, results.bytes_freed)?;
@@ -710,6 +727,11 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
                     self.require_trusted("repair the store")?;
                 }
                 let substituter = if repair { self.substituter()? } else { None };
+                self.info("reading the Nix store...")?;
+                self.info("checking path existence...")?;
+                if check_contents {
+                    self.info("checking store hashes...")?;
+                }
                 let report = self.store().verify(
                     check_contents,
                     substituter.as_ref().map(|s| s as &dyn Store),
@@ -777,6 +799,14 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
         }
     }
 
+    /// A progress message at Nix's info level, if the client wants those.
+    fn info(&mut self, message: &str) -> Result<(), io::Error> {
+        if self.verbosity >= LVL_INFO {
+            worker::write_next(&mut self.w, message)?;
+        }
+        Ok(())
+    }
+
     fn bool_setting(&self, name: &str, default: bool) -> bool {
         match self.settings.raw.get(name).map(String::as_str) {
             Some("true") => true,
@@ -790,7 +820,7 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
         let keep_failed = wire::read_bool(r)?;
         let keep_going = wire::read_bool(r)?;
         let _try_fallback = wire::read_bool(r)?;
-        let _verbosity = wire::read_u64(r)?;
+        let verbosity = wire::read_u64(r)?;
         let max_build_jobs = wire::read_u64(r)?;
         let max_silent_time = wire::read_u64(r)?;
         wire::read_u64(r)?; // useBuildHook: obsolete
@@ -804,6 +834,7 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
         } else {
             Vec::new()
         };
+        self.verbosity = verbosity;
         self.settings.keep_failed = keep_failed;
         self.settings.keep_going = keep_going;
         self.settings.max_silent_time =

@@ -581,3 +581,64 @@ fn builtin_fetchurl_downloads_as_nix_does() {
         0o111
     );
 }
+
+/// `nix-channel --update` through the daemon: the channel tarball unpacked
+/// by `builtin:unpack-channel` and linked into the channels profile by
+/// `builtin:buildenv`. (Nix 2.8's own `nix-channel` cannot update against
+/// a store under another root, so there is no reference run here.)
+#[test]
+fn nix_channel_update_unpacks_channels_as_nix_does() {
+    let nix = client();
+    let daemon = start_daemon(&nix);
+    let work = tempfile::tempdir().unwrap();
+    let channel = work.path().join("channel");
+    let tree = work.path().join("tree/nixpkgs-23.11pre1");
+    std::fs::create_dir_all(tree.join("lib")).unwrap();
+    std::fs::write(tree.join("default.nix"), "{ }: { hello = 1; }\n").unwrap();
+    std::fs::write(tree.join("lib/x.nix"), "1\n").unwrap();
+    std::fs::create_dir_all(&channel).unwrap();
+    let tar = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(work.path().join("tree"))
+        .arg("-cJf")
+        .arg(channel.join("nixexprs.tar.xz"))
+        .arg("nixpkgs-23.11pre1")
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    let update = |store: String, state: &str| -> String {
+        let state = work.path().join(state);
+        let profiles = state.join("profiles/per-user/root");
+        std::fs::create_dir_all(&profiles).unwrap();
+        let run = |args: &[&str]| {
+            let mut cmd = nix.command("nix-channel");
+            cmd.env("NIX_STATE_DIR", &state).env("USER", "root");
+            // nix-channel runs nix-env, which takes the store from here.
+            cmd.env("NIX_CONFIG", format!("store = {store}"));
+            let out = cmd.args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "nix-channel {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&["--add", &format!("file://{}", channel.display()), "mine"]);
+        run(&["--update"]);
+        std::fs::read_link(profiles.join("channels"))
+            .and_then(|generation| std::fs::read_link(profiles.join(generation)))
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+    // Without `?root=`: nix-channel hands the tarball's path to the
+    // evaluator, which wants it logical.
+    let socket = format!("unix://{}", daemon.socket().display());
+    let ours = update(socket, "kiln-state");
+    let unpacked = daemon.physical(&ours).join("mine");
+    let target = std::fs::read_link(&unpacked).unwrap();
+    let default = daemon.physical(&target).join("default.nix");
+    assert_eq!(
+        std::fs::read_to_string(default).unwrap(),
+        "{ }: { hello = 1; }\n"
+    );
+}

@@ -1,8 +1,8 @@
 //! Nix's builtin builders, which the scheduler runs itself instead of
 //! starting a program: `builtin:buildenv`, the user environment that
-//! `nix-env` makes for a profile, and `builtin:fetchurl`, the download
-//! behind `<nix/fetchurl.nix>` (nixpkgs fetches its bootstrap tools with
-//! it).
+//! `nix-env` makes for a profile, `builtin:fetchurl`, the download behind
+//! `<nix/fetchurl.nix>` (nixpkgs fetches its bootstrap tools with it), and
+//! `builtin:unpack-channel`, the channel tree of `nix-channel --update`.
 //!
 //! A builtin sees the store as a sandboxed builder would: only its input
 //! closure. Paths are resolved component by component, through symlinks,
@@ -25,6 +25,8 @@ pub enum Builtin {
     Buildenv,
     /// `builtin:fetchurl`.
     Fetchurl,
+    /// `builtin:unpack-channel`.
+    UnpackChannel,
 }
 
 impl Builtin {
@@ -35,8 +37,9 @@ impl Builtin {
         Some(match name {
             b"buildenv" => Ok(Builtin::Buildenv),
             b"fetchurl" => Ok(Builtin::Fetchurl),
+            b"unpack-channel" => Ok(Builtin::UnpackChannel),
             _ => Err(format!(
-                "the builtin builder 'builtin:{}' is not provided by Kiln (it provides 'builtin:buildenv' and 'builtin:fetchurl')",
+                "the builtin builder 'builtin:{}' is not provided by Kiln (it provides 'builtin:buildenv', 'builtin:fetchurl' and 'builtin:unpack-channel')",
                 name.to_str_lossy()
             )),
         })
@@ -69,7 +72,73 @@ pub fn run(
     match builtin {
         Builtin::Buildenv => buildenv(build, log),
         Builtin::Fetchurl => fetchurl(build, log),
+        Builtin::UnpackChannel => unpack_channel(build),
     }
+}
+
+/// Unpacks the tarball `src` (an input; compressed with gzip, xz, bzip2 or
+/// zstd, or not at all) into the output, and names its one top-level
+/// entry `channelName`. Entries that would land outside the output (`..`,
+/// absolute names, through a symlink of the archive) are an error, and
+/// neither owners nor permission bits beyond the user's are taken from
+/// the archive; the output is canonicalised afterwards anyway.
+fn unpack_channel(build: &BuiltinBuild) -> Result<(), String> {
+    let out = output_dir(build, attr(build, "out")?)?;
+    let channel = attr(build, "channelName")?;
+    if channel.is_empty() || channel.contains('/') || channel == "." || channel == ".." {
+        return Err(format!("'{channel}' is not a valid channel name"));
+    }
+    let src = attr(build, "src")?;
+    let Some((_, physical)) = ClosureView::new(build)
+        .resolve(src)
+        .map_err(|e| format!("{src}: {e}"))?
+    else {
+        return Err(format!(
+            "channel tarball '{src}' is not among the derivation's inputs"
+        ));
+    };
+    let file = std::fs::File::open(&physical).map_err(|e| format!("opening '{src}': {e}"))?;
+    let tarball =
+        decompressed(io::BufReader::new(file)).map_err(|e| format!("reading '{src}': {e}"))?;
+    std::fs::create_dir(&out).map_err(|e| format!("creating '{}': {e}", out.display()))?;
+    let mut archive = tar::Archive::new(tarball);
+    archive.set_preserve_permissions(false);
+    archive.set_preserve_ownerships(false);
+    archive.set_unpack_xattrs(false);
+    archive.set_overwrite(false);
+    archive
+        .unpack(&out)
+        .map_err(|e| format!("unpacking channel tarball '{src}': {e}"))?;
+    let entries: Vec<_> = std::fs::read_dir(&out)
+        .and_then(|d| d.collect::<Result<_, _>>())
+        .map_err(|e| format!("reading '{}': {e}", out.display()))?;
+    let [entry] = entries.as_slice() else {
+        return Err(format!(
+            "channel tarball '{src}' contains {} top-level entries, not one",
+            entries.len()
+        ));
+    };
+    std::fs::rename(entry.path(), out.join(channel))
+        .map_err(|e| format!("renaming the channel directory: {e}"))
+}
+
+/// `input`, decompressed by what its first bytes say it is.
+fn decompressed<'a>(
+    mut input: impl io::BufRead + Send + 'a,
+) -> io::Result<Box<dyn io::Read + Send + 'a>> {
+    let head = input.fill_buf()?;
+    let compression = if head.starts_with(&[0x1f, 0x8b]) {
+        return Ok(Box::new(flate2::bufread::MultiGzDecoder::new(input)));
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        Compression::Xz
+    } else if head.starts_with(b"BZh") {
+        Compression::Bzip2
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Compression::Zstd
+    } else {
+        Compression::None
+    };
+    compression.decoder(Box::new(input))
 }
 
 /// Where output `out` (a logical path) is made.
@@ -783,8 +852,98 @@ mod tests {
         assert_eq!(std::fs::read(got.join("bin")).unwrap(), b"#!x");
     }
 
+    fn tarball(entries: &[(&str, &str)]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, contents) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_mode(0o644);
+            // `->target` makes a symlink.
+            let contents = match contents.strip_prefix("->") {
+                Some(target) => {
+                    header.set_entry_type(tar::EntryType::Symlink);
+                    header.set_link_name(target).unwrap();
+                    ""
+                }
+                None => {
+                    header.set_entry_type(tar::EntryType::Regular);
+                    contents
+                }
+            };
+            header.set_size(contents.len() as u64);
+            // `append_data` refuses `..`; write the raw name as an attacker would.
+            header.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+            header.set_cksum();
+            builder.append(&header, contents.as_bytes()).unwrap();
+        }
+        let tar = builder.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tar).unwrap();
+        gz.finish().unwrap()
+    }
+
+    fn unpack(f: &Fixture, src: &str, channel: &str) -> Result<PathBuf, String> {
+        let out = path("channel");
+        let mut env = BTreeMap::new();
+        env.insert(
+            BString::from("out"),
+            BString::from(format!("{STORE}/{}", out.base_name())),
+        );
+        env.insert(BString::from("src"), BString::from(src));
+        env.insert(BString::from("channelName"), BString::from(channel));
+        let real = f.dir.path().join("store");
+        let out_dir = f.dir.path().join("out");
+        let build = BuiltinBuild {
+            env: &env,
+            store_dir: &StoreDir::default(),
+            real_store_dir: &real,
+            out_dir: &out_dir,
+            inputs: &f.inputs,
+            fixed_output: false,
+        };
+        run(Builtin::UnpackChannel, &build, &mut |_| {})?;
+        Ok(out_dir.join(out.base_name()))
+    }
+
     #[test]
-    fn only_buildenv_and_fetchurl_are_provided() {
+    fn unpack_channel_names_the_tree_and_keeps_it_inside() {
+        let mut f = Fixture::new();
+        let src = f.package("src", &[]);
+        let good = tarball(&[
+            ("nixpkgs-abc/default.nix", "{}"),
+            ("nixpkgs-abc/lib/x", "x"),
+        ]);
+        std::fs::write(f.real(&src).join("nixexprs.tar.gz"), good).unwrap();
+        let tarball_path = format!("{src}/nixexprs.tar.gz");
+        let out = unpack(&f, &tarball_path, "nixpkgs").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(out.join("nixpkgs/default.nix")).unwrap(),
+            "{}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(out.join("nixpkgs/lib/x")).unwrap(),
+            "x"
+        );
+
+        for (entries, why) in [
+            (vec![("a/x", "1"), ("b/y", "2")], "top-level entries"),
+            // Skipped, leaving nothing.
+            (vec![("a/../../escaped", "1")], "0 top-level entries"),
+            (vec![("a", "->.."), ("a/escaped", "1")], "unpacking"),
+        ] {
+            let mut f = Fixture::new();
+            let src = f.package("src", &[]);
+            std::fs::write(f.real(&src).join("t.tar.gz"), tarball(&entries)).unwrap();
+            let e = unpack(&f, &format!("{src}/t.tar.gz"), "nixpkgs").unwrap_err();
+            assert!(e.contains(why), "{e}");
+            assert!(!f.dir.path().join("escaped").exists());
+            assert!(!f.dir.path().join("out/escaped").exists());
+        }
+        let e = unpack(&f, &tarball_path, "../x").unwrap_err();
+        assert!(e.contains("not a valid channel name"), "{e}");
+    }
+
+    #[test]
+    fn only_buildenv_fetchurl_and_unpack_channel_are_provided() {
         assert_eq!(Builtin::from_builder(b"/bin/sh"), None);
         assert_eq!(
             Builtin::from_builder(b"builtin:buildenv"),
@@ -794,9 +953,11 @@ mod tests {
             Builtin::from_builder(b"builtin:fetchurl"),
             Some(Ok(Builtin::Fetchurl))
         );
-        let e = Builtin::from_builder(b"builtin:unpack-channel")
-            .unwrap()
-            .unwrap_err();
-        assert!(e.contains("builtin:unpack-channel"), "{e}");
+        assert_eq!(
+            Builtin::from_builder(b"builtin:unpack-channel"),
+            Some(Ok(Builtin::UnpackChannel))
+        );
+        let e = Builtin::from_builder(b"builtin:nope").unwrap().unwrap_err();
+        assert!(e.contains("builtin:nope"), "{e}");
     }
 }

@@ -137,7 +137,11 @@ fn place_empty_log(shared: &Path, tmp: &Path, path: &Path) -> io::Result<()> {
                 if e.kind() == io::ErrorKind::NotFound
                     || e.raw_os_error() == Some(libc::EMLINK) =>
             {
-                let fresh = shared.with_extension(format!("tmp-{}", std::process::id()));
+                // A name of this call's own: builds of this process finish
+                // concurrently, and two writing one name lose one rename.
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let fresh = shared.with_extension(format!("tmp-{}-{n}", std::process::id()));
                 std::fs::write(&fresh, empty_log())?;
                 std::fs::rename(&fresh, shared)?;
             }
@@ -335,6 +339,31 @@ mod tests {
             read_log(dir.path(), &drv).unwrap(),
             b"one\ntwo\nthree\nfour"
         );
+    }
+
+    /// Builds that finish at once, in a store whose shared empty log is not
+    /// made yet, all get their logs.
+    #[test]
+    fn concurrent_empty_logs_all_land() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let start = std::sync::Barrier::new(8);
+            std::thread::scope(|scope| {
+                for i in 0..8 {
+                    let (dir, start) = (dir.path(), &start);
+                    scope.spawn(move || {
+                        let drv: StorePath =
+                            format!("{i}h7qgvs4kgzsn8a6rb273saxyqh4jxlz-quiet.drv")
+                                .parse()
+                                .unwrap();
+                        let sink = LogSink::create(Some(dir), &drv, 2).unwrap();
+                        start.wait();
+                        sink.finish().unwrap();
+                        assert_eq!(read_log(dir, &drv).unwrap(), b"");
+                    });
+                }
+            });
+        }
     }
 
     #[test]

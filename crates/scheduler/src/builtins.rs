@@ -639,30 +639,61 @@ mod tests {
         }
 
         fn build(&self, derivations: &str) -> (Result<(), String>, Vec<String>) {
-            let out = path("user-environment");
-            let mut env = BTreeMap::new();
-            env.insert(
+            let mut lines = Vec::new();
+            let env = [
+                ("manifest", "/nix/store/manifest"),
+                ("derivations", derivations),
+            ];
+            let result = self.run(
+                Builtin::Buildenv,
+                "user-environment",
+                &env,
+                false,
+                &mut |l| lines.push(l.to_owned()),
+            );
+            (result.map(|_| ()), lines)
+        }
+
+        /// Asserts that `rel` in the user environment links to `target`.
+        fn assert_link(&self, rel: &str, target: &str) {
+            assert_eq!(
+                std::fs::read_link(self.out(rel)).unwrap(),
+                Path::new(target),
+                "{rel}"
+            );
+        }
+
+        /// Runs `builtin` with `env` (and `out`, a path named `out_name`)
+        /// over this fixture's packages; the output's path.
+        fn run(
+            &self,
+            builtin: Builtin,
+            out_name: &str,
+            env: &[(&str, &str)],
+            fixed_output: bool,
+            log: &mut dyn FnMut(&str),
+        ) -> Result<PathBuf, String> {
+            let out = path(out_name);
+            let mut vars = BTreeMap::new();
+            vars.insert(
                 BString::from("out"),
                 BString::from(format!("{STORE}/{}", out.base_name())),
             );
-            env.insert(
-                BString::from("manifest"),
-                BString::from("/nix/store/manifest"),
-            );
-            env.insert(BString::from("derivations"), BString::from(derivations));
+            for (k, v) in env {
+                vars.insert(BString::from(*k), BString::from(*v));
+            }
             let real = self.dir.path().join("store");
             let out_dir = self.dir.path().join("out");
             let build = BuiltinBuild {
-                env: &env,
+                env: &vars,
                 store_dir: &StoreDir::default(),
                 real_store_dir: &real,
                 out_dir: &out_dir,
                 inputs: &self.inputs,
-                fixed_output: false,
+                fixed_output,
             };
-            let mut lines = Vec::new();
-            let result = run(Builtin::Buildenv, &build, &mut |l| lines.push(l.to_owned()));
-            (result, lines)
+            run(builtin, &build, log)?;
+            Ok(out_dir.join(out.base_name()))
         }
 
         fn out(&self, rel: &str) -> PathBuf {
@@ -692,20 +723,11 @@ mod tests {
         let (result, _) = f.build(&format!("true 5 1 {a} true 4 1 {b}"));
         result.unwrap();
         // b has the lower number, so the higher priority.
-        assert_eq!(
-            std::fs::read_link(f.out("bin/tool")).unwrap(),
-            Path::new(&format!("{b}/bin/tool"))
-        );
-        assert_eq!(
-            std::fs::read_link(f.out("bin/other")).unwrap(),
-            Path::new(&format!("{b}/bin/other"))
-        );
+        f.assert_link("bin/tool", &format!("{b}/bin/tool"));
+        f.assert_link("bin/other", &format!("{b}/bin/other"));
         // `share` is in both: a directory of links; `share/a` only in a: a link.
         assert!(std::fs::symlink_metadata(f.out("share")).unwrap().is_dir());
-        assert_eq!(
-            std::fs::read_link(f.out("share/a")).unwrap(),
-            Path::new(&format!("{a}/share/a"))
-        );
+        f.assert_link("share/a", &format!("{a}/share/a"));
         assert!(!f.out("nix-support").exists());
         assert_eq!(
             std::fs::read_link(f.out("manifest.nix")).unwrap(),
@@ -731,10 +753,7 @@ mod tests {
         let (result, _) = f.build(&format!("true 5 1 {a} false 5 1 {b}"));
         result.unwrap();
         // Only a's `bin`: a link to it, not a directory.
-        assert_eq!(
-            std::fs::read_link(f.out("bin")).unwrap(),
-            Path::new(&format!("{a}/bin"))
-        );
+        f.assert_link("bin", &format!("{a}/bin"));
     }
 
     #[test]
@@ -755,14 +774,8 @@ mod tests {
         );
         let (result, lines) = f.build(&format!("true 5 1 {a}"));
         result.unwrap();
-        assert_eq!(
-            std::fs::read_link(f.out("bin/tool")).unwrap(),
-            Path::new(&format!("{a}/bin/tool"))
-        );
-        assert_eq!(
-            std::fs::read_link(f.out("bin/dep")).unwrap(),
-            Path::new(&format!("{dep}/bin/dep"))
-        );
+        f.assert_link("bin/tool", &format!("{a}/bin/tool"));
+        f.assert_link("bin/dep", &format!("{dep}/bin/dep"));
         // The host's /etc and a store path outside the closure are not there.
         assert!(std::fs::symlink_metadata(f.out("etc")).is_err());
         assert!(std::fs::symlink_metadata(f.out("lib")).is_err());
@@ -788,28 +801,15 @@ mod tests {
         flags: &[&str],
         fixed_output: bool,
     ) -> Result<PathBuf, String> {
-        let out = path("fetched");
-        let mut env = BTreeMap::new();
-        env.insert(
-            BString::from("out"),
-            BString::from(format!("{STORE}/{}", out.base_name())),
-        );
-        env.insert(BString::from("url"), BString::from(url));
-        for flag in flags {
-            env.insert(BString::from(*flag), BString::from("1"));
-        }
-        let real = f.dir.path().join("store");
-        let out_dir = f.dir.path().join("out");
-        let build = BuiltinBuild {
-            env: &env,
-            store_dir: &StoreDir::default(),
-            real_store_dir: &real,
-            out_dir: &out_dir,
-            inputs: &f.inputs,
+        let mut env = vec![("url", url)];
+        env.extend(flags.iter().map(|flag| (*flag, "1")));
+        f.run(
+            Builtin::Fetchurl,
+            "fetched",
+            &env,
             fixed_output,
-        };
-        run(Builtin::Fetchurl, &build, &mut |_| {})?;
-        Ok(out_dir.join(out.base_name()))
+            &mut |_| {},
+        )
     }
 
     #[test]
@@ -882,26 +882,8 @@ mod tests {
     }
 
     fn unpack(f: &Fixture, src: &str, channel: &str) -> Result<PathBuf, String> {
-        let out = path("channel");
-        let mut env = BTreeMap::new();
-        env.insert(
-            BString::from("out"),
-            BString::from(format!("{STORE}/{}", out.base_name())),
-        );
-        env.insert(BString::from("src"), BString::from(src));
-        env.insert(BString::from("channelName"), BString::from(channel));
-        let real = f.dir.path().join("store");
-        let out_dir = f.dir.path().join("out");
-        let build = BuiltinBuild {
-            env: &env,
-            store_dir: &StoreDir::default(),
-            real_store_dir: &real,
-            out_dir: &out_dir,
-            inputs: &f.inputs,
-            fixed_output: false,
-        };
-        run(Builtin::UnpackChannel, &build, &mut |_| {})?;
-        Ok(out_dir.join(out.base_name()))
+        let env = [("src", src), ("channelName", channel)];
+        f.run(Builtin::UnpackChannel, "channel", &env, false, &mut |_| {})
     }
 
     #[test]

@@ -667,13 +667,9 @@ impl LocalBackend {
         } else {
             spec = spec.mode(SandboxMode::Off);
         }
-        let mut log = match LogSink::create(
-            self.log_dir.as_deref(),
-            &job.drv_path,
-            self.settings.log_lines,
-        ) {
+        let mut log = match self.open_log(job) {
             Ok(l) => l,
-            Err(e) => return misc(e),
+            Err(e) => return e,
         };
         // Spawns run concurrently: the sandbox's processes share this one's
         // memory rather than copy it, so no lock can be copied in a held state
@@ -780,13 +776,9 @@ impl LocalBackend {
         built: BuiltOutputs,
     ) -> BuildResult {
         let drv_shown = self.shown(&job.drv_path);
-        let mut log = match LogSink::create(
-            self.log_dir.as_deref(),
-            &job.drv_path,
-            self.settings.log_lines,
-        ) {
+        let mut log = match self.open_log(job) {
             Ok(l) => l,
-            Err(e) => return misc(e),
+            Err(e) => return e,
         };
         let mut log_error = None;
         let ran = builtins::run(
@@ -828,6 +820,16 @@ impl LocalBackend {
             input_paths,
             BuiltOutputs { tail, ..built },
         )
+    }
+
+    /// The build log of `job`.
+    fn open_log(&self, job: &Job<LocalDrv>) -> Result<LogSink, BuildResult> {
+        LogSink::create(
+            self.log_dir.as_deref(),
+            &job.drv_path,
+            self.settings.log_lines,
+        )
+        .map_err(misc)
     }
 
     /// Keeps a failed build's directory when `keep-failed` says so.
@@ -1273,13 +1275,9 @@ impl Backend for LocalBackend {
             drv: &job.drv_path,
             machine: Some(&remote.machine),
         });
-        let mut log = match LogSink::create(
-            self.log_dir.as_deref(),
-            &job.drv_path,
-            self.settings.log_lines,
-        ) {
+        let mut log = match self.open_log(job) {
             Ok(l) => l,
-            Err(e) => return misc(e),
+            Err(e) => return e,
         };
         let inputs: Vec<String> = input_paths.iter().map(|p| self.shown(p)).collect();
         let start = now();

@@ -588,7 +588,9 @@ impl LocalBackend {
         // mount points of its inputs, which stay there for the next build
         // in this directory (a chain of builds shares most of its inputs).
         let mut inputs_are_dirs = Vec::new();
-        let built_in = if sandboxed && builtin.is_some() {
+        // A builtin always writes into a scratch store, sandbox or not: its
+        // outputs are then moved into place past any invalid leftover.
+        let built_in = if builtin.is_some() {
             match build_dir.sibling_with_mount_points("store", Some(owner), []) {
                 Ok(d) => d,
                 Err(e) => return misc(e),

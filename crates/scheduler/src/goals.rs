@@ -673,13 +673,13 @@ impl<B: Backend> Run<B> {
             if self.goals[i].id == 0 {
                 self.goals[i].id = next_activity_id();
             }
-            let placement = self.backend.placement(&self.job(i));
+            let job = self.job(i);
+            let placement = self.backend.placement(&job);
             if self.hook_enabled && !self.goals[i].hook_asked && placement == Placement::Anywhere {
                 self.goals[i].hook_asked = true;
                 self.goals[i].state = State::Running;
                 self.running_total += 1;
                 let backend = self.backend.clone();
-                let job = self.job(i);
                 let lock = self.goals[i].lock.take();
                 // The outputs are locked before the hook is asked, as Nix
                 // does, so two processes never hand the same build out.
@@ -718,7 +718,6 @@ impl<B: Backend> Run<B> {
             self.running_local += 1;
             self.running_total += 1;
             let backend = self.backend.clone();
-            let job = self.job(i);
             let lock = self.goals[i].lock.take();
             let cancel = self.cancel.clone();
             let events = self.events.clone();

@@ -701,24 +701,17 @@ impl LocalBackend {
             }
             BuildResult::failure(status, msg)
         };
-        let keep = |dir: kiln_sandbox::BuildDir| {
-            if self.settings.keep_failed {
-                if let Ok(p) = dir.keep(None) {
-                    tracing::info!("keeping build directory '{}'", p.display());
-                }
-            }
-        };
         match ended {
             Ended::Eof => {}
             Ended::TimedOut(what) => {
-                keep(build_dir);
+                self.keep_build_dir(build_dir);
                 return BuildResult::failure(
                     BuildStatus::TimedOut,
                     format!("building '{drv_shown}' {what}"),
                 );
             }
             Ended::LogLimit(limit) => {
-                keep(build_dir);
+                self.keep_build_dir(build_dir);
                 return BuildResult::failure(
                     BuildStatus::LogLimitExceeded,
                     format!(
@@ -738,7 +731,7 @@ impl LocalBackend {
         match status {
             Err(e) => return misc(format!("waiting for the builder of '{drv_shown}': {e}")),
             Ok(s) if !s.success() => {
-                keep(build_dir);
+                self.keep_build_dir(build_dir);
                 let what = match (s.code(), s.signal()) {
                     (Some(code), _) => {
                         format!("builder for '{drv_shown}' failed with exit code {code}")

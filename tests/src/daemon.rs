@@ -1,5 +1,5 @@
 //! A Kiln `store-daemon` on a throwaway store, for tests that point Nix
-//! clients at it.
+//! clients at it, and Nix's own `nix-daemon` to compare it with.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -147,4 +147,77 @@ fn spawn(dir: &Path, options: &[(String, String)]) -> Child {
         std::thread::sleep(Duration::from_millis(20));
     }
     child
+}
+
+/// Nix 2.8's `nix-daemon` serving a chroot store; killed on drop.
+#[derive(Debug)]
+pub struct NixDaemon {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl NixDaemon {
+    /// Starts it (unsandboxed, no substituters, with `sandbox-paths` as
+    /// the test stores set them) and waits until it listens.
+    pub fn start() -> NixDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-nix-daemon-")
+            .tempdir()
+            .unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(
+            etc.join("nix.conf"),
+            format!(
+                "store = local?root={}\nsandbox = false\nsubstituters =\nbuild-users-group =\n\
+                 fsync-metadata = false\nrequire-sigs = false\nsandbox-paths = {}\n",
+                dir.path().join("root").display(),
+                crate::host_sandbox_paths()
+            ),
+        )
+        .unwrap();
+        let socket = dir.path().join("socket");
+        let child = Command::new(crate::nix().program("nix-daemon"))
+            .env("NIX_CONF_DIR", &etc)
+            .env("NIX_DAEMON_SOCKET_PATH", &socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("daemon.log")).unwrap())
+            .spawn()
+            .expect("cannot start Nix 2.8's nix-daemon (Debian's nix-bin)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nix-daemon did not listen on {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        NixDaemon { dir, child }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("socket")
+    }
+
+    /// `unix://SOCKET?root=ROOT`, for `--store`.
+    pub fn url(&self) -> String {
+        format!(
+            "unix://{}?root={}",
+            self.socket().display(),
+            self.dir.path().join("root").display()
+        )
+    }
+}
+
+impl Drop for NixDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("chmod")
+            .args(["-R", "u+w"])
+            .arg(self.dir.path())
+            .status();
+    }
 }

@@ -29,5 +29,5 @@ pub mod farm;
 mod nix;
 
 pub use bins::{kiln_bin, workspace_bin};
-pub use daemon::KilnDaemon;
-pub use nix::{Nix, NixError, NixStore, nix};
+pub use daemon::{KilnDaemon, NixDaemon};
+pub use nix::{Nix, NixError, NixStore, host_sandbox_paths, nix};

@@ -440,7 +440,7 @@ fn describe(command: &Command) -> String {
 /// The host directories a build needs to run `/bin/sh` and `/bin/bash`, as Nix's
 /// `sandbox-paths`: symlinked ones (`/bin -> usr/bin` on merged-/usr systems) are
 /// mounted from their target.
-fn host_sandbox_paths() -> String {
+pub fn host_sandbox_paths() -> String {
     let mut paths = Vec::new();
     for dir in ["/bin", "/usr", "/lib", "/lib64", "/lib32", "/libx32"] {
         let path = Path::new(dir);

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
 
-use kiln_e2e::{NixStore, corpus, kiln_bin};
+use kiln_e2e::{NixStore, corpus, host_sandbox_paths, kiln_bin};
 
 /// The limits the corpus's `fail-*` files are written against (see
 /// `tests/corpus/README.md`).
@@ -26,16 +26,6 @@ const LIMITS: &[&str] = &[
     "max-build-log-size",
     "100000",
 ];
-
-/// The `sandbox-paths` the Nix store's configuration gives its builds, so
-/// that Kiln's builders see the same host directories.
-fn sandbox_paths(nix: &NixStore) -> String {
-    let conf = std::fs::read_to_string(nix.conf_dir().join("nix.conf")).unwrap();
-    conf.lines()
-        .find_map(|l| l.strip_prefix("sandbox-paths = "))
-        .expect("the test store's nix.conf sets sandbox-paths")
-        .to_owned()
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -60,7 +50,7 @@ fn corpus_builds_as_with_nix() {
     let kiln = kiln_bin();
     let kiln_root = tempfile::tempdir().unwrap();
     let kiln_url = format!("local?root={}", kiln_root.path().display());
-    let sandbox = sandbox_paths(&nix);
+    let sandbox = host_sandbox_paths();
 
     let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, drv) in corpus::instantiate_corpus(&nix) {

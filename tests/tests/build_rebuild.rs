@@ -6,20 +6,12 @@
 
 use std::process::{Command, Output};
 
-use kiln_e2e::{NixStore, kiln_bin};
-
-fn sandbox_paths(nix: &NixStore) -> String {
-    let conf = std::fs::read_to_string(nix.conf_dir().join("nix.conf")).unwrap();
-    conf.lines()
-        .find_map(|l| l.strip_prefix("sandbox-paths = "))
-        .expect("the test store's nix.conf sets sandbox-paths")
-        .to_owned()
-}
+use kiln_e2e::{NixStore, host_sandbox_paths, kiln_bin};
 
 fn kiln(nix: &NixStore, store: &str, args: &[&str]) -> Output {
     Command::new(kiln_bin())
         .args(["build", "--store", store, "--no-out-link"])
-        .args(["--option", "sandbox-paths", &sandbox_paths(nix)])
+        .args(["--option", "sandbox-paths", &host_sandbox_paths()])
         .args(args)
         .output()
         .unwrap()

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use kiln_e2e::{NixStore, kiln_bin};
+use kiln_e2e::{NixStore, host_sandbox_paths, kiln_bin};
 
 fn graph(seed: u64) -> String {
     format!(
@@ -25,14 +25,6 @@ in {{
 }}
 "#
     )
-}
-
-fn sandbox_paths(nix: &NixStore) -> String {
-    let conf = std::fs::read_to_string(nix.conf_dir().join("nix.conf")).unwrap();
-    conf.lines()
-        .find_map(|l| l.strip_prefix("sandbox-paths = "))
-        .expect("the test store's nix.conf sets sandbox-paths")
-        .to_owned()
 }
 
 fn seed() -> u64 {
@@ -103,7 +95,7 @@ fn kiln_build(store: &str, fixture: &Fixture, trusted: &str, extra: &[&str], drv
         .args(["build", "--store", store, "--no-out-link", "--json"])
         .args(["--option", "substituters", &fixture.cache])
         .args(["--option", "trusted-public-keys", trusted])
-        .args(["--option", "sandbox-paths", &sandbox_paths(&fixture.nix)])
+        .args(["--option", "sandbox-paths", &host_sandbox_paths()])
         .args(extra)
         .arg(drv)
         .output()
@@ -221,7 +213,7 @@ fn substitutes_from_a_cache_written_by_kiln() {
     // Built by Kiln, without substituters.
     let built = Command::new(kiln_bin())
         .args(["build", "--store", &first, "--no-out-link", "--json"])
-        .args(["--option", "sandbox-paths", &sandbox_paths(&f.nix)])
+        .args(["--option", "sandbox-paths", &host_sandbox_paths()])
         .arg(f.nix.physical(&f.top))
         .output()
         .unwrap();

@@ -1,21 +1,14 @@
 //! Builds through Kiln's daemon as Nix 2.8's `nix-build` sees them: the
 //! build's activity and its log lines reach the client as they do from
 //! `nix-daemon`, and a client that hangs up mid-build gets its build
-//! killed with nothing registered.
+//! killed with nothing registered. A failure reaches the client with
+//! its exit code and log tail, as from `nix-daemon`.
 
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{KilnDaemon, NixStore};
-
-fn sandbox_paths(nix: &NixStore) -> String {
-    let conf = std::fs::read_to_string(nix.conf_dir().join("nix.conf")).unwrap();
-    conf.lines()
-        .find_map(|l| l.strip_prefix("sandbox-paths = "))
-        .expect("the test store's nix.conf sets sandbox-paths")
-        .to_owned()
-}
+use kiln_e2e::{KilnDaemon, NixDaemon, NixStore, host_sandbox_paths};
 
 fn unique() -> String {
     let nanos = std::time::SystemTime::now()
@@ -62,26 +55,31 @@ fn build_lines(stderr: &str, marker: &str) -> Vec<String> {
 #[test]
 fn nix_build_shows_the_build_and_its_log_as_with_nix_daemon() {
     let nix = NixStore::with_config("require-sigs = false\n");
-    let daemon = KilnDaemon::start(&[("sandbox-paths", &sandbox_paths(&nix))]);
+    let daemon = KilnDaemon::start(&[("sandbox-paths", &host_sandbox_paths())]);
     let work = tempfile::tempdir().unwrap();
     let marker = format!("log-line-{}", unique());
     let file = write_nix(
         work.path(),
         &format!("echo {marker}-one; echo {marker}-two >&2; echo done > $out"),
     );
-    let run = |store: Option<String>| {
+    let run = |store: Option<String>, extra: &[&str]| {
         let mut cmd = nix.command("nix-build");
         if let Some(url) = store {
             cmd.arg("--store").arg(url);
         }
-        let out = cmd.arg("--no-out-link").arg(&file).output().unwrap();
+        let out = cmd
+            .arg("--no-out-link")
+            .args(extra)
+            .arg(&file)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "nix-build failed:\n{stderr}");
         stderr
     };
-    let ours = run(Some(daemon.url()));
+    let ours = run(Some(daemon.url()), &[]);
     // Nix's own local store builds the same derivation the same way.
-    let theirs = run(None);
+    let theirs = run(None, &[]);
     let ours_lines = build_lines(&ours, &marker);
     assert!(
         ours_lines
@@ -93,6 +91,20 @@ fn nix_build_shows_the_build_and_its_log_as_with_nix_daemon() {
         ours_lines,
         build_lines(&theirs, &marker),
         "nix-build shows the build differently through Kiln's daemon:\n--- kiln\n{ours}\n--- nix\n{theirs}"
+    );
+    // A check says so, in Nix's words.
+    let checking = |stderr: &str| {
+        stderr
+            .lines()
+            .filter(|l| l.starts_with("checking outputs of '") && l.ends_with(".drv'..."))
+            .count()
+    };
+    let ours = run(Some(daemon.url()), &["--check"]);
+    let theirs = run(None, &["--check"]);
+    assert_eq!(
+        (checking(&ours), checking(&theirs)),
+        (1, 1),
+        "--check is shown differently through Kiln's daemon:\n--- kiln\n{ours}\n--- nix\n{theirs}"
     );
 }
 
@@ -114,7 +126,7 @@ fn processes_with(needle: &str) -> Vec<u32> {
 #[test]
 fn a_client_that_hangs_up_gets_its_build_killed_and_nothing_registered() {
     let nix = NixStore::with_config("require-sigs = false\n");
-    let daemon = KilnDaemon::start(&[("sandbox-paths", &sandbox_paths(&nix))]);
+    let daemon = KilnDaemon::start(&[("sandbox-paths", &host_sandbox_paths())]);
     let work = tempfile::tempdir().unwrap();
     // A sleep no other process has: its seconds carry a unique fraction.
     let nanos = std::time::SystemTime::now()
@@ -193,5 +205,93 @@ fn a_client_that_hangs_up_gets_its_build_killed_and_nothing_registered() {
     assert!(
         !daemon.physical(&out_path).exists(),
         "the cancelled build left {out_path} in the store"
+    );
+}
+
+/// The lines of a failed `nix-build`'s stderr from its first error on,
+/// with store paths blanked.
+fn error_lines(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .skip_while(|l| !l.starts_with("error:"))
+        .map(|l| {
+            l.split("/nix/store/")
+                .enumerate()
+                .map(|(i, part)| match i {
+                    0 => part.to_owned(),
+                    _ => format!("PATH{}", part.get(32..).unwrap_or("")),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A dependency's failure reaches the client as it happens, with its exit
+/// code and the last lines of its log, worded and laid out as Nix's daemon
+/// does it; the builder is called by its base name, as Nix calls it.
+#[test]
+fn a_dependency_failure_reaches_nix_build_as_with_nix_daemon() {
+    let nix = NixStore::with_config("require-sigs = false\n");
+    let daemon = KilnDaemon::start(&[("sandbox-paths", &host_sandbox_paths())]);
+    let work = tempfile::tempdir().unwrap();
+    let marker = format!("failing-{}", unique());
+    let file = work.path().join("failing.nix");
+    std::fs::write(
+        &file,
+        format!(
+            r#"let
+  dep = derivation {{
+    name = "failing-dep";
+    builder = "/bin/sh";
+    args = [ "-c" "echo {marker} called as $0; no-such-command; exit 2" ];
+    system = builtins.currentSystem;
+  }};
+in derivation {{
+  name = "failing-top";
+  builder = "/bin/sh";
+  args = [ "-c" "echo ${{dep}} > $out" ];
+  system = builtins.currentSystem;
+}}
+"#
+        ),
+    )
+    .unwrap();
+    let run = |url: String| {
+        let out = nix
+            .command("nix-build")
+            .args(["--no-out-link", "--store", &url])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "nix-build succeeded:\n{stderr}");
+        stderr
+    };
+    let ours = run(daemon.url());
+    let theirs = run(NixDaemon::start().url());
+    let (ours_lines, theirs_lines) = (error_lines(&ours), error_lines(&theirs));
+    assert!(
+        ours.contains(&format!("{marker} called as sh")),
+        "the builder was not called by its base name:\n{ours}"
+    );
+    assert!(
+        ours_lines.len() > 4
+            && ours_lines[0]
+                == "error: builder for 'PATH-failing-dep.drv' failed with exit code 2;",
+        "the dependency's failure did not reach the client:\n{ours}"
+    );
+    // Everything but the last line, whose wording Kiln extends with the
+    // failed dependencies' names.
+    let last = ours_lines.len() - 1;
+    assert_eq!(
+        ours_lines[..last],
+        theirs_lines[..theirs_lines.len().saturating_sub(1)],
+        "nix-build shows the failure differently through Kiln's daemon:\n--- kiln\n{ours}\n--- nix\n{theirs}"
+    );
+    assert!(
+        ours_lines[last].starts_with(
+            "error: 1 dependencies of derivation 'PATH-failing-top.drv' failed to build"
+        ),
+        "{ours}"
     );
 }

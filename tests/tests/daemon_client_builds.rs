@@ -4,11 +4,9 @@
 //! and times, and each build's start, log lines and end seen as events
 //! while the request runs.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-use kiln_e2e::{KilnDaemon, NixStore, nix};
+use kiln_e2e::{KilnDaemon, NixDaemon, NixStore, host_sandbox_paths};
 use kiln_formats::store_path::{StoreDir, StorePath};
 use kiln_protocol::client::{BuildEvent, BuildOptions, DaemonStore};
 use kiln_protocol::worker::{BuildMode, DerivedPath};
@@ -61,75 +59,6 @@ fn instantiate(nix: &NixStore, url: &str, file: &Path, attr: &str) -> StorePath 
     );
     let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     StoreDir::default().parse_path(&text).unwrap()
-}
-
-/// Nix 2.8's `nix-daemon` serving a chroot store; killed on drop.
-struct NixDaemon {
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl NixDaemon {
-    fn start() -> NixDaemon {
-        let dir = tempfile::Builder::new()
-            .prefix("kiln-nix-daemon-")
-            .tempdir()
-            .unwrap();
-        let etc = dir.path().join("etc");
-        std::fs::create_dir_all(&etc).unwrap();
-        std::fs::write(
-            etc.join("nix.conf"),
-            format!(
-                "store = local?root={}\nsandbox = false\nsubstituters =\nbuild-users-group =\n\
-                 fsync-metadata = false\nrequire-sigs = false\nsandbox-paths = {}\n",
-                dir.path().join("root").display(),
-                host_sandbox_paths()
-            ),
-        )
-        .unwrap();
-        let socket = dir.path().join("socket");
-        let child = Command::new(nix().program("nix-daemon"))
-            .env("NIX_CONF_DIR", &etc)
-            .env("NIX_DAEMON_SOCKET_PATH", &socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("daemon.log")).unwrap())
-            .spawn()
-            .expect("cannot start Nix 2.8's nix-daemon (Debian's nix-bin)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nix-daemon did not listen on {}",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        NixDaemon { dir, child }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("socket")
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "unix://{}?root={}",
-            self.socket().display(),
-            self.dir.path().join("root").display()
-        )
-    }
-}
-
-impl Drop for NixDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("chmod")
-            .args(["-R", "u+w"])
-            .arg(self.dir.path())
-            .status();
-    }
 }
 
 /// Everything one request reported.
@@ -303,16 +232,6 @@ fn builds_with_results_and_events(socket: &Path, url: &str, nix_version_expected
         !kiln_protocol::client::is_connection_error(&failure),
         "a build failure is the daemon's answer, not a broken connection: {failure:?}"
     );
-}
-
-/// The `sandbox-paths` of the test stores (the host's `/bin`, `/usr`, …):
-/// builds in a chroot store run in a chroot, and need `/bin/sh`.
-fn host_sandbox_paths() -> String {
-    std::fs::read_to_string(NixStore::with_config("").conf_dir().join("nix.conf"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("sandbox-paths = ").map(str::to_owned))
-        .expect("the test store's nix.conf sets sandbox-paths")
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use kiln_e2e::{KilnDaemon, NixStore, corpus};
+use kiln_e2e::{KilnDaemon, NixStore, corpus, host_sandbox_paths};
 
 /// A Nix client configuration that talks to `daemon`, and a second,
 /// local Nix store to compare with.
@@ -12,16 +12,8 @@ fn client() -> NixStore {
     NixStore::with_config("require-sigs = false\n")
 }
 
-fn sandbox_paths(nix: &NixStore) -> String {
-    let conf = std::fs::read_to_string(nix.conf_dir().join("nix.conf")).unwrap();
-    conf.lines()
-        .find_map(|l| l.strip_prefix("sandbox-paths = "))
-        .expect("the test store's nix.conf sets sandbox-paths")
-        .to_owned()
-}
-
 fn start_daemon(nix: &NixStore) -> KilnDaemon {
-    KilnDaemon::start(&[("sandbox-paths", &sandbox_paths(nix))])
+    KilnDaemon::start(&[("sandbox-paths", &host_sandbox_paths())])
 }
 
 /// Runs a Nix program against the daemon; its stdout, or a panic that

@@ -160,7 +160,9 @@ impl EventSink for Bar {
         let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         match event {
             Event::Planned { to_build } => c.expected = to_build,
-            Event::BuildStarted { id, drv, machine } => {
+            Event::BuildStarted {
+                id, drv, machine, ..
+            } => {
                 c.builds.insert(
                     id,
                     Running {
@@ -196,7 +198,8 @@ impl EventSink for Bar {
                     c.shown = c.builds.keys().next_back().copied();
                 }
                 if !result.status.is_success() {
-                    self.bar.println(format!("error: {}", result.error));
+                    self.bar
+                        .println(kiln_scheduler::events::error_text(&result.error));
                 }
             }
             Event::Progress {

@@ -580,13 +580,12 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
                     self.require_trusted("repair paths")?;
                 }
                 let results = self.build(&targets, mode)?;
-                let failed: Vec<&BuildResult> = results
+                let failed: Vec<&(DerivedPath, BuildResult)> = results
                     .iter()
-                    .map(|(_, r)| r)
-                    .filter(|r| !r.status.is_success())
+                    .filter(|(_, r)| !r.status.is_success())
                     .collect();
                 if !failed.is_empty() {
-                    return Err(build_failure(&failed));
+                    return Err(self.build_failure(&failed));
                 }
                 wire::write_u64(self.last()?, 1)?;
             }
@@ -805,6 +804,39 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
             worker::write_next(&mut self.w, message)?;
         }
         Ok(())
+    }
+
+    /// The error of a `BuildPaths` with failures, as Nix's daemon gives
+    /// it: one failed target's own error; with several, each is logged
+    /// and the error names them all.
+    fn build_failure(&mut self, failed: &[&(DerivedPath, BuildResult)]) -> OpError {
+        let status = kiln_scheduler::result::exit_code(failed.iter().map(|(_, r)| r)) as u64;
+        let message = match failed {
+            [(_, only)] => only.error.clone(),
+            _ => {
+                for (_, result) in failed {
+                    let error = kiln_scheduler::events::error_text(&result.error);
+                    if let Err(e) = worker::write_next(&mut self.w, &error) {
+                        return OpError::Fatal(ServerError::Io(e));
+                    }
+                }
+                let names: Vec<String> = failed
+                    .iter()
+                    .map(|(target, _)| {
+                        let path = match target {
+                            DerivedPath::Built { drv, .. } => drv,
+                            DerivedPath::Opaque(path) => path,
+                        };
+                        format!("'{}'", self.store_dir.print_path(path))
+                    })
+                    .collect();
+                format!("build of {} failed", names.join(", "))
+            }
+        };
+        OpError::Failed {
+            message,
+            status: status.max(1),
+        }
     }
 
     fn bool_setting(&self, name: &str, default: bool) -> bool {
@@ -1087,6 +1119,7 @@ impl<R: Read, W: Write> Connection<'_, R, W> {
         let events: Arc<dyn EventSink> = Arc::new(ToClient {
             tx,
             store_dir: self.store_dir.clone(),
+            targets: targets.iter().map(|(drv, _)| drv.clone()).collect(),
             started: Default::default(),
         });
         let options = RunOptions {
@@ -1450,24 +1483,6 @@ fn wanted(outputs: &[String]) -> Wanted {
     }
 }
 
-/// The error of a `BuildPaths` with failures, worded as Nix words it.
-fn build_failure(failed: &[&BuildResult]) -> OpError {
-    let status = kiln_scheduler::result::exit_code(failed.iter().copied()) as u64;
-    let message = if failed.len() == 1 {
-        failed[0].error.clone()
-    } else {
-        failed
-            .iter()
-            .map(|r| r.error.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    OpError::Failed {
-        message,
-        status: status.max(1),
-    }
-}
-
 fn write_substitutable<W: Write + ?Sized>(
     w: &mut W,
     sd: &StoreDir,
@@ -1636,6 +1651,9 @@ impl ToSend {
 struct ToClient {
     tx: mpsc::Sender<ToSend>,
     store_dir: StoreDir,
+    /// The derivations asked for: their failures are the operation's
+    /// error; any other's is logged as it happens, as Nix's daemon does.
+    targets: std::collections::HashSet<StorePath>,
     /// Activities started, so that only those are stopped.
     started: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
@@ -1643,12 +1661,15 @@ struct ToClient {
 impl EventSink for ToClient {
     fn event(&self, event: Event<'_>) {
         let message = match event {
-            Event::BuildStarted { id, drv, machine } => {
+            Event::BuildStarted {
+                id,
+                drv,
+                machine,
+                rebuild,
+            } => {
                 let path = self.store_dir.print_path(drv);
-                let text = match machine {
-                    Some(m) => format!("building '{path}' on '{m}'"),
-                    None => format!("building '{path}'"),
-                };
+                let text =
+                    kiln_scheduler::events::build_text(&self.store_dir, drv, machine, rebuild);
                 self.started
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -1670,7 +1691,11 @@ impl EventSink for ToClient {
                     .trim_end_matches('\n')
                     .to_owned(),
             },
-            Event::Finished { id, .. } => {
+            Event::Finished { id, drv, result } => {
+                if !result.status.is_success() && !self.targets.contains(drv) {
+                    let error = kiln_scheduler::events::error_text(&result.error);
+                    let _ = self.tx.send(ToSend::Next(error));
+                }
                 let was_started = self
                     .started
                     .lock()

@@ -612,7 +612,11 @@ pub(crate) fn make_plan(
     });
 
     let program = cstr("program", spec.program.as_os_str())?;
-    let mut argv = vec![program.clone()];
+    let arg0 = match &spec.arg0 {
+        Some(arg0) => cstr("argv[0]", arg0)?,
+        None => program.clone(),
+    };
+    let mut argv = vec![arg0];
     for a in &spec.args {
         argv.push(cstr("argument", a)?);
     }

@@ -732,6 +732,9 @@ fn attempt(
 fn spawn_unsandboxed(mut spec: SandboxSpec) -> Result<Child, SpawnError> {
     use std::process::{Command, Stdio};
     let mut cmd = Command::new(&spec.program);
+    if let Some(arg0) = &spec.arg0 {
+        std::os::unix::process::CommandExt::arg0(&mut cmd, arg0);
+    }
     cmd.args(&spec.args)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))

@@ -94,6 +94,8 @@ pub struct CgroupLimits {
 #[derive(Debug)]
 pub struct SandboxSpec {
     pub(crate) program: PathBuf,
+    /// `argv[0]`; the program path when `None`.
+    pub(crate) arg0: Option<OsString>,
     pub(crate) args: Vec<OsString>,
     pub(crate) env: Vec<(OsString, OsString)>,
     pub(crate) cwd: PathBuf,
@@ -124,6 +126,7 @@ impl SandboxSpec {
     pub fn new(program: impl Into<PathBuf>) -> Self {
         SandboxSpec {
             program: program.into(),
+            arg0: None,
             args: Vec::new(),
             env: Vec::new(),
             cwd: PathBuf::from("/"),
@@ -146,7 +149,15 @@ impl SandboxSpec {
         }
     }
 
-    /// Appends one argument (`argv[1..]`; `argv[0]` is the program path).
+    /// Sets `argv[0]`, the name the program is called by (the program path
+    /// unless set; Nix passes a builder's base name).
+    pub fn arg0(mut self, arg0: impl Into<OsString>) -> Self {
+        self.arg0 = Some(arg0.into());
+        self
+    }
+
+    /// Appends one argument (`argv[1..]`; `argv[0]` is set by
+    /// [`SandboxSpec::arg0`]).
     pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
         self.args.push(arg.into());
         self

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use kiln_formats::store_path::{StoreDir, StorePath};
 use serde_json::json;
 
+use crate::local::Rebuild;
 use crate::result::BuildResult;
 
 /// One thing that happened.
@@ -16,11 +17,13 @@ use crate::result::BuildResult;
 pub enum Event<'a> {
     /// The run knows how many derivations it will build.
     Planned { to_build: usize },
-    /// A build started (locally, or through the hook on `machine`).
+    /// A build started (locally, or through the hook on `machine`), to
+    /// check or repair valid outputs when `rebuild` says so.
     BuildStarted {
         id: u64,
         drv: &'a StorePath,
         machine: Option<&'a str>,
+        rebuild: Rebuild,
     },
     /// A line of a build's log.
     LogLine { id: u64, line: &'a [u8] },
@@ -46,6 +49,43 @@ pub enum Event<'a> {
     },
     /// A message for people.
     Message { text: &'a str },
+}
+
+/// What a build's activity says, as Nix words it: `building '…drv'`,
+/// `checking outputs of '…drv'` or `repairing outputs of '…drv'`, and
+/// the machine it went to.
+pub fn build_text(
+    store_dir: &StoreDir,
+    drv: &StorePath,
+    machine: Option<&str>,
+    rebuild: Rebuild,
+) -> String {
+    let path = store_dir.print_path(drv);
+    let what = match rebuild {
+        Rebuild::No => format!("building '{path}'"),
+        Rebuild::Check => format!("checking outputs of '{path}'"),
+        Rebuild::Repair => format!("repairing outputs of '{path}'"),
+    };
+    match machine {
+        Some(m) => format!("{what} on '{m}'"),
+        None => what,
+    }
+}
+
+/// An error message as Nix shows it: `error: ` before the first line,
+/// and every further line indented to line up under it. (Messages
+/// themselves, like [`BuildResult::error`], are not indented.)
+pub fn error_text(message: &str) -> String {
+    const PREFIX: &str = "error: ";
+    let mut text = String::with_capacity(message.len() + PREFIX.len());
+    for (i, line) in message.split('\n').enumerate() {
+        if i > 0 {
+            text.push('\n');
+        }
+        text.push_str(if i == 0 { PREFIX } else { "       " });
+        text.push_str(line);
+    }
+    text
 }
 
 /// Receives events; called from many threads.
@@ -93,20 +133,22 @@ impl<W: Write + Send> EventSink for PlainLines<W> {
     fn event(&self, event: Event<'_>) {
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         let _ = match event {
-            Event::BuildStarted { drv, machine, .. } => match machine {
-                None => writeln!(out, "building '{}'...", self.store_dir.display(drv)),
-                Some(m) => writeln!(
-                    out,
-                    "building '{}' on '{m}'...",
-                    self.store_dir.display(drv)
-                ),
-            },
+            Event::BuildStarted {
+                drv,
+                machine,
+                rebuild,
+                ..
+            } => writeln!(
+                out,
+                "{}...",
+                build_text(&self.store_dir, drv, machine, rebuild)
+            ),
             Event::LogLine { line, .. } if self.show_logs => {
                 out.write_all(line).and_then(|()| out.write_all(b"\n"))
             }
             Event::Message { text } => writeln!(out, "{text}"),
             Event::Finished { result, .. } if !result.status.is_success() => {
-                writeln!(out, "error: {}", result.error)
+                writeln!(out, "{}", error_text(&result.error))
             }
             _ => Ok(()),
         };
@@ -159,12 +201,14 @@ impl<W: Write + Send> EventSink for InternalJson<W> {
             Event::Planned { to_build } => self.emit(json!({"action": "result",
                 "id": self.builds_activity, "type": RES_SET_EXPECTED,
                 "fields": [ACT_BUILD, to_build]})),
-            Event::BuildStarted { id, drv, machine } => {
+            Event::BuildStarted {
+                id,
+                drv,
+                machine,
+                rebuild,
+            } => {
                 let path = self.store_dir.print_path(drv);
-                let text = match machine {
-                    None => format!("building '{path}'"),
-                    Some(m) => format!("building '{path}' on '{m}'"),
-                };
+                let text = build_text(&self.store_dir, drv, machine, rebuild);
                 self.emit(json!({"action": "start", "id": id, "level": 3,
                     "parent": self.builds_activity, "text": text, "type": ACT_BUILD,
                     "fields": [path, machine.unwrap_or(""), 1, 1]}));
@@ -174,7 +218,7 @@ impl<W: Write + Send> EventSink for InternalJson<W> {
             Event::Finished { id, result, .. } => {
                 if !result.status.is_success() {
                     self.emit(json!({"action": "msg", "level": 0,
-                        "msg": format!("error: {}", result.error)}));
+                        "msg": error_text(&result.error)}));
                 }
                 self.emit(json!({"action": "stop", "id": id}));
             }

@@ -326,7 +326,16 @@ impl LocalBackend {
     }
 
     fn rebuilding(&self, drv: &StorePath) -> bool {
-        self.rebuild != Rebuild::No && self.rebuild_targets.contains(drv)
+        self.rebuild_of(drv) != Rebuild::No
+    }
+
+    /// How `drv` is rebuilt: only targets are checked or repaired.
+    fn rebuild_of(&self, drv: &StorePath) -> Rebuild {
+        if self.rebuild_targets.contains(drv) {
+            self.rebuild
+        } else {
+            Rebuild::No
+        }
     }
 
     fn wanted_outputs(
@@ -529,6 +538,7 @@ impl LocalBackend {
             id: job.id,
             drv: &job.drv_path,
             machine: None,
+            rebuild: self.rebuild_of(&job.drv_path),
         });
         let start = now();
         let mut result = self.run_builder(job, locks, options, &input_paths, cancel, events);
@@ -641,7 +651,14 @@ impl LocalBackend {
             }
         }
         let os = |b: &[u8]| OsStr::from_bytes(b).to_owned();
-        let mut spec = SandboxSpec::new(Path::new(os(&prepared.builder).as_os_str()))
+        let builder = os(&prepared.builder);
+        // As Nix, the builder is called by its base name.
+        let arg0 = Path::new(&builder)
+            .file_name()
+            .unwrap_or(&builder)
+            .to_owned();
+        let mut spec = SandboxSpec::new(Path::new(&builder))
+            .arg0(arg0)
             .args(prepared.args.iter().map(|a| os(a)))
             .cwd(&build_top);
         for (k, v) in &prepared.env {
@@ -691,13 +708,11 @@ impl LocalBackend {
         let failure = |status: BuildStatus, what: String| {
             let mut msg = what;
             if !tail.is_empty() {
-                msg.push_str(&format!(";\n       last {} log lines:", tail.len()));
+                msg.push_str(&format!(";\nlast {} log lines:", tail.len()));
                 for line in &tail {
-                    msg.push_str(&format!("\n       > {line}"));
+                    msg.push_str(&format!("\n> {line}"));
                 }
-                msg.push_str(&format!(
-                    "\n       For full logs, run 'nix log {drv_shown}'."
-                ));
+                msg.push_str(&format!("\nFor full logs, run 'nix log {drv_shown}'."));
             }
             BuildResult::failure(status, msg)
         };
@@ -892,9 +907,9 @@ impl LocalBackend {
                 self.keep_build_dir(build_dir);
                 if !tail.is_empty() && e.status == BuildStatus::OutputRejected {
                     e.error
-                        .push_str(&format!(";\n       last {} log lines:", tail.len()));
+                        .push_str(&format!(";\nlast {} log lines:", tail.len()));
                     for line in &tail {
-                        e.error.push_str(&format!("\n       > {line}"));
+                        e.error.push_str(&format!("\n> {line}"));
                     }
                 }
                 e
@@ -1269,6 +1284,7 @@ impl Backend for LocalBackend {
             id: job.id,
             drv: &job.drv_path,
             machine: Some(&remote.machine),
+            rebuild: self.rebuild_of(&job.drv_path),
         });
         let mut log = match self.open_log(job) {
             Ok(l) => l,

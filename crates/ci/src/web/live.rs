@@ -226,6 +226,7 @@ mod tests {
             id: 1,
             drv: &drv,
             machine: None,
+            rebuild: Default::default(),
         });
         sink.event(Event::LogLine {
             id: 1,

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use kiln_e2e::{NixStore, host_sandbox_paths, kiln_bin};
 
-fn kiln(nix: &NixStore, store: &str, args: &[&str]) -> Output {
+fn kiln(store: &str, args: &[&str]) -> Output {
     Command::new(kiln_bin())
         .args(["build", "--store", store, "--no-out-link"])
         .args(["--option", "sandbox-paths", &host_sandbox_paths()])
@@ -47,20 +47,19 @@ fn check_reports_non_determinism_and_repair_rebuilds() {
     let store = format!("local?root={}", root.path().display());
     let (same_file, differs_file) = (nix.physical(&same), nix.physical(&differs));
     let first = kiln(
-        &nix,
         &store,
         &[same_file.to_str().unwrap(), differs_file.to_str().unwrap()],
     );
     assert!(first.status.success(), "{}", text(&first));
 
-    let ok = kiln(&nix, &store, &["--check", &same]);
+    let ok = kiln(&store, &["--check", &same]);
     assert_eq!(
         ok.status.code(),
         Some(0),
         "--check of a deterministic build: {}",
         text(&ok)
     );
-    let bad = kiln(&nix, &store, &["--check", "--json", &differs]);
+    let bad = kiln(&store, &["--check", "--json", &differs]);
     assert_eq!(
         bad.status.code(),
         Some(104),
@@ -87,7 +86,7 @@ fn check_reports_non_determinism_and_repair_rebuilds() {
             .is_err(),
         "Nix 2.8 did not notice the corruption"
     );
-    let repaired = kiln(&nix, &store, &["--repair", &same]);
+    let repaired = kiln(&store, &["--repair", &same]);
     assert!(repaired.status.success(), "{}", text(&repaired));
     assert_eq!(std::fs::read_to_string(&real).unwrap(), "same\n");
     nix.nix_store(["--store", &store, "--verify", "--check-contents"])
@@ -109,7 +108,7 @@ fn json_derivation_builds_to_nixs_output_path() {
     std::fs::write(&json_file, json).unwrap();
     let root = tempfile::tempdir().unwrap();
     let store = format!("local?root={}", root.path().display());
-    let built = kiln(&nix, &store, &[json_file.to_str().unwrap()]);
+    let built = kiln(&store, &[json_file.to_str().unwrap()]);
     assert!(built.status.success(), "{}", text(&built));
     let expected = nix
         .nix_store(["--query", "--outputs", same.as_str()])

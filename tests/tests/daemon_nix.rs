@@ -12,7 +12,7 @@ fn client() -> NixStore {
     NixStore::with_config("require-sigs = false\n")
 }
 
-fn start_daemon(nix: &NixStore) -> KilnDaemon {
+fn start_daemon() -> KilnDaemon {
     KilnDaemon::start(&[("sandbox-paths", &host_sandbox_paths())])
 }
 
@@ -46,7 +46,7 @@ fn lines(s: &str) -> Vec<String> {
 #[test]
 fn store_ping_reports_the_daemon() {
     let nix = client();
-    let daemon = start_daemon(&nix);
+    let daemon = start_daemon();
     let mut cmd = nix.command("nix");
     cmd.args(["store", "ping", "--store"]).arg(daemon.url());
     let out = cmd.output().unwrap();
@@ -66,7 +66,7 @@ fn store_ping_reports_the_daemon() {
 #[test]
 fn add_query_and_path_info_match_a_local_nix_store() {
     let nix = client();
-    let daemon = start_daemon(&nix);
+    let daemon = start_daemon();
     let work = tempfile::tempdir().unwrap();
     let file = work.path().join("hello.txt");
     std::fs::write(&file, "hello daemon\n").unwrap();
@@ -162,7 +162,7 @@ fn add_query_and_path_info_match_a_local_nix_store() {
 #[test]
 fn nix_build_of_corpus_files_matches_nix() {
     let nix = client();
-    let daemon = start_daemon(&nix);
+    let daemon = start_daemon();
     for name in [
         "deps-diamond.nix",
         "deps-three-levels.nix",
@@ -213,7 +213,7 @@ fn nar_of(path: &Path) -> Vec<u8> {
 #[test]
 fn build_failure_reaches_the_client_with_log_and_status() {
     let nix = client();
-    let daemon = start_daemon(&nix);
+    let daemon = start_daemon();
     let file = corpus::corpus_dir().join("fail-exit.nix");
     let mut cmd = nix.command("nix-build");
     cmd.arg("--store")
@@ -253,7 +253,7 @@ fn build_failure_reaches_the_client_with_log_and_status() {
 #[test]
 fn export_import_gc_delete_verify_optimise() {
     let nix = client();
-    let daemon = start_daemon(&nix);
+    let daemon = start_daemon();
     let work = tempfile::tempdir().unwrap();
     let a = work.path().join("a.txt");
     std::fs::write(&a, "exported\n").unwrap();
@@ -342,7 +342,7 @@ fn export_import_gc_delete_verify_optimise() {
 #[test]
 fn built_outputs_are_roots_of_the_connection_only() {
     let nix = client();
-    let daemon = start_daemon(&nix);
+    let daemon = start_daemon();
     let work = tempfile::tempdir().unwrap();
     let file = work.path().join("two.nix");
     std::fs::write(
@@ -407,7 +407,7 @@ in derivation { name = "top"; system = builtins.currentSystem; builder = "/bin/s
 #[test]
 fn nix_copy_to_and_from_a_file_cache() {
     let nix = client();
-    let daemon = start_daemon(&nix);
+    let daemon = start_daemon();
     let work = tempfile::tempdir().unwrap();
     let f = work.path().join("c.txt");
     std::fs::write(&f, "copied\n").unwrap();
@@ -422,7 +422,7 @@ fn nix_copy_to_and_from_a_file_cache() {
             .exists()
     );
     // Into a second daemon, from the cache.
-    let other = start_daemon(&nix);
+    let other = start_daemon();
     let mut cmd = nix.command("nix");
     cmd.args(["copy", "--no-check-sigs", "--from", &cache, "--to"])
         .arg(other.url())
@@ -443,7 +443,7 @@ fn nix_copy_to_and_from_a_file_cache() {
 #[test]
 fn nix_env_builds_user_environments_as_nix_does() {
     let nix = client();
-    let daemon = start_daemon(&nix);
+    let daemon = start_daemon();
     let work = tempfile::tempdir().unwrap();
     let file = work.path().join("pkgs.nix");
     std::fs::write(
@@ -501,7 +501,7 @@ in {
 #[test]
 fn builtin_fetchurl_downloads_as_nix_does() {
     let nix = client();
-    let daemon = start_daemon(&nix);
+    let daemon = start_daemon();
     let work = tempfile::tempdir().unwrap();
     let files: Vec<(&str, Vec<u8>)> = vec![
         ("data.txt", b"fetched by a builtin\n".to_vec()),
@@ -581,7 +581,7 @@ fn builtin_fetchurl_downloads_as_nix_does() {
 #[test]
 fn nix_channel_update_unpacks_channels_as_nix_does() {
     let nix = client();
-    let daemon = start_daemon(&nix);
+    let daemon = start_daemon();
     let work = tempfile::tempdir().unwrap();
     let channel = work.path().join("channel");
     let tree = work.path().join("tree/nixpkgs-23.11pre1");

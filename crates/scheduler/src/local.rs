@@ -153,6 +153,9 @@ fn misc(e: impl std::fmt::Display) -> BuildResult {
     BuildResult::failure(BuildStatus::MiscFailure, e.to_string())
 }
 
+/// The KVM device, for builds on a machine with the `kvm` feature.
+const KVM: &str = "/dev/kvm";
+
 fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -673,6 +676,11 @@ impl LocalBackend {
             }
             for entry in &self.settings.sandbox_paths {
                 spec = spec.sandbox_path(entry);
+            }
+            // As Nix: a machine that offers `kvm` lets every sandboxed build
+            // use it (NixOS tests, `vmTools`).
+            if self.settings.system_features.contains("kvm") && Path::new(KVM).exists() {
+                spec = spec.bind_rw(KVM, KVM);
             }
             if drv.is_fixed_output() {
                 spec = spec.network(Network::Host);

@@ -1,11 +1,28 @@
 //! What a sandboxed build sees of the machine, beside Nix 2.8's sandbox on
 //! the same derivation: the same device nodes under `/dev` (with
 //! `/dev/kvm` when the machine offers the `kvm` feature), and a writable
-//! `/dev/shm`.
+//! `/dev/shm`. And what a fixed-output build, which has the host's
+//! network, can leave behind: nothing that reaches its registered output.
 
-use std::process::Command;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use kiln_e2e::{NixStore, host_sandbox_paths, kiln_bin};
+use kiln_e2e::{NixStore, host_sandbox_paths, kiln_bin, workspace_bin};
+
+/// The sha256 of `good\n`, what the smuggling build writes.
+const GOOD_SHA256: &str = "106675dc1490d5cdd6d1f0410731316ce93fc964c6cf6726e2b0d53e19688feb";
+
+/// The sha256 of an empty directory's NAR.
+const EMPTY_DIR_SHA256: &str = "a50a5ab6d992f5598edd92105059fae9acfc192981e08bd88534c2167e92526a";
+
+fn nonce() -> String {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        .to_string()
+}
 
 /// Lists `/dev` with shell builtins only: each entry's name and kind.
 const DEVICES: &str = r#"derivation {
@@ -32,12 +49,7 @@ const DEVICES: &str = r#"derivation {
 fn builds_see_the_devices_nix_gives_them() {
     let nix = NixStore::new();
     let file = nix.root().parent().unwrap().join("devices.nix");
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-        .to_string();
-    std::fs::write(&file, DEVICES.replace("NONCE", &nonce)).unwrap();
+    std::fs::write(&file, DEVICES.replace("NONCE", &nonce())).unwrap();
     let drv = nix.instantiate(&file).unwrap().remove(0);
 
     let theirs = nix
@@ -76,4 +88,199 @@ fn builds_see_the_devices_nix_gives_them() {
         "/dev/kvm in the sandbox: {ours}"
     );
     assert_eq!(ours, theirs, "the sandbox's /dev differs from Nix's");
+}
+
+/// CVE-2024-27297 and CVE-2025-46416, end to end: a fixed-output build
+/// (which has the host's network) hands a writable descriptor of its output
+/// to a process outside over an abstract socket. That process writes
+/// through it once the build is over and the output registered; what the
+/// store holds must not change.
+#[test]
+fn a_descriptor_smuggled_out_of_a_fixed_output_build_cannot_change_its_output() {
+    let probe = workspace_bin("kiln-sandbox", "kiln-sandbox-probe");
+    let nix = NixStore::new();
+    let socket = format!("kiln-smuggle-{}-{}", std::process::id(), nonce());
+    let file = nix.root().parent().unwrap().join("smuggle.nix");
+    std::fs::write(
+        &file,
+        format!(
+            r#"derivation {{
+  name = "smuggled-output";
+  builder = "/probe";
+  args = [ "fd-send" "{socket}" (builtins.placeholder "out") ];
+  system = builtins.currentSystem;
+  outputHashMode = "flat";
+  outputHashAlgo = "sha256";
+  outputHash = "{GOOD_SHA256}";
+}}
+"#
+        ),
+    )
+    .unwrap();
+    let drv = nix.instantiate(&file).unwrap().remove(0);
+    let root = tempfile::tempdir().unwrap();
+    let sandbox_paths = format!("{} /probe={}", host_sandbox_paths(), probe.display());
+    let build = Command::new(kiln_bin())
+        .args(["build", "--no-out-link", "--store"])
+        .arg(format!("local?root={}", root.path().display()))
+        .args(["--option", "sandbox-paths", &sandbox_paths])
+        .arg(nix.physical(&drv))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // The outside process: takes the descriptor, then waits for `go`.
+    let go = root.path().join("go");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut receiver, mut seen) = loop {
+        let mut receiver = Command::new(&probe)
+            .args(["fd-recv", &socket])
+            .arg(&go)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = receiver.stdout.take().unwrap();
+        let mut seen = String::new();
+        let mut buf = [0u8; 256];
+        while !seen.contains("waiting") {
+            let n = out.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        if seen.contains("recvfd ok") {
+            receiver.stdout = Some(out);
+            break (receiver, seen);
+        }
+        let _ = receiver.wait();
+        assert!(
+            Instant::now() < deadline,
+            "never got the descriptor: {seen}"
+        );
+    };
+    let built = build.wait_with_output().unwrap();
+    assert!(
+        built.status.success(),
+        "kiln build failed: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let out_path = String::from_utf8_lossy(&built.stdout).trim().to_owned();
+    let registered = root.path().join(out_path.trim_start_matches('/'));
+    assert_eq!(std::fs::read_to_string(&registered).unwrap(), "good\n");
+
+    // Now the outside process strikes.
+    std::fs::write(&go, "").unwrap();
+    receiver
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut seen)
+        .unwrap();
+    receiver.wait().unwrap();
+    assert!(
+        seen.contains("rewrite ok"),
+        "the attack did not run: {seen}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&registered).unwrap(),
+        "good\n",
+        "a process outside rewrote a registered fixed-output path"
+    );
+}
+
+/// CVE-2025-46416 across builds: a fixed-output build hands a descriptor of
+/// its `/build` to a process outside, which keeps planting a file through
+/// it. The next build must not find that file in its own `/build` (a
+/// build directory a process outside can reach is never given to another
+/// build).
+#[test]
+fn a_directory_smuggled_out_of_a_fixed_output_build_does_not_reach_the_next_build() {
+    let probe = workspace_bin("kiln-sandbox", "kiln-sandbox-probe");
+    let nix = NixStore::new();
+    let socket = format!("kiln-plant-{}-{}", std::process::id(), nonce());
+    let file = nix.root().parent().unwrap().join("plant.nix");
+    std::fs::write(
+        &file,
+        format!(
+            r#"let
+  smuggler = derivation {{
+    name = "smuggled-build-dir";
+    builder = "/probe";
+    args = [ "mkdir" (builtins.placeholder "out") "dir-send" "{socket}" "/build" ];
+    system = builtins.currentSystem;
+    outputHashMode = "recursive";
+    outputHashAlgo = "sha256";
+    outputHash = "{EMPTY_DIR_SHA256}";
+  }};
+in derivation {{
+  name = "next-build";
+  builder = "/bin/sh";
+  args = [ "-c" ''
+    for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+      if test -e /build/planted; then echo planted > $out; exit 0; fi
+      /bin/sleep 0.1
+    done
+    echo clean ${{smuggler}} > $out
+  '' ];
+  system = builtins.currentSystem;
+}}
+"#
+        ),
+    )
+    .unwrap();
+    let drv = nix.instantiate(&file).unwrap().remove(0);
+    let root = tempfile::tempdir().unwrap();
+    let sandbox_paths = format!("{} /probe={}", host_sandbox_paths(), probe.display());
+    let build = Command::new(kiln_bin())
+        .args(["build", "--no-out-link", "-j1", "--store"])
+        .arg(format!("local?root={}", root.path().display()))
+        .args(["--option", "sandbox-paths", &sandbox_paths])
+        .arg(nix.physical(&drv))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut planter = loop {
+        let mut planter = Command::new(&probe)
+            .args(["dir-plant", &socket, "planted"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = planter.stdout.take().unwrap();
+        let mut seen = String::new();
+        let mut buf = [0u8; 256];
+        while !seen.contains("waiting") {
+            let n = out.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        if seen.contains("recvfd ok") {
+            break planter;
+        }
+        let _ = planter.wait();
+        assert!(
+            Instant::now() < deadline,
+            "never got the descriptor: {seen}"
+        );
+    };
+    let built = build.wait_with_output().unwrap();
+    let _ = planter.kill();
+    let _ = planter.wait();
+    assert!(
+        built.status.success(),
+        "kiln build failed: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let out_path = String::from_utf8_lossy(&built.stdout).trim().to_owned();
+    let result =
+        std::fs::read_to_string(root.path().join(out_path.trim_start_matches('/'))).unwrap();
+    assert!(
+        result.starts_with("clean "),
+        "a process outside planted a file in a later build's /build: {result}"
+    );
 }

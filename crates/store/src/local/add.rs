@@ -208,7 +208,7 @@ fn now() -> i64 {
 impl LocalStore {
     /// A fresh temporary name in the store directory. The collector leaves
     /// `.kiln-tmp-<pid>-…` alone while process `<pid>` is alive.
-    pub(crate) fn temp_path(&self) -> PathBuf {
+    pub fn temp_path(&self) -> PathBuf {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         self.real_store
             .join(format!(".kiln-tmp-{}-{n}", std::process::id()))

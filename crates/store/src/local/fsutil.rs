@@ -1,12 +1,12 @@
 //! File-system helpers of the local store: canonical metadata, durable
 //! renames, deleting read-only trees.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString, OsStr};
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// The mtime Nix gives every file in the store.
@@ -205,6 +205,120 @@ pub fn canonicalise_tree(path: &Path) -> io::Result<()> {
     set_canonical_times(path)
 }
 
+/// Copies the tree at `src` to `dest` (which must not exist) as new files,
+/// never following a symlink. Every entry is opened relative to its
+/// directory's descriptor with `O_NOFOLLOW` and checked once open, so a
+/// process that changes the source meanwhile (one that kept a descriptor
+/// into a fixed-output build's output: CVE-2024-27297, CVE-2025-46416) can
+/// make the copy fail but can neither write into it nor point it at
+/// another file (CVE-2026-39860). Files keep only their executable bit;
+/// regular files, directories and symlinks are all a store path may hold.
+pub fn copy_tree_nofollow(src: &Path, dest: &Path) -> io::Result<()> {
+    let (Some(parent), Some(name)) = (src.parent(), src.file_name()) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("cannot copy '{}'", src.display()),
+        ));
+    };
+    let parent = open_at(None, &cpath(parent)?, libc::O_DIRECTORY)?;
+    copy_entry(&parent, &cpath(Path::new(name))?, src, dest)
+}
+
+/// `openat(dir, name, O_RDONLY | O_CLOEXEC | flags)`, relative to the
+/// working directory without `dir`.
+fn open_at(dir: Option<&OwnedFd>, name: &CStr, flags: i32) -> io::Result<OwnedFd> {
+    let dir = dir.map_or(libc::AT_FDCWD, AsRawFd::as_raw_fd);
+    // SAFETY: a valid C string; the descriptor returned is ours.
+    let fd = unsafe { libc::openat(dir, name.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC | flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just opened.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Copies `name` in `dir` (shown as `src`) to `dest`.
+fn copy_entry(dir: &OwnedFd, name: &CStr, src: &Path, dest: &Path) -> io::Result<()> {
+    // SAFETY: zeroed is a valid `stat`; valid descriptor and C string.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    let shown = || src.display();
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFLNK => {
+            let mut buf = vec![0u8; 4096];
+            // SAFETY: the buffer is as long as said.
+            let n = unsafe {
+                libc::readlinkat(
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            buf.truncate(n as usize);
+            std::os::unix::fs::symlink(OsStr::from_bytes(&buf), dest)
+        }
+        libc::S_IFREG => {
+            let from = File::from(open_at(Some(dir), name, libc::O_NOFOLLOW)?);
+            let meta = from.metadata()?;
+            if !meta.is_file() {
+                return Err(io::Error::other(format!(
+                    "'{}' changed while copied",
+                    shown()
+                )));
+            }
+            let mode = if meta.permissions().mode() & 0o100 != 0 {
+                0o755
+            } else {
+                0o644
+            };
+            let mut to = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(dest)?;
+            io::copy(&mut &from, &mut to)?;
+            Ok(())
+        }
+        libc::S_IFDIR => {
+            let sub = open_at(Some(dir), name, libc::O_DIRECTORY | libc::O_NOFOLLOW)?;
+            fs::DirBuilder::new().mode(0o755).create(dest)?;
+            // The open directory itself, whatever its path now leads to.
+            let listed = Path::new("/proc/self/fd").join(sub.as_raw_fd().to_string());
+            for entry in fs::read_dir(listed)? {
+                let entry = entry?.file_name();
+                copy_entry(
+                    &sub,
+                    &cpath(Path::new(&entry))?,
+                    &src.join(&entry),
+                    &dest.join(&entry),
+                )?;
+            }
+            Ok(())
+        }
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "'{}' is neither a regular file, a directory nor a symlink",
+                shown()
+            ),
+        )),
+    }
+}
+
 /// Fsyncs every file and directory of a tree, directories after their
 /// entries.
 pub fn fsync_tree(path: &Path) -> io::Result<()> {
@@ -310,6 +424,62 @@ pub fn nar_hash(
 mod tests {
     use super::*;
     use kiln_formats::hash::HashAlgo;
+    use std::io::{Seek, Write};
+
+    /// New inodes with the same contents; symlinks copied as links (never
+    /// read through); a descriptor kept on a source file writes to the
+    /// source only.
+    #[test]
+    fn copy_tree_nofollow_makes_new_files_and_never_follows_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir_all(src.join("sub")).unwrap();
+        fs::write(src.join("file"), "good\n").unwrap();
+        fs::write(src.join("sub/tool"), "#!/bin/sh\n").unwrap();
+        fs::set_permissions(src.join("sub/tool"), fs::Permissions::from_mode(0o700)).unwrap();
+        let secret = dir.path().join("secret");
+        fs::write(&secret, "host secret\n").unwrap();
+        std::os::unix::fs::symlink(&secret, src.join("link")).unwrap();
+        let mut kept = fs::OpenOptions::new()
+            .write(true)
+            .open(src.join("file"))
+            .unwrap();
+
+        let dest = dir.path().join("dest");
+        copy_tree_nofollow(&src, &dest).unwrap();
+        kept.seek(io::SeekFrom::Start(0)).unwrap();
+        kept.write_all(b"evil\n").unwrap();
+
+        assert_eq!(fs::read_to_string(dest.join("file")).unwrap(), "good\n");
+        assert_ne!(
+            fs::metadata(src.join("file")).unwrap().ino(),
+            fs::metadata(dest.join("file")).unwrap().ino()
+        );
+        let tool = fs::metadata(dest.join("sub/tool")).unwrap();
+        assert_eq!(tool.permissions().mode() & 0o777, 0o755);
+        assert_eq!(fs::read_link(dest.join("link")).unwrap(), secret);
+        assert!(
+            fs::symlink_metadata(dest.join("link"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+
+        // A symlink at the root is copied as a symlink too.
+        let root_link = dir.path().join("root-link");
+        std::os::unix::fs::symlink(&secret, &root_link).unwrap();
+        let dest_link = dir.path().join("dest-link");
+        copy_tree_nofollow(&root_link, &dest_link).unwrap();
+        assert_eq!(fs::read_link(&dest_link).unwrap(), secret);
+
+        // Anything but files, directories and symlinks is refused.
+        let fifo = src.join("fifo");
+        let c = cpath(&fifo).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let err = copy_tree_nofollow(&src, &dir.path().join("dest2")).unwrap_err();
+        assert!(err.to_string().contains("fifo"), "{err}");
+    }
 
     #[test]
     fn single_file_nar_hash_matches_the_serialiser() {

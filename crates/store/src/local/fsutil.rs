@@ -237,6 +237,27 @@ fn open_at(dir: Option<&OwnedFd>, name: &CStr, flags: i32) -> io::Result<OwnedFd
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Opens `name` in `dir` for reading (with `O_NOFOLLOW` and `flags`). One
+/// the builder made unreadable to us (mode 000, as a non-root caller) is
+/// given its owner's read and search bits first, through a descriptor of
+/// that very inode, so the change cannot land anywhere else.
+fn open_readable(dir: &OwnedFd, name: &CStr, flags: i32) -> io::Result<OwnedFd> {
+    match open_at(Some(dir), name, libc::O_NOFOLLOW | flags) {
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+            let node = open_at(Some(dir), name, libc::O_PATH | libc::O_NOFOLLOW)?;
+            let meta = File::from(node.try_clone()?).metadata()?;
+            if !(meta.is_dir() || meta.is_file()) {
+                return Err(e);
+            }
+            let mode = meta.permissions().mode() & 0o7777 | 0o500;
+            let magic = Path::new("/proc/self/fd").join(node.as_raw_fd().to_string());
+            fs::set_permissions(&magic, fs::Permissions::from_mode(mode))?;
+            open_at(Some(dir), name, libc::O_NOFOLLOW | flags)
+        }
+        other => other,
+    }
+}
+
 /// Copies `name` in `dir` (shown as `src`) to `dest`.
 fn copy_entry(dir: &OwnedFd, name: &CStr, src: &Path, dest: &Path) -> io::Result<()> {
     // SAFETY: zeroed is a valid `stat`; valid descriptor and C string.
@@ -272,7 +293,7 @@ fn copy_entry(dir: &OwnedFd, name: &CStr, src: &Path, dest: &Path) -> io::Result
             std::os::unix::fs::symlink(OsStr::from_bytes(&buf), dest)
         }
         libc::S_IFREG => {
-            let from = File::from(open_at(Some(dir), name, libc::O_NOFOLLOW)?);
+            let from = File::from(open_readable(dir, name, 0)?);
             let meta = from.metadata()?;
             if !meta.is_file() {
                 return Err(io::Error::other(format!(
@@ -294,7 +315,7 @@ fn copy_entry(dir: &OwnedFd, name: &CStr, src: &Path, dest: &Path) -> io::Result
             Ok(())
         }
         libc::S_IFDIR => {
-            let sub = open_at(Some(dir), name, libc::O_DIRECTORY | libc::O_NOFOLLOW)?;
+            let sub = open_readable(dir, name, libc::O_DIRECTORY)?;
             fs::DirBuilder::new().mode(0o755).create(dest)?;
             // The open directory itself, whatever its path now leads to.
             let listed = Path::new("/proc/self/fd").join(sub.as_raw_fd().to_string());
@@ -479,6 +500,49 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
         let err = copy_tree_nofollow(&src, &dir.path().join("dest2")).unwrap_err();
         assert!(err.to_string().contains("fifo"), "{err}");
+    }
+
+    /// A tree the builder made unreadable (mode 000) is still copied by a
+    /// caller without the right to override file modes: as root, the test
+    /// drops that right from its own thread first.
+    #[test]
+    fn copy_tree_nofollow_reads_what_was_made_unreadable() {
+        std::thread::spawn(|| {
+            for cap in [
+                caps::Capability::CAP_DAC_OVERRIDE,
+                caps::Capability::CAP_DAC_READ_SEARCH,
+            ] {
+                // Only this thread's effective set; not held by non-root.
+                let _ = caps::drop(None, caps::CapSet::Effective, cap);
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let src = dir.path().join("src");
+            fs::create_dir_all(src.join("locked")).unwrap();
+            fs::write(src.join("locked/secret"), "data\n").unwrap();
+            fs::write(src.join("closed"), "closed\n").unwrap();
+            for (path, mode) in [
+                ("locked/secret", 0o000),
+                ("locked", 0o000),
+                ("closed", 0o000),
+            ] {
+                fs::set_permissions(src.join(path), fs::Permissions::from_mode(mode)).unwrap();
+            }
+            assert!(
+                fs::read_dir(src.join("locked")).is_err(),
+                "the test cannot take away its right to read mode-000 directories"
+            );
+            let dest = dir.path().join("dest");
+            copy_tree_nofollow(&src, &dest).unwrap();
+            assert_eq!(
+                fs::read_to_string(dest.join("locked/secret")).unwrap(),
+                "data\n"
+            );
+            assert_eq!(fs::read_to_string(dest.join("closed")).unwrap(), "closed\n");
+            // Let the temporary directory be deleted.
+            fs::set_permissions(src.join("locked"), fs::Permissions::from_mode(0o755)).unwrap();
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -624,7 +624,7 @@ impl LocalBackend {
                 built_in,
                 tail: Vec::new(),
                 // Builtins run in this process: nothing else was there.
-                reusable: true,
+                reachable: false,
             };
             return self.run_builtin(job, locks, options, input_paths, builtin, built);
         }
@@ -780,7 +780,7 @@ impl LocalBackend {
             build_dir,
             built_in,
             tail,
-            reusable: sandboxed && !drv.is_fixed_output(),
+            reachable: !sandboxed || drv.is_fixed_output(),
         };
         self.register_outputs(job, locks, options, input_paths, built)
     }
@@ -875,7 +875,7 @@ impl LocalBackend {
             build_dir,
             built_in,
             tail,
-            reusable,
+            reachable,
         } = built;
         let local = &*job.drv;
         let drv = &local.drv;
@@ -890,10 +890,11 @@ impl LocalBackend {
             built_in: &built_in,
             input_paths,
             check: self.rebuilding(&job.drv_path) && self.rebuild == Rebuild::Check,
+            copy: reachable && drv.is_fixed_output(),
         });
         match registered {
             Ok(placed) => {
-                if reusable {
+                if !reachable {
                     self.remove_build_dir(build_dir);
                 } else if let Err(e) = build_dir.remove() {
                     tracing::warn!(error = %e, "cannot remove a build directory");
@@ -939,12 +940,13 @@ struct BuiltOutputs {
     build_dir: kiln_sandbox::BuildDir,
     built_in: PathBuf,
     tail: Vec<String>,
-    /// Whether a later build may reuse the directory: only when every
-    /// process that could reach it is gone. A fixed-output build has the
-    /// host's network, so a process outside may hold a descriptor into
-    /// it (its `/build`, its scratch store) and would reach the next
-    /// build there; an unsandboxed one may have left processes behind.
-    reusable: bool,
+    /// Whether a process other than ours may still hold a descriptor into
+    /// the build's directory and outputs. A fixed-output build has the
+    /// host's network, so it can hand descriptors to a process outside;
+    /// an unsandboxed one may have left processes behind. Such a
+    /// directory would let them reach the next build in it, so it is
+    /// removed, not recycled; and fixed-output outputs are copied.
+    reachable: bool,
 }
 
 enum Ended {

@@ -48,6 +48,10 @@ pub struct Registration<'a> {
     pub input_paths: &'a StorePathSet,
     /// `--check`: compare with the valid outputs instead of registering.
     pub check: bool,
+    /// Register copies of the outputs in new files rather than what the
+    /// builder wrote: a process outside the build may hold descriptors
+    /// into those (a fixed-output build's, which has the host's network).
+    pub copy: bool,
 }
 
 /// Copies of outputs made in the store directory, deleted on drop: those
@@ -126,12 +130,10 @@ pub fn place_outputs(r: &Registration<'_>) -> Result<Placed, BuildResult> {
                 store_dir.display(path)
             )));
         }
-        // A fixed-output build has the host's network: a process outside
-        // may hold a descriptor into what it wrote. What is hashed, checked
-        // and registered is therefore a copy into new files, made where
-        // the build never was, without following symlinks (CVE-2024-27297,
-        // CVE-2025-46416, CVE-2026-39860).
-        if r.drv.is_fixed_output() && !r.check {
+        // What is hashed, checked and registered is a copy into new files,
+        // made where the build never was, without following symlinks
+        // (CVE-2024-27297, CVE-2025-46416, CVE-2026-39860).
+        if r.copy && !r.check {
             let copy = r.store.temp_path();
             copies.0.push(copy.clone());
             fsutil::copy_tree_nofollow(&source, &copy).map_err(|e| {

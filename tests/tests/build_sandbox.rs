@@ -4,8 +4,10 @@
 //! `/dev/shm`. And what a fixed-output build, which has the host's
 //! network, can leave behind: nothing that reaches its registered output.
 
+use std::ffi::OsStr;
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_e2e::{NixStore, host_sandbox_paths, kiln_bin, workspace_bin};
@@ -45,6 +47,72 @@ const DEVICES: &str = r#"derivation {
 }
 "#;
 
+/// `kiln build` of `drv` (a physical `.drv` file) into the store at `root`,
+/// with `probe` at `/probe` in the sandbox; started, not waited for.
+fn spawn_build(root: &Path, probe: Option<&Path>, drv: &Path, extra: &[&str]) -> Child {
+    let mut sandbox_paths = host_sandbox_paths();
+    if let Some(probe) = probe {
+        sandbox_paths.push_str(&format!(" /probe={}", probe.display()));
+    }
+    Command::new(kiln_bin())
+        .args(["build", "--no-out-link", "--store"])
+        .arg(format!("local?root={}", root.display()))
+        .args(["--option", "sandbox-paths", &sandbox_paths])
+        .args(extra)
+        .arg(drv)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The outside process: the probe run with `args` on the host, started
+/// again until it got the descriptor the build offers (the build may not
+/// be listening yet). Returns it with what it printed so far.
+fn take_descriptor(probe: &Path, args: &[&OsStr]) -> (Child, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut taker = Command::new(probe)
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = taker.stdout.take().unwrap();
+        let mut seen = String::new();
+        let mut buf = [0u8; 256];
+        while !seen.contains("waiting") {
+            let n = out.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        if seen.contains("recvfd ok") {
+            taker.stdout = Some(out);
+            return (taker, seen);
+        }
+        let _ = taker.wait();
+        assert!(
+            Instant::now() < deadline,
+            "never got the descriptor: {seen}"
+        );
+    }
+}
+
+/// The contents of the output `kiln build` printed, once it succeeded.
+fn built_output(build: Child, root: &Path) -> (PathBuf, String) {
+    let built = build.wait_with_output().unwrap();
+    assert!(
+        built.status.success(),
+        "kiln build failed: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let out_path = String::from_utf8_lossy(&built.stdout).trim().to_owned();
+    let path = root.join(out_path.trim_start_matches('/'));
+    let contents = std::fs::read_to_string(&path).unwrap();
+    (path, contents)
+}
+
 #[test]
 fn builds_see_the_devices_nix_gives_them() {
     let nix = NixStore::new();
@@ -58,20 +126,8 @@ fn builds_see_the_devices_nix_gives_them() {
     let theirs = std::fs::read_to_string(nix.physical(theirs.trim())).unwrap();
 
     let root = tempfile::tempdir().unwrap();
-    let out = Command::new(kiln_bin())
-        .args(["build", "--no-out-link", "--store"])
-        .arg(format!("local?root={}", root.path().display()))
-        .args(["--option", "sandbox-paths", &host_sandbox_paths()])
-        .arg(nix.physical(&drv))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "kiln build failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let ours = std::fs::read_to_string(root.path().join(path.trim_start_matches('/'))).unwrap();
+    let build = spawn_build(root.path(), None, &nix.physical(&drv), &[]);
+    let (_, ours) = built_output(build, root.path());
 
     assert!(ours.contains("/dev/null char"), "{ours}");
     assert!(ours.contains("/dev/shm writable"), "{ours}");
@@ -119,56 +175,13 @@ fn a_descriptor_smuggled_out_of_a_fixed_output_build_cannot_change_its_output() 
     .unwrap();
     let drv = nix.instantiate(&file).unwrap().remove(0);
     let root = tempfile::tempdir().unwrap();
-    let sandbox_paths = format!("{} /probe={}", host_sandbox_paths(), probe.display());
-    let build = Command::new(kiln_bin())
-        .args(["build", "--no-out-link", "--store"])
-        .arg(format!("local?root={}", root.path().display()))
-        .args(["--option", "sandbox-paths", &sandbox_paths])
-        .arg(nix.physical(&drv))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-
+    let build = spawn_build(root.path(), Some(&probe), &nix.physical(&drv), &[]);
     // The outside process: takes the descriptor, then waits for `go`.
     let go = root.path().join("go");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (mut receiver, mut seen) = loop {
-        let mut receiver = Command::new(&probe)
-            .args(["fd-recv", &socket])
-            .arg(&go)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = receiver.stdout.take().unwrap();
-        let mut seen = String::new();
-        let mut buf = [0u8; 256];
-        while !seen.contains("waiting") {
-            let n = out.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-        if seen.contains("recvfd ok") {
-            receiver.stdout = Some(out);
-            break (receiver, seen);
-        }
-        let _ = receiver.wait();
-        assert!(
-            Instant::now() < deadline,
-            "never got the descriptor: {seen}"
-        );
-    };
-    let built = build.wait_with_output().unwrap();
-    assert!(
-        built.status.success(),
-        "kiln build failed: {}",
-        String::from_utf8_lossy(&built.stderr)
-    );
-    let out_path = String::from_utf8_lossy(&built.stdout).trim().to_owned();
-    let registered = root.path().join(out_path.trim_start_matches('/'));
-    assert_eq!(std::fs::read_to_string(&registered).unwrap(), "good\n");
+    let (mut receiver, mut seen) =
+        take_descriptor(&probe, &["fd-recv".as_ref(), socket.as_ref(), go.as_ref()]);
+    let (registered, contents) = built_output(build, root.path());
+    assert_eq!(contents, "good\n");
 
     // Now the outside process strikes.
     std::fs::write(&go, "").unwrap();
@@ -232,53 +245,14 @@ in derivation {{
     .unwrap();
     let drv = nix.instantiate(&file).unwrap().remove(0);
     let root = tempfile::tempdir().unwrap();
-    let sandbox_paths = format!("{} /probe={}", host_sandbox_paths(), probe.display());
-    let build = Command::new(kiln_bin())
-        .args(["build", "--no-out-link", "-j1", "--store"])
-        .arg(format!("local?root={}", root.path().display()))
-        .args(["--option", "sandbox-paths", &sandbox_paths])
-        .arg(nix.physical(&drv))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut planter = loop {
-        let mut planter = Command::new(&probe)
-            .args(["dir-plant", &socket, "planted"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = planter.stdout.take().unwrap();
-        let mut seen = String::new();
-        let mut buf = [0u8; 256];
-        while !seen.contains("waiting") {
-            let n = out.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-        if seen.contains("recvfd ok") {
-            break planter;
-        }
-        let _ = planter.wait();
-        assert!(
-            Instant::now() < deadline,
-            "never got the descriptor: {seen}"
-        );
-    };
-    let built = build.wait_with_output().unwrap();
+    let build = spawn_build(root.path(), Some(&probe), &nix.physical(&drv), &["-j1"]);
+    let (mut planter, _) = take_descriptor(
+        &probe,
+        &["dir-plant".as_ref(), socket.as_ref(), "planted".as_ref()],
+    );
+    let (_, result) = built_output(build, root.path());
     let _ = planter.kill();
     let _ = planter.wait();
-    assert!(
-        built.status.success(),
-        "kiln build failed: {}",
-        String::from_utf8_lossy(&built.stderr)
-    );
-    let out_path = String::from_utf8_lossy(&built.stdout).trim().to_owned();
-    let result =
-        std::fs::read_to_string(root.path().join(out_path.trim_start_matches('/'))).unwrap();
     assert!(
         result.starts_with("clean "),
         "a process outside planted a file in a later build's /build: {result}"

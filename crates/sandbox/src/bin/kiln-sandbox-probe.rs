@@ -473,14 +473,7 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                     .open(a2)
                     .unwrap();
                 (&file).write_all(b"good\n").unwrap();
-                let listener = listen_abstract(a1);
-                let conn = libc::accept(
-                    listener.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                );
-                report("accept", i64::from(conn));
-                report("sendfd", send_fd(conn, file.as_raw_fd()));
+                offer_fd(a1, file.as_raw_fd());
                 2
             }
             "dir-send" => {
@@ -488,27 +481,13 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                 // the abstract socket `a1` (CVE-2025-46416).
                 let dir = libc::open(c(a2).as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
                 report("open", i64::from(dir));
-                let listener = listen_abstract(a1);
-                let conn = libc::accept(
-                    listener.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                );
-                report("accept", i64::from(conn));
-                report("sendfd", send_fd(conn, dir));
+                offer_fd(a1, dir);
                 2
             }
             "dir-plant" => {
                 // Take a directory descriptor from the abstract socket `a1`,
                 // then keep creating `a2` in that directory for 20 s.
-                let mut fd = -1;
-                for _ in 0..200 {
-                    fd = connect_abstract(a1);
-                    if fd >= 0 {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                let fd = connect_abstract_retrying(a1);
                 report("connect", i64::from(fd));
                 let dir = recv_fd(fd);
                 report("recvfd", i64::from(dir));
@@ -525,14 +504,7 @@ fn run(cmd: &str, a1: &str, a2: &str) -> usize {
                 2
             }
             "fd-recv" => {
-                let mut fd = -1;
-                for _ in 0..200 {
-                    fd = connect_abstract(a1);
-                    if fd >= 0 {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                let fd = connect_abstract_retrying(a1);
                 report("connect", i64::from(fd));
                 let got = recv_fd(fd);
                 report("recvfd", i64::from(got));
@@ -618,6 +590,35 @@ fn abstract_addr(name: &str) -> (libc::sockaddr_un, u32) {
     }
     let len = (std::mem::size_of::<libc::sa_family_t>() + 1 + name.len()) as u32;
     (addr, len)
+}
+
+/// Hands `fd` to the first process that connects to the abstract socket
+/// `name`.
+fn offer_fd(name: &str, fd: i32) {
+    let listener = listen_abstract(name);
+    // SAFETY: accept on a listening socket, without the peer's address.
+    let conn = unsafe {
+        libc::accept(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+    };
+    report("accept", i64::from(conn));
+    report("sendfd", send_fd(conn, fd));
+}
+
+/// [`connect_abstract`], tried for 2 s while nobody listens yet.
+fn connect_abstract_retrying(name: &str) -> i32 {
+    let mut fd = -1;
+    for _ in 0..200 {
+        fd = connect_abstract(name);
+        if fd >= 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fd
 }
 
 fn connect_abstract(name: &str) -> i32 {

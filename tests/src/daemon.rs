@@ -63,11 +63,7 @@ impl KilnDaemon {
     /// from the file system, so it is told where the store physically is,
     /// exactly as with Nix's own daemon on a chroot store.
     pub fn url(&self) -> String {
-        format!(
-            "unix://{}?root={}",
-            self.socket().display(),
-            self.root().display()
-        )
+        daemon_url(self.dir.path())
     }
 
     /// Where a logical store path is on disk.
@@ -203,11 +199,7 @@ impl NixDaemon {
 
     /// `unix://SOCKET?root=ROOT`, for `--store`.
     pub fn url(&self) -> String {
-        format!(
-            "unix://{}?root={}",
-            self.socket().display(),
-            self.dir.path().join("root").display()
-        )
+        daemon_url(self.dir.path())
     }
 }
 
@@ -220,4 +212,14 @@ impl Drop for NixDaemon {
             .arg(self.dir.path())
             .status();
     }
+}
+
+/// The URL of a daemon whose socket and store root are `socket` and `root`
+/// in `dir`.
+fn daemon_url(dir: &Path) -> String {
+    format!(
+        "unix://{}?root={}",
+        dir.join("socket").display(),
+        dir.join("root").display()
+    )
 }

@@ -228,7 +228,8 @@ fn error_lines(stderr: &str) -> Vec<String> {
 
 /// A dependency's failure reaches the client as it happens, with its exit
 /// code and the last lines of its log, worded and laid out as Nix's daemon
-/// does it; the builder is called by its base name, as Nix calls it.
+/// does it, and where its build directory was kept (`--keep-failed`); the
+/// builder is called by its base name, as Nix calls it.
 #[test]
 fn a_dependency_failure_reaches_nix_build_as_with_nix_daemon() {
     let nix = NixStore::with_config("require-sigs = false\n");
@@ -259,12 +260,30 @@ in derivation {{
     let run = |url: String| {
         let out = nix
             .command("nix-build")
-            .args(["--no-out-link", "--store", &url])
+            .args(["--no-out-link", "--keep-failed", "--store", &url])
             .arg(&file)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(!out.status.success(), "nix-build succeeded:\n{stderr}");
+        // The failed build's directory is kept, and the client told where.
+        let kept: Vec<&str> = stderr
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("note: keeping build directory '")?
+                    .strip_suffix('\'')
+            })
+            .collect();
+        assert_eq!(
+            kept.len(),
+            1,
+            "no note of the kept build directory:\n{stderr}"
+        );
+        assert!(Path::new(kept[0]).is_dir(), "{stderr}");
+        let _ = std::process::Command::new("chmod")
+            .args(["-R", "u+w", kept[0]])
+            .status();
+        let _ = std::fs::remove_dir_all(kept[0]);
         stderr
     };
     let ours = run(daemon.url());

@@ -626,7 +626,7 @@ impl LocalBackend {
                 // Builtins run in this process: nothing else was there.
                 reachable: false,
             };
-            return self.run_builtin(job, locks, options, input_paths, builtin, built);
+            return self.run_builtin(job, locks, options, input_paths, builtin, built, events);
         }
         let build_top = if sandboxed {
             BUILD_TOP.to_owned()
@@ -729,14 +729,14 @@ impl LocalBackend {
         match ended {
             Ended::Eof => {}
             Ended::TimedOut(what) => {
-                self.keep_build_dir(build_dir);
+                self.keep_build_dir(build_dir, events);
                 return BuildResult::failure(
                     BuildStatus::TimedOut,
                     format!("building '{drv_shown}' {what}"),
                 );
             }
             Ended::LogLimit(limit) => {
-                self.keep_build_dir(build_dir);
+                self.keep_build_dir(build_dir, events);
                 return BuildResult::failure(
                     BuildStatus::LogLimitExceeded,
                     format!(
@@ -756,7 +756,7 @@ impl LocalBackend {
         match status {
             Err(e) => return misc(format!("waiting for the builder of '{drv_shown}': {e}")),
             Ok(s) if !s.success() => {
-                self.keep_build_dir(build_dir);
+                self.keep_build_dir(build_dir, events);
                 let what = match (s.code(), s.signal()) {
                     (Some(code), _) => {
                         format!("builder for '{drv_shown}' failed with exit code {code}")
@@ -782,7 +782,7 @@ impl LocalBackend {
             tail,
             reachable: !sandboxed || drv.is_fixed_output(),
         };
-        self.register_outputs(job, locks, options, input_paths, built)
+        self.register_outputs(job, locks, options, input_paths, built, events)
     }
 
     /// Runs a builtin builder in this process, with a log like a
@@ -795,6 +795,7 @@ impl LocalBackend {
         input_paths: &StorePathSet,
         builtin: Builtin,
         built: BuiltOutputs,
+        events: &dyn EventSink,
     ) -> BuildResult {
         let drv_shown = self.shown(&job.drv_path);
         let mut log = match self.open_log(job) {
@@ -828,7 +829,7 @@ impl LocalBackend {
             tracing::warn!(error = %e, "cannot store the build log");
         }
         if let Err(e) = ran {
-            self.keep_build_dir(built.build_dir);
+            self.keep_build_dir(built.build_dir, events);
             return BuildResult::failure(
                 BuildStatus::PermanentFailure,
                 format!("builder for '{drv_shown}' failed: {e}"),
@@ -840,6 +841,7 @@ impl LocalBackend {
             options,
             input_paths,
             BuiltOutputs { tail, ..built },
+            events,
         )
     }
 
@@ -854,10 +856,14 @@ impl LocalBackend {
     }
 
     /// Keeps a failed build's directory when `keep-failed` says so.
-    fn keep_build_dir(&self, dir: kiln_sandbox::BuildDir) {
+    fn keep_build_dir(&self, dir: kiln_sandbox::BuildDir, events: &dyn EventSink) {
         if self.settings.keep_failed {
-            if let Ok(p) = dir.keep(None) {
-                tracing::info!("keeping build directory '{}'", p.display());
+            match dir.keep(None) {
+                // As Nix says it, to the user who asked for it.
+                Ok(p) => events.event(Event::Message {
+                    text: &format!("note: keeping build directory '{}'", p.display()),
+                }),
+                Err(e) => tracing::warn!(error = %e, "cannot keep a build directory"),
             }
         }
     }
@@ -870,6 +876,7 @@ impl LocalBackend {
         options: &BuildOptions,
         input_paths: &StorePathSet,
         built: BuiltOutputs,
+        events: &dyn EventSink,
     ) -> BuildResult {
         let BuiltOutputs {
             build_dir,
@@ -921,7 +928,7 @@ impl LocalBackend {
                 BuildResult::success(BuildStatus::Built, wanted)
             }
             Err(mut e) => {
-                self.keep_build_dir(build_dir);
+                self.keep_build_dir(build_dir, events);
                 if !tail.is_empty() && e.status == BuildStatus::OutputRejected {
                     e.error
                         .push_str(&format!(";\nlast {} log lines:", tail.len()));

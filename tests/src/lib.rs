@@ -31,3 +31,15 @@ mod nix;
 pub use bins::{kiln_bin, workspace_bin};
 pub use daemon::{KilnDaemon, NixDaemon};
 pub use nix::{Nix, NixError, NixStore, host_sandbox_paths, nix};
+
+/// A string that no other test, in this process or another, gets: for log
+/// markers, socket names and seeds that make each build a new one.
+pub fn unique() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{nanos}-{n}", std::process::id())
+}

@@ -10,21 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{NixStore, host_sandbox_paths, kiln_bin, workspace_bin};
+use kiln_e2e::{NixStore, host_sandbox_paths, kiln_bin, unique, workspace_bin};
 
 /// The sha256 of `good\n`, what the smuggling build writes.
 const GOOD_SHA256: &str = "106675dc1490d5cdd6d1f0410731316ce93fc964c6cf6726e2b0d53e19688feb";
 
 /// The sha256 of an empty directory's NAR.
 const EMPTY_DIR_SHA256: &str = "a50a5ab6d992f5598edd92105059fae9acfc192981e08bd88534c2167e92526a";
-
-fn nonce() -> String {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-        .to_string()
-}
 
 /// Lists `/dev` with shell builtins only: each entry's name and kind.
 const DEVICES: &str = r#"derivation {
@@ -117,7 +109,7 @@ fn built_output(build: Child, root: &Path) -> (PathBuf, String) {
 fn builds_see_the_devices_nix_gives_them() {
     let nix = NixStore::new();
     let file = nix.root().parent().unwrap().join("devices.nix");
-    std::fs::write(&file, DEVICES.replace("NONCE", &nonce())).unwrap();
+    std::fs::write(&file, DEVICES.replace("NONCE", &unique())).unwrap();
     let drv = nix.instantiate(&file).unwrap().remove(0);
 
     let theirs = nix
@@ -155,7 +147,7 @@ fn builds_see_the_devices_nix_gives_them() {
 fn a_descriptor_smuggled_out_of_a_fixed_output_build_cannot_change_its_output() {
     let probe = workspace_bin("kiln-sandbox", "kiln-sandbox-probe");
     let nix = NixStore::new();
-    let socket = format!("kiln-smuggle-{}-{}", std::process::id(), nonce());
+    let socket = format!("kiln-smuggle-{}", unique());
     let file = nix.root().parent().unwrap().join("smuggle.nix");
     std::fs::write(
         &file,
@@ -212,7 +204,7 @@ fn a_descriptor_smuggled_out_of_a_fixed_output_build_cannot_change_its_output() 
 fn a_directory_smuggled_out_of_a_fixed_output_build_does_not_reach_the_next_build() {
     let probe = workspace_bin("kiln-sandbox", "kiln-sandbox-probe");
     let nix = NixStore::new();
-    let socket = format!("kiln-plant-{}-{}", std::process::id(), nonce());
+    let socket = format!("kiln-plant-{}", unique());
     let file = nix.root().parent().unwrap().join("plant.nix");
     std::fs::write(
         &file,

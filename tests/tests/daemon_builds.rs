@@ -8,15 +8,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{KilnDaemon, NixDaemon, NixStore, host_sandbox_paths};
-
-fn unique() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{}-{nanos}", std::process::id())
-}
+use kiln_e2e::{KilnDaemon, NixDaemon, NixStore, host_sandbox_paths, unique};
 
 fn write_nix(dir: &Path, script: &str) -> std::path::PathBuf {
     let file = dir.join("build.nix");

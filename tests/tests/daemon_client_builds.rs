@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use kiln_e2e::{KilnDaemon, NixDaemon, NixStore, host_sandbox_paths};
+use kiln_e2e::{KilnDaemon, NixDaemon, NixStore, host_sandbox_paths, unique};
 use kiln_formats::store_path::{StoreDir, StorePath};
 use kiln_protocol::client::{BuildEvent, BuildOptions, DaemonStore};
 use kiln_protocol::worker::{BuildMode, DerivedPath};
@@ -32,14 +32,6 @@ in {{
 }}
 "#
     )
-}
-
-fn unique() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("m{}x{nanos}", std::process::id())
 }
 
 /// Instantiates `attr` of `file` through the store at `url`.

@@ -280,15 +280,9 @@ impl Batch {
             && !result.error.contains("log lines")
             && !captured.bytes.is_empty()
         {
-            let tail = captured.tail();
-            result.error.push_str(&format!(
-                ";\nlast {} log lines:\n{}",
-                tail.len(),
-                tail.iter()
-                    .map(|l| format!("> {l}"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            ));
+            result
+                .error
+                .push_str(&kiln_scheduler::logs::tail_text(&captured.tail()));
         }
         // The daemon's own log file when it shares our store, else the
         // lines received, kept in the same layout under the state dir.

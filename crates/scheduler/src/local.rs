@@ -40,7 +40,7 @@ use crate::goals::{
     Attempt, Backend, Cancel, HookReply, Job, Loaded, Placement, Substitution, Wanted,
 };
 use crate::hook::{Hook, HookBuild};
-use crate::logs::{LogSink, log_dir_for_state_dir};
+use crate::logs::{LogSink, log_dir_for_state_dir, tail_text};
 use crate::outputs::{Registration, place_outputs};
 use crate::result::{BuildResult, BuildStatus};
 use crate::settings::{SandboxSetting, Settings};
@@ -718,10 +718,7 @@ impl LocalBackend {
         let failure = |status: BuildStatus, what: String| {
             let mut msg = what;
             if !tail.is_empty() {
-                msg.push_str(&format!(";\nlast {} log lines:", tail.len()));
-                for line in &tail {
-                    msg.push_str(&format!("\n> {line}"));
-                }
+                msg.push_str(&tail_text(&tail));
                 msg.push_str(&format!("\nFor full logs, run 'nix log {drv_shown}'."));
             }
             BuildResult::failure(status, msg)
@@ -896,7 +893,7 @@ impl LocalBackend {
             outputs: &local.outputs,
             built_in: &built_in,
             input_paths,
-            check: self.rebuilding(&job.drv_path) && self.rebuild == Rebuild::Check,
+            check: self.rebuild_of(&job.drv_path) == Rebuild::Check,
             copy: reachable && drv.is_fixed_output(),
         });
         match registered {
@@ -930,11 +927,7 @@ impl LocalBackend {
             Err(mut e) => {
                 self.keep_build_dir(build_dir, events);
                 if !tail.is_empty() && e.status == BuildStatus::OutputRejected {
-                    e.error
-                        .push_str(&format!(";\nlast {} log lines:", tail.len()));
-                    for line in &tail {
-                        e.error.push_str(&format!("\n> {line}"));
-                    }
+                    e.error.push_str(&tail_text(&tail));
                 }
                 e
             }

@@ -25,6 +25,17 @@ pub enum LogError {
 
 /// The logs directory of a local store whose state directory is
 /// `state_dir` (`…/nix/var/nix` → `…/nix/var/log/nix`).
+/// The last lines of a failed build's log, as Nix appends them to its
+/// error: `;`, then `last N log lines:` and each line after `> `.
+pub fn tail_text<S: AsRef<str>>(tail: &[S]) -> String {
+    let mut text = format!(";\nlast {} log lines:", tail.len());
+    for line in tail {
+        text.push_str("\n> ");
+        text.push_str(line.as_ref());
+    }
+    text
+}
+
 pub fn log_dir_for_state_dir(state_dir: &Path) -> PathBuf {
     state_dir
         .parent()
